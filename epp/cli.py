@@ -1,0 +1,95 @@
+"""Command line: GIE's flag names and defaults, plus static endpoints for a standalone Envoy."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+from epp.config import Config, parse_bool, parse_duration
+
+
+def _ports(text: str) -> list[int]:
+    ports = sorted({int(p) for p in text.split(",") if p.strip()})
+    if not 1 <= len(ports) <= 8 or not all(0 < p < 65536 for p in ports):
+        raise ValueError("1 to 8 ports between 1 and 65535")
+    return ports
+
+
+def _typed(fn, name: str):  # argparse shows the function name in errors
+    fn.__name__ = name
+    return fn
+
+
+_bool = _typed(parse_bool, "boolean")
+_duration = _typed(parse_duration, "duration")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = Config()
+    ap = argparse.ArgumentParser(prog="epp", description="Envoy ext_proc endpoint picker for LLM inference.")
+
+    def flag(name: str, **kw) -> None:
+        if kw.get("type") is _bool:  # Go style: --flag, --flag=true, --flag=false
+            kw.setdefault("nargs", "?")
+            kw.setdefault("const", True)
+        ap.add_argument(name, **kw)
+
+    flag("--host", default=d.host, help="bind address for all listeners (default %(default)s)")
+    flag("--grpc-port", type=int, default=d.grpc_port, help="ext_proc gRPC port (default %(default)s)")
+    flag("--grpc-health-port", type=int, default=d.grpc_health_port, help="gRPC health port")
+    flag("--metrics-port", type=int, default=d.metrics_port, help="Prometheus /metrics port")
+    flag("--secure-serving", type=_bool, default=d.secure_serving, help="TLS on the ext_proc port")
+    flag("--cert-path", default=d.cert_path, help="directory with tls.crt and tls.key (self-signed if empty)")
+    flag("--enable-cert-reload", type=_bool, default=d.enable_cert_reload, help="reload the certificate on change")
+    flag("--grpc-max-recv-msg-size", type=int, default=d.grpc_max_recv_msg_size)
+    flag("--drain-timeout", type=_duration, default=d.drain_timeout, help="keep serving this long after SIGTERM")
+
+    flag("--pool-name", default=d.pool_name, help="InferencePool to watch")
+    flag("--pool-namespace", default=d.pool_namespace)
+    flag("--pool-group", default=d.pool_group)
+    flag("--endpoint-selector", default=d.endpoint_selector, help="standalone pod selector k=v,...")
+    flag("--endpoint-target-ports", type=_ports, default=d.endpoint_target_ports)
+    flag("--static-endpoints", default=d.static_endpoints, help="host:port,host:port (no Kubernetes)")
+    flag("--static-endpoints-file", default=d.static_endpoints_file, help="YAML endpoint list, reloaded on change")
+    flag("--disable-endpoint-subset-filter", type=_bool, default=d.disable_endpoint_subset_filter)
+
+    flag("--config-file", default=d.config_file, help="EndpointPickerConfig YAML file")
+    flag("--config-text", default=d.config_text, help="EndpointPickerConfig YAML text")
+    flag("--refresh-metrics-interval", type=_duration, default=d.refresh_metrics_interval)
+    flag("--metrics-staleness-threshold", type=_duration, default=d.metrics_staleness_threshold)
+
+    flag("--max-request-body-bytes", type=int, default=d.max_request_body_bytes)
+    flag("--max-json-depth", type=int, default=d.max_json_depth)
+
+    flag("-v", "--v", dest="verbosity", type=int, default=d.verbosity, help="log verbosity like GIE: 2 info, 4 debug")
+    flag("--decision-header", type=_bool, default=d.decision_header,
+         help="add x-epp-endpoint (the picked endpoint) to responses")
+    flag("--log-format", default=d.log_format, choices=["text", "json"])
+    return ap
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Config:
+    ap = build_parser()
+    ns = ap.parse_args(argv)
+    cfg = Config(**{k: v for k, v in vars(ns).items()})
+    try:
+        cfg.validate()
+    except ValueError as e:
+        ap.error(str(e))
+    return cfg
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from epp.server import run
+
+    cfg = parse_args(argv)
+    try:
+        return asyncio.run(run(cfg))
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""One typed configuration for the whole process, filled by the CLI flags (GIE names) or by tests."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+_UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """Go-style duration (``50ms``, ``2s``, ``1m30s``) or plain seconds, to seconds."""
+    text = text.strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    pos, total = 0, 0.0
+    for m in _DURATION.finditer(text):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * _UNIT[m.group(2)]
+        pos = m.end()
+    if pos != len(text) or not text:
+        raise ValueError(f"invalid duration {text!r} (examples: 50ms, 2s, 1m30s)")
+    return total
+
+
+def parse_bool(text: str | bool) -> bool:
+    """Go's strconv.ParseBool, as GIE users write booleans (``--secure-serving=false``)."""
+    if isinstance(text, bool):
+        return text
+    value = text.strip().lower()
+    if value in ("1", "t", "true", "yes", "on"):
+        return True
+    if value in ("0", "f", "false", "no", "off"):
+        return False
+    raise ValueError(f"invalid boolean {text!r}")
+
+
+@dataclass
+class Config:
+    # serving
+    host: str = "0.0.0.0"
+    grpc_port: int = 9002
+    grpc_health_port: int = 9003
+    metrics_port: int = 9090
+    secure_serving: bool = True
+    cert_path: str = ""
+    enable_cert_reload: bool = False
+    grpc_max_recv_msg_size: int = 64 << 20
+    drain_timeout: float = 30.0
+    # discovery
+    pool_name: str = ""
+    pool_namespace: str = ""
+    pool_group: str = "inference.networking.k8s.io"
+    endpoint_selector: str = ""
+    endpoint_target_ports: list[int] = field(default_factory=list)
+    static_endpoints: str = ""
+    static_endpoints_file: str = ""
+    disable_endpoint_subset_filter: bool = False
+    # scheduling
+    config_file: str = ""
+    config_text: str = ""
+    refresh_metrics_interval: float = 0.05
+    metrics_staleness_threshold: float = 2.0
+    # request limits
+    max_request_body_bytes: int = 32 << 20
+    max_json_depth: int = 64
+    # observability
+    decision_header: bool = False
+    verbosity: int = 2
+    log_format: str = "text"
+
+    def validate(self) -> None:
+        sources = [bool(self.pool_name), bool(self.endpoint_selector), bool(self.static_endpoints),
+                   bool(self.static_endpoints_file)]
+        if sum(sources) != 1:
+            raise ValueError("exactly one endpoint source is required: --pool-name, --endpoint-selector, "
+                             "--static-endpoints or --static-endpoints-file")
+        if self.config_file and self.config_text:
+            raise ValueError("--config-file and --config-text are mutually exclusive")
+        if self.refresh_metrics_interval < 0.01:
+            raise ValueError("--refresh-metrics-interval must be at least 10ms")
+        if self.log_format not in ("text", "json"):
+            raise ValueError("--log-format must be text or json")
+        if self.enable_cert_reload and not self.cert_path:
+            raise ValueError("--enable-cert-reload needs --cert-path")

@@ -1,0 +1,59 @@
+"""An endpoint (one model-server rank) and what EPP knows about it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class EndpointMetrics:
+    """The model server's own view, as last scraped. ``updated_at`` is time.monotonic(); 0 = never."""
+
+    waiting_requests: int = 0
+    running_requests: int = 0
+    kv_cache_usage: float = 0.0  # 0..1
+    active_models: frozenset[str] = frozenset()  # LoRA adapters loaded and running
+    waiting_models: frozenset[str] = frozenset()
+    max_active_models: int = 0
+    block_size: int | None = None
+    num_gpu_blocks: int | None = None
+    updated_at: float = 0.0
+    last_error: str | None = None
+
+    def age(self, now: float | None = None) -> float:
+        """Seconds since the last successful scrape (infinite when never scraped)."""
+        if not self.updated_at:
+            return float("inf")
+        return (time.monotonic() if now is None else now) - self.updated_at
+
+
+@dataclass(eq=False, slots=True)
+class Endpoint:
+    """Identity is the object: the pool replaces an endpoint object when its address changes.
+
+    ``inflight_*`` are EPP's first-hand counts (incremented on pick, decremented when the response
+    ends or the stream dies), which react faster than scraped metrics.
+    """
+
+    name: str
+    address: str
+    port: int
+    labels: dict[str, str] = field(default_factory=dict)
+    metrics: EndpointMetrics = field(default_factory=EndpointMetrics)
+    metrics_port: int | None = None
+    inflight_requests: int = 0
+    inflight_tokens: int = 0
+
+    @property
+    def hostport(self) -> str:
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"{host}:{self.port}"
+
+    @property
+    def metrics_url_base(self) -> str:
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"http://{host}:{self.metrics_port or self.port}"
+
+    def __repr__(self) -> str:
+        return f"Endpoint({self.name}, {self.hostport})"

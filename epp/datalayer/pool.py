@@ -1,0 +1,72 @@
+"""The set of endpoints EPP may route to, fed by one discovery source."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from epp.datalayer.endpoint import Endpoint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointSpec:
+    """What discovery knows about an endpoint: enough to create or update an ``Endpoint``."""
+
+    name: str
+    address: str
+    port: int
+    labels: dict[str, str] = field(default_factory=dict)
+    metrics_port: int | None = None
+
+
+Listener = Callable[[list[Endpoint], list[Endpoint]], None]  # (added, removed)
+
+
+class EndpointPool:
+    """Endpoints by name. Discovery calls ``sync``; the request path reads ``endpoints`` (a tuple
+    rebuilt only on change, so readers never copy)."""
+
+    def __init__(self, name: str = "static") -> None:
+        self.name = name
+        self._by_name: dict[str, Endpoint] = {}
+        self._snapshot: tuple[Endpoint, ...] = ()
+        self._listeners: list[Listener] = []
+        self.synced = False  # set once discovery has delivered a first full view
+
+    @property
+    def endpoints(self) -> tuple[Endpoint, ...]:
+        return self._snapshot
+
+    def get(self, name: str) -> Endpoint | None:
+        return self._by_name.get(name)
+
+    def add_listener(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def sync(self, specs: Iterable[EndpointSpec]) -> None:
+        """Make the pool equal to ``specs``. Unchanged endpoints keep their object (and so their
+        metrics and in-flight counts); an endpoint whose address changed is replaced."""
+        wanted = {s.name: s for s in specs}
+        added: list[Endpoint] = []
+        removed: list[Endpoint] = []
+        for name, ep in list(self._by_name.items()):
+            spec = wanted.get(name)
+            if spec is None or (spec.address, spec.port) != (ep.address, ep.port):
+                removed.append(self._by_name.pop(name))
+            else:
+                ep.labels = dict(spec.labels)
+                ep.metrics_port = spec.metrics_port
+        for name, spec in wanted.items():
+            if name not in self._by_name:
+                ep = Endpoint(spec.name, spec.address, spec.port, dict(spec.labels), metrics_port=spec.metrics_port)
+                self._by_name[name] = ep
+                added.append(ep)
+        self.synced = True
+        if added or removed:
+            self._snapshot = tuple(self._by_name.values())
+            log.info("pool %s: %d endpoints (+%d -%d)", self.name, len(self._snapshot), len(added), len(removed))
+            for listener in self._listeners:
+                listener(added, removed)

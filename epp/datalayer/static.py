@@ -1,0 +1,137 @@
+"""Static discovery: endpoints from a flag or a YAML file (reloaded when it changes).
+
+File format::
+
+    endpoints:
+    - 10.0.0.1:8000                      # shorthand
+    - address: 10.0.0.2
+      port: 8000
+      name: vllm-b                       # optional, defaults to address:port
+      labels: {gpu: h100}                # optional, for label-selector-filter
+      metricsPort: 8001                  # optional, defaults to port
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from epp.datalayer.pool import EndpointPool, EndpointSpec
+
+log = logging.getLogger(__name__)
+
+
+class DiscoveryError(ValueError):
+    pass
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    text = text.strip()
+    if text.startswith("["):  # [v6]:port
+        host, _, port = text[1:].partition("]:")
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep:
+            raise DiscoveryError(f"endpoint {text!r}: expected host:port")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not host or any(c.isspace() for c in host):
+            raise DiscoveryError(f"endpoint {text!r}: bad host") from None
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise DiscoveryError(f"endpoint {text!r}: bad port")
+    return host, int(port)
+
+
+def _spec(item: Any) -> EndpointSpec:
+    if isinstance(item, str):
+        host, port = parse_hostport(item)
+        return EndpointSpec(f"{host}:{port}", host, port)
+    if not isinstance(item, dict):
+        raise DiscoveryError(f"endpoint entry must be 'host:port' or a mapping, got {item!r}")
+    unknown = set(item) - {"address", "port", "name", "labels", "metricsPort"}
+    if unknown:
+        raise DiscoveryError(f"endpoint entry {item!r}: unknown field(s) {sorted(unknown)}")
+    try:
+        host, port = parse_hostport(f"{item['address']}:{item['port']}")
+    except KeyError as e:
+        raise DiscoveryError(f"endpoint entry {item!r}: missing {e.args[0]!r}") from None
+    labels = item.get("labels") or {}
+    if not isinstance(labels, dict) or not all(isinstance(k, str) for k in labels):
+        raise DiscoveryError(f"endpoint entry {item!r}: labels must be a mapping of strings")
+    return EndpointSpec(str(item.get("name") or f"{host}:{port}"), host, port,
+                        {k: str(v) for k, v in labels.items()}, item.get("metricsPort"))
+
+
+def parse_endpoint_list(text: str) -> list[EndpointSpec]:
+    """``host:port,host:port`` as given to ``--static-endpoints``."""
+    return _unique([_spec(part) for part in text.split(",") if part.strip()])
+
+
+def parse_endpoints_file(text: str) -> list[EndpointSpec]:
+    doc = yaml.safe_load(text) or {}
+    items = doc.get("endpoints") if isinstance(doc, dict) else doc
+    if not isinstance(items, list):
+        raise DiscoveryError("static endpoints file: expected a list under 'endpoints'")
+    return _unique([_spec(item) for item in items])
+
+
+def _unique(specs: list[EndpointSpec]) -> list[EndpointSpec]:
+    names = [s.name for s in specs]
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise DiscoveryError(f"duplicate endpoint name(s): {sorted(dupes)}")
+    return specs
+
+
+class StaticFileDiscovery:
+    """Keeps ``pool`` equal to the file; an invalid edit is logged and the old view kept."""
+
+    def __init__(self, pool: EndpointPool, path: str | os.PathLike[str], poll_interval: float = 1.0) -> None:
+        self.pool = pool
+        self.path = Path(path)
+        self.poll_interval = poll_interval
+        self._stamp: tuple[int, int] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def load(self) -> bool:
+        """Read the file if it changed; True when the pool was updated."""
+        try:
+            st = self.path.stat()
+        except OSError as e:
+            log.error("static endpoints file %s: %s", self.path, e)
+            return False
+        stamp = (st.st_mtime_ns, st.st_size)
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        try:
+            specs = parse_endpoints_file(self.path.read_text())
+        except (DiscoveryError, yaml.YAMLError, OSError) as e:
+            log.error("static endpoints file %s rejected, keeping previous endpoints: %s", self.path, e)
+            return False
+        self.pool.sync(specs)
+        return True
+
+    async def start(self) -> None:
+        if not self.load() and not self.pool.synced:
+            raise DiscoveryError(f"static endpoints file {self.path} could not be loaded")
+        self._task = asyncio.create_task(self._watch(), name="static-endpoints-watch")
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            self.load()
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task

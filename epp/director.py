@@ -1,0 +1,133 @@
+"""The request path's brain: candidates -> scheduler -> pick, and the lifecycle hooks around it.
+
+The ext_proc state machine calls ``route`` once the request is parsed, then reports the response as
+it streams past and, exactly once, its end.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from epp.api.errors import EppError
+from epp.api.types import InferenceRequest
+from epp.datalayer.endpoint import Endpoint
+from epp.datalayer.pool import EndpointPool
+from epp.scheduling.config import PickerConfig
+from epp.scheduling.plugins import RequestObserver, ResponseInfo, SchedulingResult
+
+log = logging.getLogger(__name__)
+
+_CHARS_PER_TOKEN = 4
+
+
+@dataclass(slots=True)
+class Decision:
+    endpoints: list[Endpoint]  # primary first, then fallbacks
+    result: SchedulingResult
+    tokens: int  # estimated tokens this request adds to the endpoint (prompt + output)
+
+    @property
+    def primary(self) -> Endpoint:
+        return self.endpoints[0]
+
+    @property
+    def destination(self) -> str:
+        """The value of ``x-gateway-destination-endpoint``: ip:port[,ip:port...]."""
+        return ",".join(e.hostport for e in self.endpoints)
+
+
+def filter_subset(endpoints: Iterable[Endpoint], subset: Sequence[str]) -> list[Endpoint]:
+    """Endpoints allowed by the proxy's subset hint: ``ip`` admits every port, ``ip:port`` one."""
+    hosts: set[str] = set()
+    exact: set[str] = set()
+    for entry in subset:
+        entry = entry.strip()
+        if not entry:
+            continue
+        if entry.count(":") == 1 or entry.startswith("["):
+            exact.add(entry)
+        else:
+            hosts.add(entry)
+    return [e for e in endpoints if e.address in hosts or e.hostport in exact]
+
+
+def estimate_tokens(request: InferenceRequest) -> int:
+    body = request.body
+    if body.prompt_token_ids is not None:
+        prompt = len(body.prompt_token_ids)
+    elif body.prompt_text is not None:
+        prompt = len(body.prompt_text) // _CHARS_PER_TOKEN
+    else:
+        prompt = len(request.raw_body) // _CHARS_PER_TOKEN
+    output = body.max_output_tokens if body.max_output_tokens is not None else prompt * 3 // 2
+    return prompt + output
+
+
+class Director:
+    def __init__(self, pool: EndpointPool, config: PickerConfig, disable_subset_filter: bool = False,
+                 explain: bool = False) -> None:
+        self.pool = pool
+        self.disable_subset_filter = disable_subset_filter
+        self.explain = explain
+        self.set_config(config)
+
+    def set_config(self, config: PickerConfig) -> None:
+        """Swap the scheduling configuration (live reload); requests in flight keep their hooks."""
+        self.config = config
+        self.observers: list[RequestObserver] = config.plugins_of(RequestObserver)
+        self.body_observers = [o for o in self.observers if o.needs_response_body]
+
+    def candidates(self, subset: Sequence[str] | None) -> list[Endpoint]:
+        endpoints = self.pool.endpoints
+        if subset is not None and not self.disable_subset_filter:
+            found = filter_subset(endpoints, subset)
+            if not found:
+                raise EppError(503, "rejected-no-endpoints",
+                               "failed to find endpoint candidates for serving the request: "
+                               "no endpoint matches the subset hint")
+            return found
+        if not endpoints:
+            raise EppError(503, "rejected-no-endpoints",
+                           "failed to find endpoint candidates for serving the request: the pool is empty")
+        return list(endpoints)
+
+    async def route(self, request: InferenceRequest, subset: Sequence[str] | None) -> Decision:
+        candidates = self.candidates(subset)
+        result = self.config.scheduler.schedule(request, candidates, explain=self.explain)
+        decision = Decision(result.endpoints, result, estimate_tokens(request))
+        primary = decision.primary
+        primary.inflight_requests += 1
+        primary.inflight_tokens += decision.tokens
+        for obs in self.observers:
+            try:
+                obs.pre_request(request, result)
+            except Exception:
+                log.exception("plugin %s failed in pre_request", obs.name)
+        return decision
+
+    def response_headers(self, request: InferenceRequest, decision: Decision, response: ResponseInfo) -> None:
+        for obs in self.observers:
+            try:
+                obs.on_response_headers(request, decision.primary, response)
+            except Exception:
+                log.exception("plugin %s failed in on_response_headers", obs.name)
+
+    def response_body(self, request: InferenceRequest, decision: Decision, chunk: bytes, eos: bool) -> None:
+        for obs in self.body_observers:
+            try:
+                obs.on_response_body(request, decision.primary, chunk, eos)
+            except Exception:
+                log.exception("plugin %s failed in on_response_body", obs.name)
+
+    def complete(self, request: InferenceRequest, decision: Decision, response: ResponseInfo) -> None:
+        """Called exactly once per routed request, when the response ended or the stream died."""
+        primary = decision.primary
+        primary.inflight_requests = max(0, primary.inflight_requests - 1)
+        primary.inflight_tokens = max(0, primary.inflight_tokens - decision.tokens)
+        for obs in self.observers:
+            try:
+                obs.on_response_complete(request, primary, response)
+            except Exception:
+                log.exception("plugin %s failed in on_response_complete", obs.name)

@@ -1,0 +1,41 @@
+"""The thin grpc.aio layer: pumps ext_proc messages through one ``ExtProcStream`` per gRPC stream."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+
+from epp.director import Director
+from epp.extproc.stream import ExtProcStream, StreamOptions
+
+log = logging.getLogger(__name__)
+
+
+class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
+    def __init__(self, director: Director, options: StreamOptions) -> None:
+        self.director = director
+        self.options = options
+        self.active_streams = 0
+
+    async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest],  # noqa: N802 - gRPC name
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ProcessingResponse]:
+        stream = ExtProcStream(self.director, self.options)
+        self.active_streams += 1
+        try:
+            async for msg in request_iterator:
+                try:
+                    out = stream.receive(msg)
+                    if stream.pending:
+                        out += await stream.route()
+                except Exception:
+                    log.exception("ext_proc stream failed on %s", msg.WhichOneof("request"))
+                    out = stream.passthrough(msg)
+                for resp in out:
+                    yield resp
+        finally:
+            self.active_streams -= 1
+            stream.close()

@@ -1,0 +1,282 @@
+"""The per-stream ext_proc exchange as a sans-I/O state machine.
+
+One ``ExtProcStream`` per HTTP request. ``receive`` takes each ``ProcessingRequest`` Envoy sends and
+returns the ``ProcessingResponse`` messages to send back. When the request is complete it sets
+``pending``; the caller then awaits ``route()`` (the only async step: scheduling may queue) and sends
+what it returns. ``close()`` is called when the gRPC stream ends, however it ends.
+
+Order required by Envoy in FULL_DUPLEX_STREAMED (see reference/envoy-rig.md): the request-headers
+response is deferred until the body is complete (the pick needs the body), then the body goes back
+as ``streamed_response`` pieces with ``end_of_stream`` on the last. Response chunks are answered one
+for one, immediately, so streams stay incremental.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from enum import Enum, auto
+
+from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+from epp.api.errors import EppError, error_body, error_headers
+from epp.api.parsing import parse_request
+from epp.api.rewrite import ModelNameRestorer, rewrite_request_model
+from epp.api.types import ApiKind, ErrorStyle, InferenceRequest, ParsedBody
+from epp.api.usage import UsageExtractor
+from epp.director import Decision, Director
+from epp.extproc import protocol as p
+from epp.scheduling.plugins import ResponseInfo
+
+log = logging.getLogger(__name__)
+
+_NONE = ProcessingMode.BodySendMode.NONE
+
+
+@dataclass(slots=True)
+class StreamOptions:
+    max_body_bytes: int = 32 << 20
+    max_json_depth: int = 64
+    decision_header: bool = False  # tell the client which endpoint EPP picked (x-epp-endpoint)
+
+
+class Phase(Enum):
+    REQUEST_HEADERS = auto()
+    REQUEST_BODY = auto()
+    ROUTING = auto()  # request complete, waiting for route()
+    RESPONSE = auto()
+    DONE = auto()  # answered with an immediate response, or the response completed
+
+
+def _style_for_path(path: str) -> ErrorStyle:
+    return ErrorStyle.ANTHROPIC if "/v1/messages" in path.partition("?")[0] else ErrorStyle.OPENAI
+
+
+class ExtProcStream:
+    def __init__(self, director: Director, options: StreamOptions | None = None) -> None:
+        self.director = director
+        self.options = options or StreamOptions()
+        self.phase = Phase.REQUEST_HEADERS
+        self.started = time.monotonic()
+        self.headers: dict[str, str] = {}
+        self.path = "/"
+        self.request: InferenceRequest | None = None
+        self.decision: Decision | None = None
+        self.response = ResponseInfo()
+        self.error: EppError | None = None
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._header_only = False
+        self._has_trailers = False
+        self._generated_id: str | None = None
+        self._subset: list[str] | None = None
+        self._response_bodies = True  # False when Envoy is configured with response_body_mode NONE
+        self._usage: UsageExtractor | None = None
+        self._restorer: ModelNameRestorer | None = None
+        self._completed = False
+
+    # -- inputs -------------------------------------------------------------------------------
+
+    @property
+    def pending(self) -> bool:
+        return self.phase is Phase.ROUTING
+
+    def receive(self, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
+        if msg.HasField("protocol_config"):
+            self._response_bodies = msg.protocol_config.response_body_mode != _NONE
+        if msg.HasField("metadata_context"):
+            self._read_metadata(msg.metadata_context)
+        kind = msg.WhichOneof("request")
+        try:
+            handler = getattr(self, f"_on_{kind}", None) if kind else None
+            if handler is None:
+                return []
+            return handler(getattr(msg, kind))
+        except EppError as e:
+            return self.reject(e)
+
+    def _read_metadata(self, ctx: object) -> None:
+        subset = p.metadata_value(ctx, p.SUBSET_NAMESPACE, p.SUBSET_KEY)
+        if subset is not None:
+            self._subset = subset.split(",") if isinstance(subset, str) else subset
+        served = p.metadata_value(ctx, p.LB_NAMESPACE, p.SERVED_KEY)
+        if isinstance(served, str) and served:
+            self.response.served_endpoint = served
+
+    def _on_request_headers(self, msg: pb.HttpHeaders) -> list[pb.ProcessingResponse]:
+        if self.phase is not Phase.REQUEST_HEADERS:
+            return []
+        self.headers = p.header_map(msg)
+        self.path = self.headers.get(":path", "/")
+        declared = self.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.options.max_body_bytes:
+            raise self._too_large()
+        if msg.end_of_stream:  # no body (e.g. GET /v1/models): route by load at once
+            self._header_only = True
+            self._build_request(ParsedBody(ApiKind.OTHER), b"")
+            return []
+        self.phase = Phase.REQUEST_BODY
+        return []
+
+    def _on_request_body(self, msg: pb.HttpBody) -> list[pb.ProcessingResponse]:
+        if self.phase is not Phase.REQUEST_BODY:
+            return []
+        if msg.body:
+            self._size += len(msg.body)
+            if self._size > self.options.max_body_bytes:
+                raise self._too_large()
+            self._chunks.append(msg.body)
+        if msg.end_of_stream:
+            self._finish_body()
+        return []
+
+    def _on_request_trailers(self, msg: pb.HttpTrailers) -> list[pb.ProcessingResponse]:
+        if self.phase is Phase.REQUEST_BODY:  # trailers end a body whose last chunk had no EoS
+            self._has_trailers = True
+            self._finish_body()
+            return []
+        return [p.trailers_response(request=True)] if self.phase is Phase.RESPONSE else []
+
+    def _on_response_headers(self, msg: pb.HttpHeaders) -> list[pb.ProcessingResponse]:
+        if self.phase is not Phase.RESPONSE or self.request is None or self.decision is None:
+            return [p.response_headers_response()]
+        headers = p.header_map(msg)
+        status = headers.get(":status", "0")
+        self.response.status = int(status) if status.isdigit() else 0
+        self.response.content_type = headers.get("content-type", "")
+        if not self.request.body.skip_response and self._response_bodies:
+            self._usage = UsageExtractor(self.request.api)
+        self.director.response_headers(self.request, self.decision, self.response)
+        out = [p.response_headers_response({p.DECISION_HEADER: self.decision.primary.hostport}
+                                           if self.options.decision_header else None)]
+        if msg.end_of_stream:
+            self._complete(True)
+        return out
+
+    def _on_response_body(self, msg: pb.HttpBody) -> list[pb.ProcessingResponse]:
+        chunk = msg.body
+        eos = msg.end_of_stream
+        if self.phase is Phase.RESPONSE and self.request is not None and self.decision is not None:
+            if self.response.first_byte_at is None and chunk:
+                self.response.first_byte_at = time.monotonic()
+            self.response.bytes += len(chunk)
+            if self._usage is not None:
+                self._usage.feed(chunk, self.response.content_type)
+            self.director.response_body(self.request, self.decision, chunk, eos)
+            if self._restorer is not None:
+                chunk = self._restorer.feed(chunk) + (self._restorer.flush() if eos else b"")
+        out = p.body_responses(chunk, eos, request=False)
+        if eos:
+            self._complete(True)
+        return out
+
+    def _on_response_trailers(self, msg: pb.HttpTrailers) -> list[pb.ProcessingResponse]:
+        out: list[pb.ProcessingResponse] = []
+        if self._restorer is not None:  # hand back what the restorer still holds, before the trailers
+            rest = self._restorer.flush()
+            if rest:
+                out += p.body_responses(rest, False, request=False)
+        out.append(p.trailers_response(request=False))
+        self._complete(True)
+        return out
+
+    # -- request assembly ---------------------------------------------------------------------
+
+    def _too_large(self) -> EppError:
+        return EppError(413, "body-too-large",
+                        f"request body exceeds the limit of {self.options.max_body_bytes} bytes")
+
+    def _finish_body(self) -> None:
+        raw = b"".join(self._chunks)
+        self._chunks = []
+        parsed = parse_request(self.path, raw, self.headers.get("content-type"), self.options.max_json_depth)
+        self._build_request(parsed, raw)
+
+    def _build_request(self, parsed: ParsedBody, raw: bytes) -> None:
+        headers = self.headers
+        request_id = headers.get(p.REQUEST_ID_HEADER)
+        if not request_id:
+            request_id = self._generated_id = str(uuid.uuid4())
+        target = p.first_header(headers, p.REWRITE_HEADERS) or parsed.model
+        if target != parsed.model and parsed.payload is not None and parsed.model:
+            raw = rewrite_request_model(parsed.payload, target)
+            self._restorer = ModelNameRestorer(target, parsed.model)
+        self.request = InferenceRequest(
+            request_id=request_id, path=self.path, method=headers.get(":method", "POST"), headers=headers,
+            body=parsed, raw_body=raw, target_model=target,
+            objective=p.first_header(headers, p.OBJECTIVE_HEADERS),
+            fairness_id=p.first_header(headers, p.FAIRNESS_HEADERS) or "default-flow")
+        self.phase = Phase.ROUTING
+
+    # -- routing ------------------------------------------------------------------------------
+
+    async def route(self) -> list[pb.ProcessingResponse]:
+        """Pick the endpoint for the pending request and produce the deferred responses."""
+        assert self.request is not None and self.phase is Phase.ROUTING
+        try:
+            decision = await self.director.route(self.request, self._subset)
+        except EppError as e:
+            return self.reject(e)
+        return self.routed(decision)
+
+    def routed(self, decision: Decision) -> list[pb.ProcessingResponse]:
+        assert self.request is not None
+        self.decision = decision
+        self.phase = Phase.RESPONSE
+        dest = decision.destination
+        set_headers = {p.DESTINATION_HEADER: dest}
+        if self._generated_id:
+            set_headers[p.REQUEST_ID_HEADER] = self._generated_id
+        if not self._header_only:
+            set_headers["content-length"] = str(len(self.request.raw_body))
+        remove = [h for h in p.PROTECTED_HEADERS if h in self.headers and h != p.DESTINATION_HEADER]
+        out = [p.request_headers_response(set_headers, remove, {p.LB_NAMESPACE: {p.DESTINATION_HEADER: dest}})]
+        if not self._header_only:
+            out += p.body_responses(self.request.raw_body, not self._has_trailers, request=True)
+            if self._has_trailers:
+                out.append(p.trailers_response(request=True))
+        return out
+
+    def reject(self, err: EppError) -> list[pb.ProcessingResponse]:
+        """Answer the client directly, in its API's error envelope."""
+        if self.phase in (Phase.RESPONSE, Phase.DONE):  # too late to answer: the upstream already is
+            log.warning("error after routing ignored: %r", err)
+            return []
+        self.error = err
+        self.phase = Phase.DONE
+        style = self.request.body.error_style if self.request else _style_for_path(self.path)
+        log.debug("request %s rejected: %r", self.request.request_id if self.request else "-", err)
+        return [p.immediate_response(err.status, error_headers(err), error_body(err, style), err.reason)]
+
+    def passthrough(self, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
+        """After an internal error: let a response message through untouched, reject a request."""
+        kind = msg.WhichOneof("request")
+        if self.phase in (Phase.RESPONSE, Phase.DONE):
+            if kind == "response_headers":
+                return [p.response_headers_response()]
+            if kind == "response_body":
+                return p.body_responses(msg.response_body.body, msg.response_body.end_of_stream, request=False)
+            if kind == "response_trailers":
+                return [p.trailers_response(request=False)]
+            return []
+        return self.reject(EppError(500, "internal-error", "internal error in the endpoint picker"))
+
+    # -- end ----------------------------------------------------------------------------------
+
+    def _complete(self, normally: bool) -> None:
+        if self._completed or self.request is None or self.decision is None:
+            return
+        self._completed = True
+        self.phase = Phase.DONE
+        self.response.completed = normally
+        if self._usage is not None:
+            self.response.usage = self._usage.finish()
+        self.director.complete(self.request, self.decision, self.response)
+
+    def close(self) -> None:
+        """The gRPC stream ended. Without response bodies that is how EPP learns the response ended."""
+        if not self._completed:
+            self._complete(normally=not self._response_bodies and self.response.status > 0)

@@ -1,0 +1,145 @@
+"""``EndpointPickerConfig``: the YAML that names the plugins and the scheduling profiles.
+
+Same format as GIE's EPP (apiVersion ``inference.networking.x-k8s.io/v1alpha1``) and llm-d's
+(``llm-d.ai/v1alpha1``). Decoding is strict: unknown fields are errors with the path named.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from epp.datalayer.pool import EndpointPool
+from epp.scheduling.plugins import Filter, Picker, Plugin, ProfileHandler, Scorer
+from epp.scheduling.registry import PluginConfigError, PluginHandle, instantiate, registered_types
+from epp.scheduling.scheduler import Scheduler, SchedulerProfile
+
+API_VERSIONS = ("inference.networking.x-k8s.io/v1alpha1", "llm-d.ai/v1alpha1")
+KIND = "EndpointPickerConfig"
+
+# GIE's default: queue x2, kv-cache x2, prefix x3, max-score picker.
+DEFAULT_CONFIG = """\
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+- type: prefix-cache-scorer
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+    weight: 2
+  - pluginRef: kv-cache-utilization-scorer
+    weight: 2
+  - pluginRef: prefix-cache-scorer
+    weight: 3
+"""
+
+_TOP_FIELDS = {"apiVersion", "kind", "plugins", "schedulingProfiles", "featureGates", "saturationDetector",
+               "dataLayer", "flowControl", "parser", "requestHandler"}
+
+
+@dataclass
+class PickerConfig:
+    """The built result: every plugin instance and the scheduler wired from them."""
+
+    scheduler: Scheduler
+    plugins: dict[str, Plugin]
+    handle: PluginHandle
+    feature_gates: list[str] = field(default_factory=list)
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def plugins_of(self, kind: type[Any]) -> list[Any]:
+        return [p for p in self.plugins.values() if isinstance(p, kind)]
+
+
+def _expect(cond: bool, msg: str) -> None:
+    if not cond:
+        raise PluginConfigError(msg)
+
+
+def _check_fields(obj: Any, where: str, allowed: set[str], required: set[str] = frozenset()) -> dict[str, Any]:
+    _expect(isinstance(obj, dict), f"{where}: expected a mapping, got {type(obj).__name__}")
+    unknown = sorted(set(obj) - allowed)
+    _expect(not unknown, f"{where}: unknown field(s) {unknown} (allowed: {sorted(allowed)})")
+    missing = sorted(required - set(obj))
+    _expect(not missing, f"{where}: missing field(s) {missing}")
+    return obj
+
+
+def load_config(text: str | None, pool: EndpointPool | None = None) -> PickerConfig:
+    """Parse, validate and instantiate. ``None`` or empty text gives the default config."""
+    if not text or not text.strip():
+        text = DEFAULT_CONFIG
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise PluginConfigError(f"config is not valid YAML: {e}") from None
+    doc = _check_fields(doc, "config", _TOP_FIELDS, {"apiVersion", "kind"})
+    _expect(doc["apiVersion"] in API_VERSIONS, f"config: apiVersion must be one of {list(API_VERSIONS)}")
+    _expect(doc["kind"] == KIND, f"config: kind must be {KIND}")
+    gates = doc.get("featureGates") or []
+    _expect(isinstance(gates, list) and all(isinstance(g, str) for g in gates), "featureGates: expected a list")
+
+    handle = PluginHandle(pool)
+    plugins: dict[str, Plugin] = {}
+    for i, spec in enumerate(doc.get("plugins") or []):
+        spec = _check_fields(spec, f"plugins[{i}]", {"name", "type", "parameters"}, {"type"})
+        name = spec.get("name") or spec["type"]
+        _expect(name not in plugins, f"plugins[{i}]: duplicate plugin name {name!r}")
+        plugins[name] = instantiate(spec["type"], name, spec.get("parameters"), handle)
+
+    profile_specs = doc.get("schedulingProfiles") or []
+    _expect(isinstance(profile_specs, list), "schedulingProfiles: expected a list")
+    if not profile_specs:  # GIE: one default profile referencing every filter, scorer and picker
+        profile_specs = [{"name": "default", "plugins": [
+            {"pluginRef": n} for n, p in plugins.items() if isinstance(p, (Filter, Scorer, Picker))]}]
+
+    profiles: dict[str, SchedulerProfile] = {}
+    for i, pspec in enumerate(profile_specs):
+        pspec = _check_fields(pspec, f"schedulingProfiles[{i}]", {"name", "plugins"}, {"name"})
+        pname = pspec["name"]
+        _expect(pname not in profiles, f"schedulingProfiles[{i}]: duplicate profile name {pname!r}")
+        profile = SchedulerProfile(pname)
+        for j, ref in enumerate(pspec.get("plugins") or []):
+            where = f"schedulingProfiles[{i}].plugins[{j}]"
+            ref = _check_fields(ref, where, {"pluginRef", "weight"}, {"pluginRef"})
+            plugin = plugins.get(ref["pluginRef"])
+            _expect(plugin is not None, f"{where}: pluginRef {ref['pluginRef']!r} is not defined in plugins")
+            weight = ref.get("weight", 1)
+            _expect(isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight >= 0,
+                    f"{where}: weight must be a non-negative number")
+            if isinstance(plugin, Filter):
+                profile.filters.append(plugin)
+            if isinstance(plugin, Scorer):
+                profile.scorers.append((plugin, float(weight)))
+            if isinstance(plugin, Picker):
+                _expect(profile.picker is None, f"{where}: profile {pname!r} has more than one picker")
+                profile.picker = plugin
+        if profile.picker is None:  # GIE: the first configured picker, else a new max-score-picker
+            pickers = [p for p in plugins.values() if isinstance(p, Picker)]
+            profile.picker = pickers[0] if pickers else _default(plugins, "max-score-picker", handle)
+        profiles[pname] = profile
+
+    handlers = [p for p in plugins.values() if isinstance(p, ProfileHandler)]
+    _expect(len(handlers) <= 1, "config: more than one profile handler")
+    if handlers:
+        handler = handlers[0]
+    else:
+        _expect(len(profiles) == 1, "config: several scheduling profiles need a profile handler plugin")
+        handler = _default(plugins, "single-profile-handler", handle)
+    assert isinstance(handler, ProfileHandler)
+
+    for plugin in plugins.values():
+        plugin.start()
+    return PickerConfig(Scheduler(profiles, handler), plugins, handle, gates, doc)
+
+
+def _default(plugins: dict[str, Plugin], type_name: str, handle: PluginHandle) -> Any:
+    _expect(type_name in registered_types(), f"built-in plugin {type_name!r} is not registered")
+    plugin = plugins.get(type_name) or instantiate(type_name, type_name, None, handle)
+    plugins[type_name] = plugin
+    return plugin

@@ -1,0 +1,122 @@
+"""Process lifecycle: discovery, the ext_proc and health gRPC servers, the metrics HTTP server,
+and an orderly stop on SIGTERM (health turns NOT_SERVING, streams in flight finish)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from aiohttp import web
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2_grpc
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+from epp import tls
+from epp.config import Config
+from epp.datalayer.pool import EndpointPool
+from epp.datalayer.static import StaticFileDiscovery, parse_endpoint_list
+from epp.director import Director
+from epp.extproc.servicer import ExtProcServicer
+from epp.extproc.stream import StreamOptions
+from epp.health import HealthServicer
+from epp.logs import setup_logging
+from epp.scheduling.config import load_config
+
+log = logging.getLogger("epp")
+
+
+@dataclass
+class EppServer:
+    """Everything one EPP process runs; ``start``/``stop`` so tests can embed it."""
+
+    cfg: Config
+    pool: EndpointPool = field(default_factory=EndpointPool)
+    health: HealthServicer = field(default_factory=HealthServicer)
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        picker_config = load_config(self._config_text(), self.pool)
+        self.director = Director(self.pool, picker_config, cfg.disable_endpoint_subset_filter)
+        self._discovery: StaticFileDiscovery | None = None
+        if cfg.static_endpoints:
+            self.pool.sync(parse_endpoint_list(cfg.static_endpoints))
+        elif cfg.static_endpoints_file:
+            self._discovery = StaticFileDiscovery(self.pool, cfg.static_endpoints_file)
+            await self._discovery.start()
+        else:
+            raise NotImplementedError("Kubernetes discovery (--pool-name / --endpoint-selector) is not built yet")
+
+        options = [("grpc.max_receive_message_length", cfg.grpc_max_recv_msg_size),
+                   ("grpc.max_send_message_length", cfg.grpc_max_recv_msg_size),
+                   ("grpc.so_reuseport", 0)]
+        self.servicer = ExtProcServicer(self.director, StreamOptions(cfg.max_request_body_bytes, cfg.max_json_depth,
+                                                                   cfg.decision_header))
+        self.grpc_server = grpc.aio.server(options=options)
+        pb_grpc.add_ExternalProcessorServicer_to_server(self.servicer, self.grpc_server)
+        address = f"{cfg.host}:{cfg.grpc_port}"
+        if cfg.secure_serving:
+            key, cert = tls.load_pair(cfg.cert_path) if cfg.cert_path else tls.self_signed()
+            self.grpc_port = self.grpc_server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
+        else:
+            self.grpc_port = self.grpc_server.add_insecure_port(address)
+
+        self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+        self.health_port = self.health_server.add_insecure_port(f"{cfg.host}:{cfg.grpc_health_port}")
+
+        await self.grpc_server.start()
+        await self.health_server.start()
+        self._http = web.AppRunner(self._metrics_app(), access_log=None)
+        await self._http.setup()
+        site = web.TCPSite(self._http, cfg.host, cfg.metrics_port)
+        await site.start()
+        self.metrics_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.health.ready = self.pool.synced
+        log.info("epp serving: ext_proc %s:%d (%s), health %d, metrics %d, %d endpoints",
+                 cfg.host, self.grpc_port, "tls" if cfg.secure_serving else "plaintext", self.health_port,
+                 self.metrics_port, len(self.pool.endpoints))
+
+    def _config_text(self) -> str | None:
+        if self.cfg.config_file:
+            return Path(self.cfg.config_file).read_text()
+        return self.cfg.config_text or None
+
+    def _metrics_app(self) -> web.Application:
+        async def metrics(_: web.Request) -> web.Response:
+            return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        app = web.Application()
+        app.router.add_get("/metrics", metrics)
+        return app
+
+    async def stop(self, grace: float = 5.0) -> None:
+        self.health.draining = True
+        await self.grpc_server.stop(grace)
+        await self.health_server.stop(0)
+        await self._http.cleanup()
+        if self._discovery:
+            await self._discovery.stop()
+
+
+async def run(cfg: Config) -> int:
+    setup_logging(cfg.verbosity, cfg.log_format)
+    server = EppServer(cfg)
+    try:
+        await server.start()
+    except Exception as e:
+        log.error("epp failed to start: %s", e)
+        return 1
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("epp stopping: draining for up to %.1fs", cfg.drain_timeout)
+    with contextlib.suppress(Exception):
+        await server.stop(grace=cfg.drain_timeout)
+    return 0

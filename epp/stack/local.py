@@ -1,0 +1,200 @@
+"""A whole local stack on loopback: simulated vLLM pods, EPP and a real Envoy, each its own process.
+
+Used by the demo (``make demo``), the end-to-end tests and the benchmarks. Every process is stopped
+on ``stop()`` / context exit; Envoy also dies with its parent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from epp.stack.envoy import EnvoyProcess, EnvoySpec
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def free_port_range(n: int, start: int = 20000, stop: int = 60000) -> int:
+    """First port of ``n`` consecutive free ports (the simulator serves pods on consecutive ports)."""
+    rng = __import__("random").Random(os.getpid() ^ time.monotonic_ns())
+    for _ in range(200):
+        base = rng.randrange(start, stop - n)
+        socks = []
+        try:
+            for i in range(n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind((HOST, base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free ports")
+
+
+class ManagedProcess:
+    """A child process whose output goes to a log file, started and waited for readiness."""
+
+    def __init__(self, name: str, argv: list[str], log_dir: Path) -> None:
+        self.name = name
+        self.argv = argv
+        self.log_path = log_dir / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait_for_log(self, needle: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log_path.read_text(errors="replace")
+            for line in text.splitlines():
+                if needle in line:
+                    return line
+            if not self.alive():
+                raise RuntimeError(f"{self.name} exited early:\n{self.tail()}")
+            time.sleep(0.05)
+        raise TimeoutError(f"{self.name} not ready after {timeout}s:\n{self.tail()}")
+
+    def tail(self, n: int = 3000) -> str:
+        with contextlib.suppress(OSError):
+            return self.log_path.read_text(errors="replace")[-n:]
+        return ""
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            assert self.proc is not None
+            self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        with contextlib.suppress(AttributeError):
+            self._log.close()
+        return self.proc.returncode if self.proc else None
+
+
+def wait_grpc_serving(port: int, timeout: float = 20.0, service: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(f"{HOST}:{port}") as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < deadline:
+            try:
+                r = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.05)
+    raise TimeoutError(f"gRPC health on {port} not SERVING after {timeout}s")
+
+
+@dataclass
+class LocalStack:
+    pods: int = 3
+    sim_args: list[str] = field(default_factory=lambda: ["--profile", "fast"])
+    epp_args: list[str] = field(default_factory=list)
+    upstream: str = "original_dst"
+    response_body_mode: str = "FULL_DUPLEX_STREAMED"
+    failure_mode_allow: bool = False
+    tls: bool = True
+    baseline: bool = False
+    envoy_log_level: str = "warning"
+
+    def __post_init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="epp-stack-"))
+        self.sim_base = free_port_range(self.pods)
+        self.endpoints = [f"{HOST}:{self.sim_base + i}" for i in range(self.pods)]
+        self.grpc_port, self.health_port, self.metrics_port = free_port(), free_port(), free_port()
+        self.envoy_port, self.admin_port = free_port(), free_port()
+        self.baseline_port = free_port() if self.baseline else None
+        self.sim: ManagedProcess | None = None
+        self.epp: ManagedProcess | None = None
+        self.envoy: EnvoyProcess | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.envoy_port}"
+
+    def start_sim(self) -> None:
+        self.sim = ManagedProcess("sim", [sys.executable, "-m", "sim", "--pods", str(self.pods), "--host", HOST,
+                                          "--base-port", str(self.sim_base), *self.sim_args], self.dir)
+        self.sim.start()
+        self.sim.wait_for_log("sim ready", 30)
+
+    def epp_argv(self) -> list[str]:
+        return [sys.executable, "-m", "epp", "--host", HOST, "--grpc-port", str(self.grpc_port),
+                "--grpc-health-port", str(self.health_port), "--metrics-port", str(self.metrics_port),
+                f"--secure-serving={str(self.tls).lower()}", "--decision-header",
+                *(() if any(a.startswith("--static-endpoints") for a in self.epp_args)
+                  else ("--static-endpoints", ",".join(self.endpoints))),
+                *self.epp_args]
+
+    def start_epp(self) -> None:
+        self.epp = ManagedProcess("epp", self.epp_argv(), self.dir)
+        self.epp.start()
+        wait_grpc_serving(self.health_port, 30)
+
+    def start_envoy(self) -> None:
+        self.envoy = EnvoyProcess(EnvoySpec(
+            listen_port=self.envoy_port, admin_port=self.admin_port, extproc_port=self.grpc_port,
+            endpoints=self.endpoints, upstream=self.upstream, response_body_mode=self.response_body_mode,
+            failure_mode_allow=self.failure_mode_allow, extproc_tls=self.tls, baseline_port=self.baseline_port,
+            access_log=str(self.dir / "access.log")), log_level=self.envoy_log_level)
+        self.envoy.start()
+        self.envoy.wait_extproc_healthy()
+
+    def start(self) -> LocalStack:
+        try:
+            self.start_sim()
+            self.start_epp()
+            self.start_envoy()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        if self.envoy:
+            self.envoy.stop()
+        for proc in (self.epp, self.sim):
+            if proc:
+                proc.stop()
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> LocalStack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()

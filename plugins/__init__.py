@@ -1,0 +1,7 @@
+"""EPP's built-in plugins.
+
+Loaded through the ``epp.plugins`` entry point declared in ``pyproject.toml``, exactly as an outside
+plugin package would be: importing this package registers every built-in type.
+"""
+
+from plugins import pickers, profile_handlers, scorers  # noqa: F401

@@ -1,0 +1,3 @@
+"""Built-in scorers."""
+
+from plugins.scorers import load, prefix  # noqa: F401

@@ -1,0 +1,225 @@
+"""The ext_proc exchange, driven with plain protobuf messages (GIE's hermetic cases, adapted)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from epp.extproc.protocol import MAX_CHUNK
+from epp.scheduling.plugins import RequestObserver
+from epp.scheduling.registry import register_plugin
+from tests.extproc_helpers import (
+    NONE,
+    body_msg,
+    body_of,
+    drive,
+    headers_msg,
+    immediate,
+    make_director,
+    new_stream,
+    response_body_msg,
+    response_headers_msg,
+    set_headers,
+)
+
+REQ = {"max_tokens": 100, "model": "my-model", "prompt": "test prompt", "temperature": 0}
+SUBSET = "envoy.lb.subset_hint"
+SUBSET_KEY = "x-gateway-destination-endpoint-subset"
+THREE_PODS = [("p1", 3, 0.2), ("p2", 0, 0.1), ("p3", 10, 0.2)]
+
+
+def pick_of(responses) -> str:
+    first = responses[0]
+    assert first.HasField("request_headers"), first
+    headers = set_headers(first)
+    md = first.dynamic_metadata.fields["envoy.lb"].struct_value.fields["x-gateway-destination-endpoint"]
+    assert headers["x-gateway-destination-endpoint"] == md.string_value  # header and metadata agree
+    assert first.request_headers.response.clear_route_cache
+    return md.string_value
+
+
+async def test_selects_lower_queue_and_kv_cache():
+    body = json.dumps(REQ).encode()
+    out = await drive(new_stream(make_director(THREE_PODS)),
+                      [headers_msg(headers={"x-request-id": "test-request-id"}), body_msg(body)])
+    assert pick_of(out) == "192.168.1.2:8000"
+    assert body_of(out) == body  # forwarded byte for byte when nothing rewrote it
+    assert out[-1].request_body.response.body_mutation.streamed_response.end_of_stream
+    assert "x-request-id" not in set_headers(out[0])  # the client's id stays as it is
+
+
+async def test_split_body_across_chunks_and_model_rewrite():
+    body = json.dumps({**REQ, "model": "sql-lora-sheddable"}).encode()
+    msgs = [headers_msg(headers={"x-gateway-model-name-rewrite": "sql-lora-1fdg3"}),
+            body_msg(body[:30], eos=False), body_msg(body[30:], eos=False), body_msg(b"", eos=True)]
+    out = await drive(new_stream(make_director([("p1", 4, 0.2), ("p2", 4, 0.85)])), msgs)
+    assert pick_of(out) == "192.168.1.1:8000"
+    forwarded = json.loads(body_of(out))
+    assert forwarded["model"] == "sql-lora-1fdg3" and forwarded["prompt"] == "test prompt"
+    assert set_headers(out[0])["content-length"] == str(len(body_of(out)))
+
+
+async def test_rewritten_model_is_restored_in_the_response():
+    body = json.dumps(REQ).encode()
+    stream = new_stream(make_director())
+    await drive(stream, [headers_msg(headers={"x-gateway-model-name-rewrite": "target-x"}), body_msg(body)])
+    out = await drive(stream, [response_headers_msg(), response_body_msg(b'{"id":"1","mod'),
+                               response_body_msg(b'el":"target-x","usage":{}}', eos=True)])
+    assert body_of(out, "response_body") == b'{"id":"1","model":"my-model","usage":{}}'
+
+
+async def test_invalid_json_is_a_400_in_the_openai_envelope():
+    out = await drive(new_stream(make_director()), [headers_msg(), body_msg(b"{no json")])
+    status, headers, doc = immediate(out[0])
+    assert status == 400 and headers["x-epp-error-reason"] == "invalid-json"
+    assert doc["error"]["type"] == "invalid_request_error" and doc["error"]["message"]
+
+
+async def test_missing_model_is_a_400():
+    out = await drive(new_stream(make_director()), [headers_msg(), body_msg(b'{"prompt":"hello world"}')])
+    status, headers, doc = immediate(out[0])
+    assert status == 400 and headers["x-epp-error-reason"] == "missing-model" and doc["error"]["param"] == "model"
+
+
+async def test_anthropic_errors_use_the_anthropic_envelope():
+    out = await drive(new_stream(make_director()), [headers_msg("/v1/messages"), body_msg(b"[1,2")])
+    status, _, doc = immediate(out[0])
+    assert status == 400 and doc["type"] == "error" and doc["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(("subset", "expected"), [
+    (["192.168.1.1:8000", "192.168.1.2:8000", "192.168.1.3:8000"], "192.168.1.2:8000"),  # best of the subset
+    (["192.168.1.3:8000"], "192.168.1.3:8000"),  # partial: the only allowed one despite its load
+    ("192.168.1.3:8000,192.168.1.1:8000", "192.168.1.1:8000"),  # comma string form
+    (["192.168.1.3"], "192.168.1.3:8000"),  # bare IP admits any port
+])
+async def test_subset_hint(subset, expected):
+    md = {SUBSET: {SUBSET_KEY: subset}}
+    out = await drive(new_stream(make_director(THREE_PODS)),
+                      [headers_msg(metadata=md), body_msg(json.dumps(REQ).encode(), metadata=md)])
+    assert pick_of(out) == expected
+
+
+@pytest.mark.parametrize("subset", [["192.168.1.99:8000"], [], ["192.168.1.1:9999"]])
+async def test_subset_hint_without_match_is_503(subset):
+    md = {SUBSET: {SUBSET_KEY: subset}}
+    out = await drive(new_stream(make_director(THREE_PODS)), [headers_msg(metadata=md), body_msg(json.dumps(REQ).encode())])
+    status, headers, doc = immediate(out[0])
+    assert status == 503 and headers["x-llm-d-request-dropped-reason"] == "rejected-no-endpoints"
+    assert doc["error"]["type"] == "service_unavailable"
+
+
+async def test_header_only_request_is_routed_at_once():
+    out = await drive(new_stream(make_director(THREE_PODS)), [headers_msg("/v1/models", method="GET", eos=True)])
+    assert len(out) == 1 and pick_of(out).startswith("192.168.1.")
+    assert "content-length" not in set_headers(out[0])
+
+
+async def test_no_endpoints_is_503():
+    out = await drive(new_stream(make_director([])), [headers_msg(), body_msg(json.dumps(REQ).encode())])
+    assert immediate(out[0])[0] == 503
+
+
+async def test_request_id_generated_when_absent_and_forged_headers_overridden():
+    forged = {"x-gateway-destination-endpoint": "127.0.0.1:19901", SUBSET_KEY: "10.0.0.1:80"}
+    out = await drive(new_stream(make_director()), [headers_msg(headers=forged), body_msg(json.dumps(REQ).encode())])
+    headers = set_headers(out[0])
+    assert headers["x-gateway-destination-endpoint"] == "192.168.1.1:8000"
+    assert len(headers["x-request-id"]) == 36
+    assert SUBSET_KEY in out[0].request_headers.response.header_mutation.remove_headers
+
+
+async def test_large_body_is_reemitted_in_chunks():
+    body = json.dumps({**REQ, "prompt": "x" * 300_000}).encode()
+    out = await drive(new_stream(make_director()), [headers_msg(), body_msg(body[:100_000], eos=False),
+                                                    body_msg(body[100_000:], eos=True)])
+    pieces = [r for r in out if r.HasField("request_body")]
+    assert len(pieces) == -(-len(body) // MAX_CHUNK)
+    assert all(len(r.request_body.response.body_mutation.streamed_response.body) <= MAX_CHUNK for r in pieces)
+    assert [r.request_body.response.body_mutation.streamed_response.end_of_stream for r in pieces][-2:] == [False, True]
+    assert body_of(out) == body
+
+
+async def test_body_over_the_limit_is_413_even_before_it_ends():
+    stream = new_stream(make_director(), max_body_bytes=1000)
+    out = await drive(stream, [headers_msg(), body_msg(b"x" * 600, eos=False), body_msg(b"x" * 600, eos=False)])
+    assert immediate(out[0])[0] == 413
+    assert await drive(stream, [body_msg(b"x", eos=True)]) == []  # the stream is over; nothing more is sent
+    out = await drive(new_stream(make_director(), max_body_bytes=1000),
+                      [headers_msg(headers={"content-length": "5000"})])
+    assert immediate(out[0])[0] == 413
+
+
+@register_plugin("test-usage-recorder")
+class UsageRecorder(RequestObserver):
+    """Records what observers are told (registered like any outside plugin)."""
+
+    def __init__(self) -> None:
+        self.completed: list = []
+        self.headers: list = []
+
+    def on_response_headers(self, request, endpoint, response):
+        self.headers.append((response.status, response.served_endpoint))
+
+    def on_response_complete(self, request, endpoint, response):
+        self.completed.append((endpoint.name, response.completed, response.usage))
+
+
+RECORDER_CONFIG = """
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: test-usage-recorder
+  name: rec
+"""
+
+
+async def test_sse_chunks_pass_through_in_order_and_usage_is_counted():
+    director = make_director(config=RECORDER_CONFIG)
+    stream = new_stream(director)
+    await drive(stream, [headers_msg("/v1/completions"), body_msg(json.dumps({**REQ, "stream": True}).encode())])
+    assert director.pool.endpoints[0].inflight_requests == 1
+    chunks = [b'data: {}\n\n',
+              b'data: {"usage":{"prompt_tokens":7,"total_tokens":17,"completion_tokens":10}}\ndata: [DONE]\n\n', b""]
+    out = await drive(stream, [response_headers_msg(content_type="text/event-stream", served="192.168.1.1:8000")]
+                      + [response_body_msg(c, eos=(i == 2)) for i, c in enumerate(chunks)])
+    assert out[0].HasField("response_headers")
+    bodies = [r.response_body.response.body_mutation.streamed_response for r in out[1:]]
+    assert [b.body for b in bodies] == chunks and [b.end_of_stream for b in bodies] == [False, False, True]
+    rec = director.config.plugins["rec"]
+    assert rec.headers == [(200, "192.168.1.1:8000")]
+    (name, completed, usage), = rec.completed
+    assert completed and usage.prompt_tokens == 7 and usage.completion_tokens == 10
+    assert director.pool.endpoints[0].inflight_requests == 0
+    stream.close()
+    assert len(rec.completed) == 1  # exactly once
+
+
+async def test_without_response_bodies_the_stream_close_ends_the_request():
+    director = make_director(config=RECORDER_CONFIG)
+    stream = new_stream(director)
+    await drive(stream, [headers_msg(response_body_mode=NONE), body_msg(json.dumps(REQ).encode()),
+                         response_headers_msg()])
+    assert director.pool.endpoints[0].inflight_requests == 1
+    stream.close()
+    assert director.pool.endpoints[0].inflight_requests == 0
+    assert director.config.plugins["rec"].completed[0][1] is True
+
+
+async def test_client_gone_before_the_response_still_completes_once():
+    director = make_director(config=RECORDER_CONFIG)
+    stream = new_stream(director)
+    await drive(stream, [headers_msg(), body_msg(json.dumps(REQ).encode())])
+    stream.close()
+    stream.close()
+    assert director.config.plugins["rec"].completed == [("a", False, None)]
+    assert director.pool.endpoints[0].inflight_requests == 0
+
+
+async def test_out_of_order_messages_are_ignored_not_fatal():
+    stream = new_stream(make_director())
+    assert await drive(stream, [body_msg(b"{}")]) == []  # body before headers
+    out = await drive(stream, [headers_msg(), body_msg(json.dumps(REQ).encode()), body_msg(b"again")])
+    assert pick_of(out) == "192.168.1.1:8000"
