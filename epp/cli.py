@@ -30,11 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     d = Config()
     ap = argparse.ArgumentParser(prog="epp", description="Envoy ext_proc endpoint picker for LLM inference.")
 
-    def flag(name: str, **kw) -> None:
+    def flag(*names: str, **kw) -> None:
         if kw.get("type") is _bool:  # Go style: --flag, --flag=true, --flag=false
             kw.setdefault("nargs", "?")
             kw.setdefault("const", True)
-        ap.add_argument(name, **kw)
+        ap.add_argument(*names, **kw)
 
     flag("--host", default=d.host, help="bind address for all listeners (default %(default)s)")
     flag("--grpc-port", type=int, default=d.grpc_port, help="ext_proc gRPC port (default %(default)s)")

@@ -25,6 +25,6 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
             return _SERVING
         return _SERVING if self.ready and not self.draining else _NOT_SERVING
 
-    async def Check(self, request: health_pb2.HealthCheckRequest,  # noqa: N802 - gRPC name
+    async def Check(self, request: health_pb2.HealthCheckRequest,
                     context: grpc.aio.ServicerContext) -> health_pb2.HealthCheckResponse:
         return health_pb2.HealthCheckResponse(status=self.status(request.service))

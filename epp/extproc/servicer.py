@@ -21,7 +21,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         self.options = options
         self.active_streams = 0
 
-    async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest],  # noqa: N802 - gRPC name
+    async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ProcessingResponse]:
         stream = ExtProcStream(self.director, self.options)
         self.active_streams += 1

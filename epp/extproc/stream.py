@@ -23,7 +23,7 @@ from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import Proces
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from epp.api.errors import EppError, error_body, error_headers
-from epp.api.parsing import parse_request
+from epp.api.parsing import api_for_path, parse_request
 from epp.api.rewrite import ModelNameRestorer, rewrite_request_model
 from epp.api.types import ApiKind, ErrorStyle, InferenceRequest, ParsedBody
 from epp.api.usage import UsageExtractor
@@ -52,7 +52,7 @@ class Phase(Enum):
 
 
 def _style_for_path(path: str) -> ErrorStyle:
-    return ErrorStyle.ANTHROPIC if "/v1/messages" in path.partition("?")[0] else ErrorStyle.OPENAI
+    return ParsedBody(api_for_path(path)).error_style
 
 
 class ExtProcStream:

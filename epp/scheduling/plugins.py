@@ -41,7 +41,7 @@ class Plugin:
     name: str = ""
     handle: PluginHandle | None = None
 
-    def start(self) -> None:  # noqa: B027 - optional hook, empty by design
+    def start(self) -> None:
         """Called once the whole configuration is built (other plugins can be looked up)."""
 
 

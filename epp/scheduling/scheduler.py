@@ -13,9 +13,9 @@ from epp.scheduling.plugins import (
     Picker,
     ProfileHandler,
     ProfileResult,
+    SchedulingResult,
     ScoredEndpoint,
     Scorer,
-    SchedulingResult,
 )
 
 
@@ -38,7 +38,7 @@ class SchedulerProfile:
         for scorer, weight in self.scorers:
             scores = scorer.score(cycle, request, endpoints)
             if len(scores) != len(endpoints):
-                raise RuntimeError(f"scorer {scorer.name} returned {len(scores)} scores for {len(endpoints)} endpoints")
+                raise RuntimeError(f"scorer {scorer.name}: {len(scores)} scores for {len(endpoints)} endpoints")
             for i, s in enumerate(scores):
                 s = 0.0 if s != s or s < 0.0 else (1.0 if s > 1.0 else s)  # clamp, NaN -> 0
                 totals[i] += weight * s

@@ -159,9 +159,10 @@ def envoy_config(spec: EnvoySpec) -> dict[str, Any]:
     if spec.baseline_port:
         listeners.append({"name": "baseline", "address": _address(spec.host, spec.baseline_port),
                           "filter_chains": [{"filters": [_hcm("baseline", "baseline_rr", [], None)]}]})
-        clusters.append({"name": "baseline_rr", "type": "STATIC", "connect_timeout": "2s", "lb_policy": "ROUND_ROBIN",
-                         "circuit_breakers": breakers, "load_assignment": {
-                             "cluster_name": "baseline_rr", "endpoints": [{"lb_endpoints": _lb_endpoints(spec.endpoints)}]}})
+        clusters.append({
+            "name": "baseline_rr", "type": "STATIC", "connect_timeout": "2s", "lb_policy": "ROUND_ROBIN",
+            "circuit_breakers": breakers, "load_assignment": {
+                "cluster_name": "baseline_rr", "endpoints": [{"lb_endpoints": _lb_endpoints(spec.endpoints)}]}})
     return {"admin": {"address": _address(spec.host, spec.admin_port)},
             "static_resources": {"listeners": listeners, "clusters": clusters}}
 

@@ -32,7 +32,7 @@ def block_hashes(request: InferenceRequest, block_tokens: int, max_blocks: int) 
         step = block_tokens * 4
     else:
         text = request.body.prompt_text or ""
-        data = text[: block_tokens * _CHARS_PER_TOKEN * max_blocks].encode()
+        data = text[: block_tokens * _CHARS_PER_TOKEN * max_blocks].encode("utf-8", "surrogatepass")
         step = block_tokens * _CHARS_PER_TOKEN
     if len(data) < step:
         return []

@@ -104,7 +104,8 @@ async def test_subset_hint(subset, expected):
 @pytest.mark.parametrize("subset", [["192.168.1.99:8000"], [], ["192.168.1.1:9999"]])
 async def test_subset_hint_without_match_is_503(subset):
     md = {SUBSET: {SUBSET_KEY: subset}}
-    out = await drive(new_stream(make_director(THREE_PODS)), [headers_msg(metadata=md), body_msg(json.dumps(REQ).encode())])
+    msgs = [headers_msg(metadata=md), body_msg(json.dumps(REQ).encode())]
+    out = await drive(new_stream(make_director(THREE_PODS)), msgs)
     status, headers, doc = immediate(out[0])
     assert status == 503 and headers["x-llm-d-request-dropped-reason"] == "rejected-no-endpoints"
     assert doc["error"]["type"] == "service_unavailable"
@@ -190,7 +191,7 @@ async def test_sse_chunks_pass_through_in_order_and_usage_is_counted():
     assert [b.body for b in bodies] == chunks and [b.end_of_stream for b in bodies] == [False, False, True]
     rec = director.config.plugins["rec"]
     assert rec.headers == [(200, "192.168.1.1:8000")]
-    (name, completed, usage), = rec.completed
+    (_, completed, usage), = rec.completed
     assert completed and usage.prompt_tokens == 7 and usage.completion_tokens == 10
     assert director.pool.endpoints[0].inflight_requests == 0
     stream.close()

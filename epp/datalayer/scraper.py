@@ -1,0 +1,244 @@
+"""Polls every endpoint's Prometheus page and keeps ``Endpoint.metrics`` current.
+
+One aiohttp session (keep-alive connection per endpoint) and one task per endpoint, started and
+stopped by the pool listener. A scrape that fails for any reason (connect error, timeout, non-200,
+unreadable page, missing load metric) leaves the previous values in place, sets
+``metrics.last_error`` and does not stamp ``metrics.updated_at``, so ``metrics.age()`` keeps growing
+and staleness-aware plugins can tell.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import aiohttp
+
+from epp.datalayer import promtext
+from epp.datalayer.endpoint import Endpoint
+from epp.datalayer.engines import EngineRegistry, ExtractError
+from epp.datalayer.pool import EndpointPool
+
+log = logging.getLogger(__name__)
+
+# (page text, families) -> ParseResult; swappable so the benchmark can compare parsers.
+Parser = Callable[[str, Iterable[str]], promtext.ParseResult]
+
+_ACCEPT = "text/plain;version=0.0.4;q=1,*/*;q=0.1"  # never OpenMetrics: we parse the classic format
+
+
+@dataclass(slots=True)
+class ScrapeStats:
+    """Plain per-endpoint counters (EPP's own Prometheus metrics are wired from these)."""
+
+    scrapes: int = 0  # attempts, including failures
+    errors: int = 0
+    consecutive_errors: int = 0
+    last_duration: float = 0.0  # seconds, request + parse + extract
+    last_error: str | None = None
+    last_missing: tuple[str, ...] = ()  # optional families (LoRA, cache info) absent last time
+
+
+class MetricsScraper:
+    def __init__(
+        self,
+        pool: EndpointPool,
+        interval: float = 0.05,
+        timeout: float = 1.0,
+        engines: EngineRegistry | None = None,
+        path: str = "/metrics",
+        scheme: str = "http",
+        *,
+        parser: Parser | None = None,
+    ) -> None:
+        if interval <= 0 or timeout <= 0:
+            raise ValueError("interval and timeout must be positive")
+        if scheme not in ("http", "https"):
+            raise ValueError(f"scheme must be http or https, not {scheme!r}")
+        self.pool = pool
+        self.interval = interval
+        self.timeout = timeout
+        self.engines = engines or EngineRegistry()
+        self.path = path if path.startswith("/") else "/" + path
+        self.scheme = scheme
+        self._parse: Parser = parser or promtext.parse
+        self._session: aiohttp.ClientSession | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._tasks: dict[Endpoint, asyncio.Task[None]] = {}
+        self._stats: dict[Endpoint, ScrapeStats] = {}
+        self._dying: set[asyncio.Task[None]] = set()  # cancelled on removal, not yet finished
+        self._listening = False
+        self._running = False
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._running:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        # limit=0: one connection per endpoint, whatever the pool size; each task has at most one
+        # request in flight, so connections never exceed endpoints. insecureSkipVerify=true as GIE.
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=10.0,
+                                         ssl=False if self.scheme == "https" else None)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=self.timeout),
+            headers={"Accept": _ACCEPT},
+            auto_decompress=False,  # we do not ask for gzip; skip the decoder machinery
+            skip_auto_headers=("User-Agent",),
+        )
+        self._running = True
+        if not self._listening:  # the pool has no remove_listener: register once, gate on _running
+            self.pool.add_listener(self._on_pool_change)
+            self._listening = True
+        for ep in self.pool.endpoints:
+            self._spawn(ep)
+
+    async def stop(self) -> None:
+        self._running = False
+        tasks = [*self._tasks.values(), *self._dying]
+        self._tasks.clear()
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # -- introspection --------------------------------------------------------------------------
+
+    def stats(self, endpoint: Endpoint) -> ScrapeStats | None:
+        return self._stats.get(endpoint)
+
+    @property
+    def all_stats(self) -> dict[Endpoint, ScrapeStats]:
+        return dict(self._stats)
+
+    @property
+    def polling(self) -> frozenset[Endpoint]:
+        """Endpoints with a live polling task."""
+        return frozenset(ep for ep, t in self._tasks.items() if not t.done())
+
+    def url_for(self, endpoint: Endpoint) -> str:
+        base = endpoint.metrics_url_base
+        if self.scheme != "http" and base.startswith("http://"):
+            base = f"{self.scheme}://{base[len('http://'):]}"
+        return base + self.path
+
+    # -- pool membership ------------------------------------------------------------------------
+
+    def _on_pool_change(self, added: list[Endpoint], removed: list[Endpoint]) -> None:
+        if not self._running or self._loop is None:
+            return
+        if threading.get_ident() == self._loop_thread:
+            self._apply_change(added, removed)
+        else:  # discovery running on another thread
+            self._loop.call_soon_threadsafe(self._apply_change, added, removed)
+
+    def _apply_change(self, added: list[Endpoint], removed: list[Endpoint]) -> None:
+        if not self._running:
+            return
+        for ep in removed:
+            task = self._tasks.pop(ep, None)
+            if task is not None:
+                task.cancel()
+                self._dying.add(task)
+                task.add_done_callback(self._dying.discard)
+            self._stats.pop(ep, None)
+        for ep in added:
+            self._spawn(ep)
+
+    def _spawn(self, ep: Endpoint) -> None:
+        if ep in self._tasks:
+            return
+        self._stats.setdefault(ep, ScrapeStats())
+        self._tasks[ep] = asyncio.get_running_loop().create_task(self._poll(ep), name=f"scrape {ep.name}")
+
+    # -- polling --------------------------------------------------------------------------------
+
+    async def _poll(self, ep: Endpoint) -> None:
+        loop = asyncio.get_running_loop()
+        interval = self.interval
+        # Random phase so that N endpoints spread over the interval instead of firing together.
+        await asyncio.sleep(random.uniform(0, interval))
+        next_tick = loop.time()
+        while True:
+            await self.scrape_once(ep)
+            next_tick += interval
+            now = loop.time()
+            if next_tick < now:
+                # Overran (slow or hung server): skip the missed ticks but keep our phase, so endpoints
+                # that all stalled together do not come back in lockstep.
+                next_tick += math.ceil((now - next_tick) / interval) * interval
+            await asyncio.sleep(next_tick - now)
+
+    async def scrape_once(self, ep: Endpoint) -> bool:
+        """One scrape of ``ep``; returns True on success. Never raises (except cancellation)."""
+        stats = self._stats.setdefault(ep, ScrapeStats())
+        session = self._session
+        if session is None:
+            raise RuntimeError("MetricsScraper not started")
+        t0 = time.perf_counter()
+        stats.scrapes += 1
+        error: str | None
+        try:
+            error = await self._scrape(session, ep, stats)
+        except asyncio.CancelledError:
+            raise
+        except TimeoutError:
+            error = f"timeout after {self.timeout:g}s"
+        except aiohttp.ClientError as e:
+            error = f"{type(e).__name__}: {e}"[:160]
+        except Exception as e:  # never let one bad page kill the polling task
+            log.exception("scraping %s failed unexpectedly", ep.name)
+            error = f"{type(e).__name__}: {e}"[:160]
+        stats.last_duration = time.perf_counter() - t0
+        m = ep.metrics
+        if error is None:
+            if stats.consecutive_errors:
+                log.info("metrics of %s readable again after %d failed scrapes",
+                         ep.name, stats.consecutive_errors)
+            stats.consecutive_errors = 0
+            stats.last_error = None
+            m.last_error = None
+            m.updated_at = time.monotonic()
+            return True
+        stats.errors += 1
+        stats.consecutive_errors += 1
+        if error != stats.last_error:  # log transitions, not every 50 ms
+            log.warning("scraping %s (%s): %s", ep.name, self.url_for(ep), error)
+        stats.last_error = error
+        m.last_error = error
+        return False
+
+    async def _scrape(self, session: aiohttp.ClientSession, ep: Endpoint, stats: ScrapeStats) -> str | None:
+        engine = self.engines.for_endpoint(ep)
+        # asyncio.timeout bounds the whole exchange, including a server that trickles the body.
+        async with asyncio.timeout(self.timeout), session.get(self.url_for(ep)) as resp:
+            if resp.status != 200:
+                return f"HTTP {resp.status}"
+            body = await resp.read()
+        text = body.decode("utf-8", "replace")
+        parsed = self._parse(text, engine.families)
+        try:
+            values = engine.extract(parsed.families)
+        except ExtractError as e:
+            if parsed.error:
+                return f"{e} ({parsed.error})"[:200]
+            return str(e)
+        values.apply(ep.metrics)
+        missing = tuple(values.missing)
+        if missing != stats.last_missing and missing:
+            log.info("%s (engine %s): optional metric(s) not exposed: %s",
+                     ep.name, engine.name, ", ".join(missing))
+        stats.last_missing = missing
+        return None
