@@ -45,7 +45,8 @@ class SchedulerProfile:
                 if breakdown is not None:
                     breakdown.setdefault(scorer.name, {})[endpoints[i].name] = s
         assert self.picker is not None
-        picked = self.picker.pick(cycle, request, [ScoredEndpoint(e, t) for e, t in zip(endpoints, totals, strict=True)])
+        scored = [ScoredEndpoint(e, t) for e, t in zip(endpoints, totals, strict=True)]
+        picked = self.picker.pick(cycle, request, scored)
         if not picked:
             return None
         if breakdown is not None:

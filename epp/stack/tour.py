@@ -110,7 +110,8 @@ def _http_calls(http: httpx.Client) -> dict[str, Callable[[], tuple[int, httpx.H
 
     return {
         "vllm generate": call("POST", "/inference/v1/generate",
-                              lambda r: f"{len(r.json()['choices'][0]['token_ids'])} tokens", json={"model": MODEL, "token_ids": list(range(100, 164)),
+                              lambda r: f"{len(r.json()['choices'][0]['token_ids'])} tokens",
+                              json={"model": MODEL, "token_ids": list(range(100, 164)),
                                     "sampling_params": {"max_tokens": 8}}),
         "vllm tokenize": call("POST", "/tokenize", lambda r: f"{r.json().get('count')} tokens",
                               json={"model": MODEL, "prompt": "tokenize me please"}),
