@@ -7,6 +7,7 @@ it streams past and, exactly once, its end.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ from epp.api.errors import EppError
 from epp.api.types import InferenceRequest
 from epp.datalayer.endpoint import Endpoint
 from epp.datalayer.pool import EndpointPool
+from epp.observability.metrics import EppMetrics
 from epp.scheduling.config import PickerConfig
 from epp.scheduling.plugins import RequestObserver, ResponseInfo, SchedulingResult
 
@@ -67,8 +69,9 @@ def estimate_tokens(request: InferenceRequest) -> int:
 
 class Director:
     def __init__(self, pool: EndpointPool, config: PickerConfig, disable_subset_filter: bool = False,
-                 explain: bool = False) -> None:
+                 explain: bool = False, metrics: EppMetrics | None = None) -> None:
         self.pool = pool
+        self.metrics = metrics
         self.disable_subset_filter = disable_subset_filter
         self.explain = explain
         self.set_config(config)
@@ -95,9 +98,12 @@ class Director:
 
     async def route(self, request: InferenceRequest, subset: Sequence[str] | None) -> Decision:
         candidates = self.candidates(subset)
+        t0 = time.perf_counter()
         result = self.config.scheduler.schedule(request, candidates, explain=self.explain)
         decision = Decision(result.endpoints, result, estimate_tokens(request))
         primary = decision.primary
+        if self.metrics:
+            self.metrics.routed(request, primary, time.perf_counter() - t0)
         primary.inflight_requests += 1
         primary.inflight_tokens += decision.tokens
         for obs in self.observers:
@@ -106,6 +112,11 @@ class Director:
             except Exception:
                 log.exception("plugin %s failed in pre_request", obs.name)
         return decision
+
+    def rejected(self, request: InferenceRequest | None, err: EppError) -> None:
+        """EPP answered the request itself (bad input, no endpoint, ...)."""
+        if self.metrics:
+            self.metrics.rejected(request, err)
 
     def response_headers(self, request: InferenceRequest, decision: Decision, response: ResponseInfo) -> None:
         for obs in self.observers:
@@ -126,6 +137,10 @@ class Director:
         primary = decision.primary
         primary.inflight_requests = max(0, primary.inflight_requests - 1)
         primary.inflight_tokens = max(0, primary.inflight_tokens - decision.tokens)
+        if self.metrics:
+            u = response.usage
+            self.metrics.completed(request, response.status, time.monotonic() - request.received_at, response.bytes,
+                                   u and u.prompt_tokens, u and u.completion_tokens, u and u.cached_tokens)
         for obs in self.observers:
             try:
                 obs.on_response_complete(request, primary, response)

@@ -25,6 +25,7 @@ from epp.extproc.servicer import ExtProcServicer
 from epp.extproc.stream import StreamOptions
 from epp.health import HealthServicer
 from epp.logs import setup_logging
+from epp.observability.metrics import EppMetrics
 from epp.scheduling.config import load_config
 
 log = logging.getLogger("epp")
@@ -41,7 +42,8 @@ class EppServer:
     async def start(self) -> None:
         cfg = self.cfg
         picker_config = load_config(self._config_text(), self.pool)
-        self.director = Director(self.pool, picker_config, cfg.disable_endpoint_subset_filter)
+        self.metrics = EppMetrics(self.pool)
+        self.director = Director(self.pool, picker_config, cfg.disable_endpoint_subset_filter, metrics=self.metrics)
         self._discovery: StaticFileDiscovery | None = None
         if cfg.static_endpoints:
             self.pool.sync(parse_endpoint_list(cfg.static_endpoints))
@@ -88,7 +90,8 @@ class EppServer:
 
     def _metrics_app(self) -> web.Application:
         async def metrics(_: web.Request) -> web.Response:
-            return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
+            body = generate_latest(self.metrics.registry) + generate_latest(REGISTRY)  # ours + process/python
+            return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
         app = web.Application()
         app.router.add_get("/metrics", metrics)

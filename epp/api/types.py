@@ -81,6 +81,7 @@ class InferenceRequest:
     objective: str | None = None
     fairness_id: str = "default-flow"
     priority: int = 0
+    received_at: float = 0.0  # time.monotonic() when the request headers arrived
     attributes: dict[str, Any] = field(default_factory=dict)  # plugin scratch space for this request
 
     @property

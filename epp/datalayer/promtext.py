@@ -178,7 +178,8 @@ def _parse_labels(block: str) -> dict[str, str]:
             except ValueError:
                 pass
             else:
-                if block.count('"') == 2 * len(labels) and "".join(labels).isidentifier() and body.isascii():
+                keys = "".join(labels)
+                if block.count('"') == 2 * len(labels) and keys.isidentifier() and keys.isascii():
                     return labels
     return _parse_labels_slow(block)
 

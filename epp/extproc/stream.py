@@ -208,7 +208,7 @@ class ExtProcStream:
             request_id=request_id, path=self.path, method=headers.get(":method", "POST"), headers=headers,
             body=parsed, raw_body=raw, target_model=target,
             objective=p.first_header(headers, p.OBJECTIVE_HEADERS),
-            fairness_id=p.first_header(headers, p.FAIRNESS_HEADERS) or "default-flow")
+            fairness_id=p.first_header(headers, p.FAIRNESS_HEADERS) or "default-flow", received_at=self.started)
         self.phase = Phase.ROUTING
 
     # -- routing ------------------------------------------------------------------------------
@@ -247,6 +247,7 @@ class ExtProcStream:
             return []
         self.error = err
         self.phase = Phase.DONE
+        self.director.rejected(self.request, err)
         style = self.request.body.error_style if self.request else _style_for_path(self.path)
         log.debug("request %s rejected: %r", self.request.request_id if self.request else "-", err)
         return [p.immediate_response(err.status, error_headers(err), error_body(err, style), err.reason)]

@@ -1,0 +1,156 @@
+"""EPP's Prometheus metrics, with GIE's names, types and labels, plus our own (``epp_*``).
+
+Label cardinality is bounded: request ids never become labels, and model names (chosen by clients)
+are capped at ``MAX_MODEL_LABELS`` distinct values, the rest counted as ``other``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from epp.api.errors import EppError
+from epp.api.types import InferenceRequest
+from epp.datalayer.endpoint import Endpoint
+from epp.datalayer.pool import EndpointPool
+
+MAX_MODEL_LABELS = 100
+_M = ("model_name", "target_model_name")
+_TOKENS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32778, 65536, 131072, 262144)
+_SIZES = (64, 256, 1024, 4096, 16384, 65536, 262144, 1 << 20, 4 << 20, 16 << 20, 64 << 20)
+_DURATION = (0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.25, 1.5, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30, 45, 60,
+             120, 180, 240, 300, 360, 480, 600, 900, 1200, 1800, 2700, 3600)
+_SCHED = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
+_TPOT = (0.001, 0.002, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.125, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1, 1.5, 2)
+# GIE's error codes for its error counter, by HTTP status.
+_ERROR_CODES = {400: "BadRequest", 413: "BadRequest", 429: "ResourceExhausted", 500: "Internal",
+                503: "ServiceUnavailable"}
+
+
+class _PoolCollector(Collector):
+    """Pool gauges computed at scrape time from the live endpoints (no timer to keep them fresh)."""
+
+    def __init__(self, pool: EndpointPool) -> None:
+        self.pool = pool
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        eps = self.pool.endpoints
+        name = self.pool.name
+        n = len(eps) or 1
+
+        def gauge(metric: str, doc: str, value: float) -> GaugeMetricFamily:
+            g = GaugeMetricFamily(metric, doc, labels=["name"])
+            g.add_metric([name], value)
+            return g
+
+        yield gauge("inference_pool_average_kv_cache_utilization", "Average KV-cache utilization of the pool.",
+                    sum(e.metrics.kv_cache_usage for e in eps) / n)
+        yield gauge("inference_pool_average_queue_size", "Average waiting requests per endpoint.",
+                    sum(e.metrics.waiting_requests for e in eps) / n)
+        yield gauge("inference_pool_average_running_requests", "Average running requests per endpoint.",
+                    sum(e.metrics.running_requests for e in eps) / n)
+        yield gauge("inference_pool_ready_pods", "Endpoints in the pool.", len(eps))
+        per_pod = GaugeMetricFamily("inference_pool_per_pod_queue_size", "Waiting requests per endpoint.",
+                                    labels=["name", "model_server_pod"])
+        inflight = GaugeMetricFamily("epp_endpoint_inflight_requests", "Requests EPP routed that have not ended.",
+                                     labels=["endpoint"])
+        age = GaugeMetricFamily("epp_endpoint_metrics_age_seconds",
+                                "Seconds since the endpoint's metrics were last scraped successfully (-1: never).",
+                                labels=["endpoint"])
+        now = time.monotonic()
+        for e in eps:
+            per_pod.add_metric([name, e.name], e.metrics.waiting_requests)
+            inflight.add_metric([e.name], e.inflight_requests)
+            a = e.metrics.age(now)
+            age.add_metric([e.name], -1.0 if a == float("inf") else a)
+        yield per_pod
+        yield inflight
+        yield age
+
+
+class EppMetrics:
+    def __init__(self, pool: EndpointPool, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        self.request_total = Counter("inference_objective_request_total", "Requests routed.", [*_M, "priority"],
+                                     registry=r)
+        self.request_errors = Counter("inference_objective_request_error_total", "Requests that failed.",
+                                      [*_M, "error_code"], registry=r)
+        self.request_duration = Histogram("inference_objective_request_duration_seconds",
+                                          "Request duration, from the request headers to the end of the response.",
+                                          _M, buckets=_DURATION, registry=r)
+        self.request_sizes = Histogram("inference_objective_request_sizes", "Request body sizes in bytes.", _M,
+                                       buckets=_SIZES, registry=r)
+        self.response_sizes = Histogram("inference_objective_response_sizes", "Response body sizes in bytes.", _M,
+                                        buckets=_SIZES, registry=r)
+        self.input_tokens = Histogram("inference_objective_input_tokens", "Prompt tokens reported by the server.",
+                                      _M, buckets=_TOKENS, registry=r)
+        self.output_tokens = Histogram("inference_objective_output_tokens", "Output tokens reported by the server.",
+                                       _M, buckets=_TOKENS, registry=r)
+        self.cached_tokens = Histogram("inference_objective_prompt_cached_tokens",
+                                       "Prompt tokens served from the prefix cache.", _M, buckets=_TOKENS, registry=r)
+        self.running = Gauge("inference_objective_running_requests", "Requests in flight.", ["model_name"],
+                             registry=r)
+        self.ntpot = Histogram("inference_objective_normalized_time_per_output_token_seconds",
+                               "Request duration divided by output tokens.", _M, buckets=_TPOT, registry=r)
+        self.scheduler_e2e = Histogram("inference_extension_scheduler_e2e_duration_seconds",
+                                       "Time to schedule one request.", buckets=_SCHED, registry=r)
+        self.scheduler_attempts = Counter("inference_extension_scheduler_attempts_total", "Scheduling attempts.",
+                                          ["status"], registry=r)
+        self.info = Gauge("inference_extension_info", "EPP build.", ["commit", "build_ref"], registry=r)
+        self.decisions = Counter("epp_decisions_total", "Requests routed, by picked endpoint.", ["endpoint"],
+                                 registry=r)
+        self.rejections = Counter("epp_rejections_total", "Requests EPP answered itself, by reason and status.",
+                                  ["reason", "status"], registry=r)
+        r.register(_PoolCollector(pool))
+        self.info.labels("dev", "main").set(1)
+        self._models: set[str] = set()
+
+    def _model(self, name: str) -> str:
+        if name in self._models:
+            return name
+        if len(self._models) < MAX_MODEL_LABELS:
+            self._models.add(name)
+            return name
+        return "other"
+
+    def labels(self, request: InferenceRequest | None) -> tuple[str, str]:
+        if request is None:
+            return "", ""
+        return self._model(request.model), self._model(request.target_model)
+
+    def routed(self, request: InferenceRequest, endpoint: Endpoint, schedule_seconds: float) -> None:
+        m = self.labels(request)
+        self.request_total.labels(*m, str(request.priority)).inc()
+        self.request_sizes.labels(*m).observe(len(request.raw_body))
+        self.running.labels(m[0]).inc()
+        self.scheduler_e2e.observe(schedule_seconds)
+        self.scheduler_attempts.labels("success").inc()
+        self.decisions.labels(endpoint.name).inc()
+
+    def rejected(self, request: InferenceRequest | None, err: EppError) -> None:
+        m = self.labels(request)
+        self.request_errors.labels(*m, _ERROR_CODES.get(err.status, "Unknown")).inc()
+        self.rejections.labels(err.reason, str(err.status)).inc()
+        if err.reason == "scheduling-failed":
+            self.scheduler_attempts.labels("failure").inc()
+
+    def completed(self, request: InferenceRequest, status: int, seconds: float, response_bytes: int,
+                  prompt: int | None, output: int | None, cached: int | None) -> None:
+        m = self.labels(request)
+        self.running.labels(m[0]).dec()
+        self.request_duration.labels(*m).observe(seconds)
+        self.response_sizes.labels(*m).observe(response_bytes)
+        if status >= 400 or status == 0:
+            self.request_errors.labels(*m, "ModelServerError").inc()
+        if prompt is not None:
+            self.input_tokens.labels(*m).observe(prompt)
+        if output is not None:
+            self.output_tokens.labels(*m).observe(output)
+            if output > 0:
+                self.ntpot.labels(*m).observe(seconds / output)
+        if cached is not None:
+            self.cached_tokens.labels(*m).observe(cached)
