@@ -60,6 +60,8 @@ class EppServer:
                                                                    cfg.decision_header))
         self.grpc_server = grpc.aio.server(options=options)
         pb_grpc.add_ExternalProcessorServicer_to_server(self.servicer, self.grpc_server)
+        # Envoy health-checks the ext_proc cluster on the ext_proc port itself (GIE's Envoy config does).
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         address = f"{cfg.host}:{cfg.grpc_port}"
         if cfg.secure_serving:
             key, cert = tls.load_pair(cfg.cert_path) if cfg.cert_path else tls.self_signed()

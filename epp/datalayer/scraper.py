@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import aiohttp
+from yarl import URL
 
 from epp.datalayer import promtext
 from epp.datalayer.endpoint import Endpoint
@@ -73,6 +74,7 @@ class MetricsScraper:
         self._loop_thread: int | None = None
         self._tasks: dict[Endpoint, asyncio.Task[None]] = {}
         self._stats: dict[Endpoint, ScrapeStats] = {}
+        self._urls: dict[Endpoint, tuple[str, URL]] = {}
         self._dying: set[asyncio.Task[None]] = set()  # cancelled on removal, not yet finished
         self._listening = False
         self._running = False
@@ -90,7 +92,8 @@ class MetricsScraper:
                                          ssl=False if self.scheme == "https" else None)
         self._session = aiohttp.ClientSession(
             connector=connector,
-            timeout=aiohttp.ClientTimeout(total=self.timeout),
+            # Bounded by asyncio.timeout in _scrape instead: one timer per scrape, not two.
+            timeout=aiohttp.ClientTimeout(total=None, connect=None, sock_read=None, sock_connect=None),
             headers={"Accept": _ACCEPT},
             auto_decompress=False,  # we do not ask for gzip; skip the decoder machinery
             skip_auto_headers=("User-Agent",),
@@ -134,6 +137,14 @@ class MetricsScraper:
             base = f"{self.scheme}://{base[len('http://'):]}"
         return base + self.path
 
+    def _url(self, ep: Endpoint) -> URL:
+        # Parsing the URL string costs more than the rest of building the request: cache it per endpoint.
+        text = self.url_for(ep)
+        cached = self._urls.get(ep)
+        if cached is None or cached[0] != text:
+            cached = self._urls[ep] = (text, URL(text, encoded=True))
+        return cached[1]
+
     # -- pool membership ------------------------------------------------------------------------
 
     def _on_pool_change(self, added: list[Endpoint], removed: list[Endpoint]) -> None:
@@ -154,6 +165,7 @@ class MetricsScraper:
                 self._dying.add(task)
                 task.add_done_callback(self._dying.discard)
             self._stats.pop(ep, None)
+            self._urls.pop(ep, None)
         for ep in added:
             self._spawn(ep)
 
@@ -223,7 +235,7 @@ class MetricsScraper:
     async def _scrape(self, session: aiohttp.ClientSession, ep: Endpoint, stats: ScrapeStats) -> str | None:
         engine = self.engines.for_endpoint(ep)
         # asyncio.timeout bounds the whole exchange, including a server that trickles the body.
-        async with asyncio.timeout(self.timeout), session.get(self.url_for(ep)) as resp:
+        async with asyncio.timeout(self.timeout), session.get(self._url(ep)) as resp:
             if resp.status != 200:
                 return f"HTTP {resp.status}"
             body = await resp.read()

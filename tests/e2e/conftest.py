@@ -9,7 +9,7 @@ import pytest
 from epp.stack.local import LocalStack
 from epp.stack.tour import MODEL
 
-SIM_ARGS = ["--profile", "fast", "--model", MODEL]
+SIM_ARGS = ["--profile", "fast", "--model", MODEL, "--step-fixed-ms", "5"]  # 5 ms per decode step
 
 
 @pytest.fixture(scope="package")

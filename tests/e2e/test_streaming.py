@@ -15,20 +15,22 @@ from epp.stack.tour import MODEL
 def test_sse_chunks_reach_the_client_as_they_are_produced(stack):
     """With response bodies flowing through EPP, each event must arrive when the pod sends it,
     not all at the end: the arrival times must spread over the generation time."""
-    body = {"model": MODEL, "max_tokens": 40, "stream": True, "messages": [{"role": "user", "content": "go"}]}
+    body = {"model": MODEL, "max_tokens": 100, "stream": True, "messages": [{"role": "user", "content": "go"}]}
     arrivals = []
     with httpx.Client(base_url=stack.url, timeout=60) as c, \
-            c.stream("POST", "/v1/chat/completions", json=body, headers={"x-sim-decode-ms": "25"}) as r:
+            c.stream("POST", "/v1/chat/completions", json=body) as r:
         assert r.status_code == 200
         t0 = time.perf_counter()
         for line in r.iter_lines():
             if line.startswith("data:"):
                 arrivals.append(time.perf_counter() - t0)
-    assert len(arrivals) >= 40
-    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    assert len(arrivals) >= 100
+    gaps = sorted(b - a for a, b in itertools.pairwise(arrivals))
     spread = arrivals[-1] - arrivals[0]
-    assert spread > 0.5, f"all events arrived within {spread:.3f}s: buffered, not streamed"
-    assert sorted(gaps)[len(gaps) // 2] > 0.01, f"median gap {sorted(gaps)[len(gaps) // 2]:.4f}s"
+    # The pod makes one token per 5 ms step: 100 tokens take about 0.5 s. Buffering anywhere on the
+    # path would deliver them in a burst at the end.
+    assert spread > 0.3, f"all events arrived within {spread:.3f}s: buffered, not streamed"
+    assert gaps[len(gaps) // 2] > 0.002, f"median gap between events {gaps[len(gaps) // 2] * 1000:.2f} ms"
 
 
 async def _one_stream(client: httpx.AsyncClient, i: int) -> tuple[int, str, str, int]:
