@@ -15,6 +15,7 @@ from epp.api.errors import EppError
 from epp.api.types import InferenceRequest
 from epp.datalayer.endpoint import Endpoint
 from epp.datalayer.pool import EndpointPool
+from epp.objectives import Objectives
 from epp.observability.metrics import EppMetrics
 from epp.scheduling.config import PickerConfig
 from epp.scheduling.plugins import RequestObserver, ResponseInfo, SchedulingResult
@@ -69,9 +70,11 @@ def estimate_tokens(request: InferenceRequest) -> int:
 
 class Director:
     def __init__(self, pool: EndpointPool, config: PickerConfig, disable_subset_filter: bool = False,
-                 explain: bool = False, metrics: EppMetrics | None = None) -> None:
+                 explain: bool = False, metrics: EppMetrics | None = None,
+                 objectives: Objectives | None = None) -> None:
         self.pool = pool
         self.metrics = metrics
+        self.objectives = objectives or Objectives()
         self.disable_subset_filter = disable_subset_filter
         self.explain = explain
         self.set_config(config)
@@ -81,6 +84,26 @@ class Director:
         self.config = config
         self.observers: list[RequestObserver] = config.plugins_of(RequestObserver)
         self.body_observers = [o for o in self.observers if o.needs_response_body]
+        self._warned_no_bodies = False
+        if self.body_observers:
+            log.info("plugins %s read response bodies: configure Envoy with response_body_mode "
+                     "FULL_DUPLEX_STREAMED", [o.name for o in self.body_observers])
+
+    def note_response_body_mode(self, sends_bodies: bool) -> None:
+        """Envoy told a stream whether it will send response bodies (its protocol_config)."""
+        if not sends_bodies and self.body_observers and not self._warned_no_bodies:
+            self._warned_no_bodies = True
+            log.warning("Envoy sends no response bodies (response_body_mode NONE) but plugins %s need them; "
+                        "they will only see response headers and the end of each request",
+                        [o.name for o in self.body_observers])
+
+    def target_model(self, model: str, header_target: str | None) -> str:
+        """The model to send upstream: a rewrite rule for the incoming model wins, then the rewrite header."""
+        if model:
+            found = self.objectives.rewrite(model)
+            if found:
+                return found[0]
+        return header_target or model
 
     def candidates(self, subset: Sequence[str] | None) -> list[Endpoint]:
         endpoints = self.pool.endpoints

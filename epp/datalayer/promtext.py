@@ -33,9 +33,9 @@ __all__ = [
     "parse",
 ]
 
-# Sample-name suffixes that belong to a family when ``suffixes=True`` (histogram, summary, counter,
-# OpenMetrics info/created/gauge-histogram).
-SUFFIXES: tuple[str, ...] = ("_bucket", "_sum", "_count", "_total", "_created", "_info", "_gsum", "_gcount")
+# Sample-name suffixes that belong to a family when ``suffixes=True``: histogram/summary series and the
+# counter's ``_total``, as prometheus_client groups the text format (where ``_created`` is its own gauge).
+SUFFIXES: tuple[str, ...] = ("_bucket", "_sum", "_count", "_total")
 
 _NAME_RE = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*\Z")
 _LABEL_RE = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
@@ -75,9 +75,9 @@ def parse(text: str | bytes, families: Iterable[str], *, suffixes: bool = False,
           grouped: bool = True) -> ParseResult:
     """Read the samples of ``families`` (exact metric names) from a text-format page.
 
-    With ``suffixes=True`` a sample named ``<family>_bucket`` / ``_sum`` / ``_count`` / ``_total`` /
-    ``_created`` / ... is reported under ``<family>`` (how a general parser groups histograms and
-    counters); otherwise only samples named exactly ``<family>`` are.
+    With ``suffixes=True`` a sample named ``<family>_bucket`` / ``_sum`` / ``_count`` / ``_total`` is
+    reported under ``<family>`` (how prometheus_client groups histograms, summaries and counters);
+    otherwise only samples named exactly ``<family>`` are.
 
     ``grouped=True`` relies on the format's rule that all lines of a metric form one group: after the
     group ends the rest of the page is not searched for that family (most of a vLLM page is histogram

@@ -87,6 +87,7 @@ class ExtProcStream:
     def receive(self, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
         if msg.HasField("protocol_config"):
             self._response_bodies = msg.protocol_config.response_body_mode != _NONE
+            self.director.note_response_body_mode(self._response_bodies)
         if msg.HasField("metadata_context"):
             self._read_metadata(msg.metadata_context)
         kind = msg.WhichOneof("request")
@@ -200,14 +201,15 @@ class ExtProcStream:
         request_id = headers.get(p.REQUEST_ID_HEADER)
         if not request_id:
             request_id = self._generated_id = str(uuid.uuid4())
-        target = p.first_header(headers, p.REWRITE_HEADERS) or parsed.model
+        target = self.director.target_model(parsed.model, p.first_header(headers, p.REWRITE_HEADERS))
         if target != parsed.model and parsed.payload is not None and parsed.model:
             raw = rewrite_request_model(parsed.payload, target)
             self._restorer = ModelNameRestorer(target, parsed.model)
+        objective = p.first_header(headers, p.OBJECTIVE_HEADERS)
         self.request = InferenceRequest(
             request_id=request_id, path=self.path, method=headers.get(":method", "POST"), headers=headers,
             body=parsed, raw_body=raw, target_model=target,
-            objective=p.first_header(headers, p.OBJECTIVE_HEADERS),
+            objective=objective, priority=self.director.objectives.priority(objective),
             fairness_id=p.first_header(headers, p.FAIRNESS_HEADERS) or "default-flow", received_at=self.started)
         self.phase = Phase.ROUTING
 
