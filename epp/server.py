@@ -18,13 +18,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from epp import tls
 from epp.config import Config
+from epp.datalayer.discovery import make_discovery
 from epp.datalayer.pool import EndpointPool
-from epp.datalayer.static import StaticFileDiscovery, parse_endpoint_list
 from epp.director import Director
 from epp.extproc.servicer import ExtProcServicer
 from epp.extproc.stream import StreamOptions
 from epp.health import HealthServicer
 from epp.logs import setup_logging
+from epp.objectives import Objectives
 from epp.observability.metrics import EppMetrics
 from epp.scheduling.config import load_config
 
@@ -43,15 +44,12 @@ class EppServer:
         cfg = self.cfg
         picker_config = load_config(self._config_text(), self.pool)
         self.metrics = EppMetrics(self.pool)
-        self.director = Director(self.pool, picker_config, cfg.disable_endpoint_subset_filter, metrics=self.metrics)
-        self._discovery: StaticFileDiscovery | None = None
-        if cfg.static_endpoints:
-            self.pool.sync(parse_endpoint_list(cfg.static_endpoints))
-        elif cfg.static_endpoints_file:
-            self._discovery = StaticFileDiscovery(self.pool, cfg.static_endpoints_file)
-            await self._discovery.start()
-        else:
-            raise NotImplementedError("Kubernetes discovery (--pool-name / --endpoint-selector) is not built yet")
+        self.objectives = Objectives()
+        self.director = Director(self.pool, picker_config, cfg.disable_endpoint_subset_filter, metrics=self.metrics,
+                                 objectives=self.objectives)
+        self.discovery = make_discovery(cfg, self.pool, self.objectives)
+        await self.discovery.start()
+        self.health.ready = lambda: self.pool.synced and self.discovery.is_leader()
 
         options = [("grpc.max_receive_message_length", cfg.grpc_max_recv_msg_size),
                    ("grpc.max_send_message_length", cfg.grpc_max_recv_msg_size),
@@ -80,7 +78,6 @@ class EppServer:
         site = web.TCPSite(self._http, cfg.host, cfg.metrics_port)
         await site.start()
         self.metrics_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.health.ready = self.pool.synced
         log.info("epp serving: ext_proc %s:%d (%s), health %d, metrics %d, %d endpoints",
                  cfg.host, self.grpc_port, "tls" if cfg.secure_serving else "plaintext", self.health_port,
                  self.metrics_port, len(self.pool.endpoints))
@@ -104,8 +101,7 @@ class EppServer:
         await self.grpc_server.stop(grace)
         await self.health_server.stop(0)
         await self._http.cleanup()
-        if self._discovery:
-            await self._discovery.stop()
+        await self.discovery.stop()
 
 
 async def run(cfg: Config) -> int:

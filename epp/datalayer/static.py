@@ -130,6 +130,9 @@ class StaticFileDiscovery:
             await asyncio.sleep(self.poll_interval)
             self.load()
 
+    def is_leader(self) -> bool:
+        return True
+
     async def stop(self) -> None:
         if self._task:
             self._task.cancel()
