@@ -1,0 +1,159 @@
+"""Tokenizers: a cheap deterministic pseudo-tokenizer (default) or a real HF `tokenizer.json`.
+
+The pseudo-tokenizer cuts text into pieces of at most 4 non-space characters, a leading space sticking to
+the piece after it (roughly 3-4 characters per token, like BPE on English), and treats the chat-template
+markers `<|name|>` as single special tokens. Ids come from xxhash of the piece, so they are stable across
+processes and runs. Cutting is greedy left to right and markers never merge with neighbours, so the
+tokens of a rendered conversation are a prefix of the tokens of the same conversation grown by a turn.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from typing import Protocol
+
+import xxhash
+
+_PIECE = re.compile(r"<\|[a-z_]{1,24}\|>|\s?[^\s<]{1,4}|\s|<")
+_SPECIAL = re.compile(r"<\|[a-z_]{1,24}\|>")
+SPECIAL_TOKENS = ("<|begin|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>", "<|tools|>",
+                  "<|image|>", "<|audio|>", "<|eos|>")
+_FIRST_REGULAR_ID = 1000
+_CACHE_LIMIT = 500_000
+_SEGMENT_CACHE_MIN_CHARS = 256
+_SEGMENT_CACHE_CHARS = 32 * 1024 * 1024
+
+# Short words with a leading space: each one is exactly one pseudo-token, so a generated answer
+# re-tokenises to the same ids when a client sends it back in the next turn.
+_WORDS = (
+    "the", "of", "and", "to", "in", "is", "it", "you", "that", "he", "was", "for", "on", "are", "as",
+    "with", "his", "they", "at", "be", "this", "have", "from", "or", "one", "had", "by", "but", "not",
+    "what", "all", "were", "we", "when", "your", "can", "said", "there", "use", "an", "each", "she", "do",
+    "how", "if", "will", "up", "out", "many", "then", "them", "so", "some", "her", "make", "like", "him",
+    "into", "time", "has", "look", "two", "more", "go", "see", "way", "who", "may", "down", "been", "call",
+    "day", "did", "get", "come", "made", "part", "over", "new", "take", "only", "know", "year", "live",
+    "me", "back", "give", "most", "very", "good", "man", "our", "just", "name", "such", "much", "mean",
+    "old", "any", "same", "tell", "boy", "say", "set", "put", "end", "does", "try", "kind", "hand", "away",
+    "turn", "move", "play", "well", "also", "act", "why", "ask", "men", "went", "read", "need", "land",
+    "here", "home", "us", "big", "high", "near", "add", "food", "grow", "keep", "tree", "last", "city",
+    "eyes", "let", "own", "page", "may", "left", "few", "open", "seem", "next", "hard", "face", "lake",
+    "rain", "star", "ship", "sea", "sun",
+)
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def encode_segments(self, segments: list[str]) -> list[int]:
+        """Tokens of "".join(segments)."""
+        ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+    def output_vocab(self) -> tuple[list[int], list[str]]:
+        """Token ids the simulated model may generate, with the text of each."""
+        ...
+
+
+class PseudoTokenizer:
+    def __init__(self, vocab_size: int = 128256) -> None:
+        if vocab_size < _FIRST_REGULAR_ID * 2:
+            raise ValueError(f"vocab_size must be at least {_FIRST_REGULAR_ID * 2}")
+        self.vocab_size = vocab_size
+        self._span = vocab_size - _FIRST_REGULAR_ID
+        self._ids: dict[str, int] = {tok: i + 1 for i, tok in enumerate(SPECIAL_TOKENS)}
+        self._pieces: dict[int, str] = {i: tok for tok, i in self._ids.items()}
+        self._specials = dict(self._ids)
+        self._segments: OrderedDict[str, list[int]] = OrderedDict()
+        self._segment_chars = 0
+
+    def _id(self, piece: str) -> int:
+        tid = self._ids.get(piece)
+        if tid is None:
+            if len(self._ids) > _CACHE_LIMIT:  # bound memory on adversarial input; ids stay the same
+                self._ids = dict(self._specials)
+            tid = _FIRST_REGULAR_ID + xxhash.xxh32_intdigest(piece.encode()) % self._span
+            self._ids[piece] = tid
+            if len(self._pieces) < _CACHE_LIMIT:
+                self._pieces.setdefault(tid, piece)
+        return tid
+
+    def encode(self, text: str) -> list[int]:
+        ids = self._ids
+        get = ids.get
+        out = []
+        for piece in _PIECE.findall(text):
+            tid = get(piece)
+            out.append(tid if tid is not None else self._id(piece))
+        return out
+
+    def encode_segments(self, segments: list[str]) -> list[int]:
+        # Pieces never straddle a chat-template marker, so per-segment tokens concatenate exactly.
+        # Long segments (system prompts, earlier turns of a conversation) are cached.
+        out: list[int] = []
+        cache = self._segments
+        for seg in segments:
+            if len(seg) < _SEGMENT_CACHE_MIN_CHARS:
+                out += self.encode(seg)
+                continue
+            ids = cache.get(seg)
+            if ids is None:
+                ids = self.encode(seg)
+                cache[seg] = ids
+                self._segment_chars += len(seg)
+                while self._segment_chars > _SEGMENT_CACHE_CHARS and cache:
+                    self._segment_chars -= len(cache.popitem(last=False)[0])
+            else:
+                cache.move_to_end(seg)
+            out += ids
+        return out
+
+    def decode(self, ids: list[int]) -> str:
+        pieces = self._pieces
+        return "".join(pieces.get(i) or f"<|{i}|>" for i in ids)
+
+    def output_vocab(self) -> tuple[list[int], list[str]]:
+        words = [" " + w for w in dict.fromkeys(_WORDS)]
+        return [self._id(w) for w in words], words
+
+
+class HFTokenizer:
+    """A real tokenizer loaded from a local `tokenizer.json` (no hub access)."""
+
+    def __init__(self, path: str) -> None:
+        from tokenizers import Tokenizer as _HF
+
+        self._tok = _HF.from_file(path)
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_segments(self, segments: list[str]) -> list[int]:
+        return self.encode("".join(segments))
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=False)
+
+    def output_vocab(self) -> tuple[list[int], list[str]]:
+        ids: list[int] = []
+        texts: list[str] = []
+        for word in dict.fromkeys(_WORDS):
+            enc = self._tok.encode(" " + word, add_special_tokens=False).ids
+            if len(enc) == 1:
+                ids.append(enc[0])
+                texts.append(self._tok.decode(enc))
+        if not ids:
+            raise ValueError("tokenizer has no single-token English words to generate from")
+        return ids, texts
+
+
+def load_tokenizer(path: str | None, vocab_size: int) -> Tokenizer:
+    return HFTokenizer(path) if path else PseudoTokenizer(vocab_size)
+
+
+def is_special(piece: str) -> bool:
+    return _SPECIAL.fullmatch(piece) is not None
