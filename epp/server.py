@@ -20,6 +20,7 @@ from epp import tls
 from epp.config import Config
 from epp.datalayer.discovery import make_discovery
 from epp.datalayer.pool import EndpointPool
+from epp.datalayer.scraper import MetricsScraper
 from epp.director import Director
 from epp.extproc.servicer import ExtProcServicer
 from epp.extproc.stream import StreamOptions
@@ -27,7 +28,8 @@ from epp.health import HealthServicer
 from epp.logs import setup_logging
 from epp.objectives import Objectives
 from epp.observability.metrics import EppMetrics
-from epp.scheduling.config import load_config
+from epp.scheduling.config import PickerConfig, load_config
+from plugins.datalayer import CoreMetricsExtractor, MetricsDataSource
 
 log = logging.getLogger("epp")
 
@@ -50,6 +52,9 @@ class EppServer:
         self.discovery = make_discovery(cfg, self.pool, self.objectives)
         await self.discovery.start()
         self.health.ready = lambda: self.pool.synced and self.discovery.is_leader()
+        self.scraper = self._make_scraper(picker_config)
+        if self.scraper:
+            await self.scraper.start()
 
         options = [("grpc.max_receive_message_length", cfg.grpc_max_recv_msg_size),
                    ("grpc.max_send_message_length", cfg.grpc_max_recv_msg_size),
@@ -82,6 +87,18 @@ class EppServer:
                  cfg.host, self.grpc_port, "tls" if cfg.secure_serving else "plaintext", self.health_port,
                  self.metrics_port, len(self.pool.endpoints))
 
+    def _make_scraper(self, picker_config: PickerConfig) -> MetricsScraper | None:
+        """GIE's data layer: ``metrics-data-source`` + ``core-metrics-extractor`` parameters when configured;
+        an explicit ``dataLayer: {sources: []}`` turns scraping off."""
+        data_layer = picker_config.raw.get("dataLayer")
+        if isinstance(data_layer, dict) and data_layer.get("sources") == []:
+            log.info("metrics scraping disabled by dataLayer.sources: []")
+            return None
+        source = next(iter(picker_config.plugins_of(MetricsDataSource)), None) or MetricsDataSource()
+        extractor = next(iter(picker_config.plugins_of(CoreMetricsExtractor)), None) or CoreMetricsExtractor()
+        return MetricsScraper(self.pool, self.cfg.refresh_metrics_interval, engines=extractor.engines,
+                              path=source.path, scheme=source.scheme)
+
     def _config_text(self) -> str | None:
         if self.cfg.config_file:
             return Path(self.cfg.config_file).read_text()
@@ -101,6 +118,8 @@ class EppServer:
         await self.grpc_server.stop(grace)
         await self.health_server.stop(0)
         await self._http.cleanup()
+        if self.scraper:
+            await self.scraper.stop()
         await self.discovery.stop()
 
 

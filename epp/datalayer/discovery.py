@@ -42,4 +42,6 @@ def make_discovery(cfg: Config, pool: EndpointPool, objectives: Objectives) -> D
         return StaticListDiscovery(pool, cfg.static_endpoints)
     if cfg.static_endpoints_file:
         return StaticFileDiscovery(pool, cfg.static_endpoints_file)
-    raise NotImplementedError("Kubernetes discovery (--pool-name / --endpoint-selector) is not built yet")
+    from epp.datalayer.k8s import KubernetesDiscovery  # imported lazily: kubernetes-asyncio is heavy
+
+    return KubernetesDiscovery(cfg, pool, objectives)

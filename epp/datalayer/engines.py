@@ -7,8 +7,9 @@ entries replace a built-in of the same name entirely (an omitted or ``""`` spec 
 
 Failure policy of ``EngineSpec.extract``: the three load metrics (queued, running, KV usage) are all or
 nothing -- if any enabled one is missing or not finite the scrape fails and nothing is applied. LoRA and
-cache info are optional: vLLM only exposes ``vllm:lora_requests_info`` when LoRA is enabled, so their
-absence is reported in ``Extracted.missing`` and leaves those fields as they were.
+cache info are optional and their absence is reported in ``Extracted.missing``: vLLM only exposes
+``vllm:lora_requests_info`` when LoRA is enabled, so an absent LoRA family means "no adapters"; absent
+cache info leaves block size / block count as they were.
 """
 
 from __future__ import annotations
@@ -160,7 +161,10 @@ class EngineSpec:
         assert self.lora is not None
         samples = families.get(self.lora.family)
         if not samples:
+            # vLLM without --enable-lora has no such family: no adapters (and none left over from before).
             out.missing.append(self.lora.family)
+            out.active_models = out.waiting_models = frozenset()
+            out.max_active_models = 0
             return
         # vLLM sets a new series to the current unix time whenever the adapter set changes and
         # never removes old ones: the largest value is the current state (including "none running").

@@ -208,6 +208,8 @@ class MetricsScraper:
             raise
         except TimeoutError:
             error = f"timeout after {self.timeout:g}s"
+        except aiohttp.ClientConnectorError as e:
+            error = f"connect: {e.os_error.strerror or e.os_error}"[:160]
         except aiohttp.ClientError as e:
             error = f"{type(e).__name__}: {e}"[:160]
         except Exception as e:  # never let one bad page kill the polling task
