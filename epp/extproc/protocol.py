@@ -69,8 +69,10 @@ def request_headers_response(set_headers: Mapping[str, str], remove: Iterable[st
     return resp
 
 
-def response_headers_response(set_headers: Mapping[str, str] | None = None) -> pb.ProcessingResponse:
-    common = pb.CommonResponse(header_mutation=header_mutation(set_headers)) if set_headers else pb.CommonResponse()
+def response_headers_response(set_headers: Mapping[str, str] | None = None,
+                              remove: Iterable[str] = ()) -> pb.ProcessingResponse:
+    common = (pb.CommonResponse(header_mutation=header_mutation(set_headers or {}, remove)) if set_headers or remove
+              else pb.CommonResponse())
     return pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=common))
 
 

@@ -82,3 +82,17 @@ def test_gateway_prefixed_path_and_query_string(stack):
     with httpx.Client(base_url=stack.url, timeout=30) as c:
         r = c.post(f"/{MODEL}/v1/chat/completions?api-version=1", json=CHAT)
         assert r.status_code == 200 and r.headers["x-served-by"] == r.headers["x-epp-endpoint"]
+
+
+def test_model_rewrite_header_is_applied_and_reversed(stack):
+    """The pod sees the rewritten model; the client sees its own model name back, with a valid framing."""
+    with httpx.Client(base_url=stack.url, timeout=30) as c:
+        r = c.post("/v1/chat/completions", json={**CHAT, "model": "client-alias"},
+                   headers={"x-gateway-model-name-rewrite": MODEL})
+        assert r.status_code == 200, r.text[:300]
+        assert r.json()["model"] == "client-alias"
+        r = c.post("/v1/chat/completions", json={**CHAT, "model": "client-alias", "stream": True},
+                   headers={"x-gateway-model-name-rewrite": MODEL})
+        lines = [line[5:] for line in r.text.splitlines() if line.startswith("data:")]
+        events = [json.loads(line) for line in lines if "[DONE]" not in line]
+        assert events and all(e["model"] == "client-alias" for e in events)
