@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -128,11 +129,19 @@ class LocalStack:
     tls: bool = True
     baseline: bool = False
     envoy_log_level: str = "warning"
+    # Model servers already running elsewhere (e.g. pods shared by several stacks in a benchmark):
+    # start() then runs only EPP and Envoy in front of them.
+    sim_endpoints: list[str] | None = None
+    route_timeout: float = 300.0  # Envoy's route timeout (seconds): bounds a request to a hung model server
 
     def __post_init__(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="epp-stack-"))
-        self.sim_base = free_port_range(self.pods)
-        self.endpoints = [f"{HOST}:{self.sim_base + i}" for i in range(self.pods)]
+        if self.sim_endpoints is not None:
+            self.endpoints = list(self.sim_endpoints)
+            self.pods = len(self.endpoints)
+        else:
+            self.sim_base = free_port_range(self.pods)
+            self.endpoints = [f"{HOST}:{self.sim_base + i}" for i in range(self.pods)]
         self.grpc_port, self.health_port, self.metrics_port = free_port(), free_port(), free_port()
         self.envoy_port, self.admin_port = free_port(), free_port()
         self.baseline_port = free_port() if self.baseline else None
@@ -154,7 +163,8 @@ class LocalStack:
         return [sys.executable, "-m", "epp", "--host", HOST, "--grpc-port", str(self.grpc_port),
                 "--grpc-health-port", str(self.health_port), "--metrics-port", str(self.metrics_port),
                 f"--secure-serving={str(self.tls).lower()}", "--decision-header",
-                *(() if any(a.startswith("--static-endpoints") for a in self.epp_args)
+                *(() if any(a.startswith(("--static-endpoints", "--pool-name", "--endpoint-selector"))
+                            for a in self.epp_args)
                   else ("--static-endpoints", ",".join(self.endpoints))),
                 *self.epp_args]
 
@@ -168,13 +178,37 @@ class LocalStack:
             listen_port=self.envoy_port, admin_port=self.admin_port, extproc_port=self.grpc_port,
             endpoints=self.endpoints, upstream=self.upstream, response_body_mode=self.response_body_mode,
             failure_mode_allow=self.failure_mode_allow, extproc_tls=self.tls, baseline_port=self.baseline_port,
-            access_log=str(self.dir / "access.log")), log_level=self.envoy_log_level)
+            access_log=str(self.dir / "access.log"), route_timeout=self.route_timeout), log_level=self.envoy_log_level)
         self.envoy.start()
         self.envoy.wait_extproc_healthy()
 
+    def kill_epp(self, sig: int = signal.SIGKILL) -> None:
+        """Stop EPP abruptly (SIGKILL: a crash) or by ``sig``; Envoy and the pods keep running."""
+        if self.epp is not None and self.epp.proc is not None:
+            if self.epp.alive():
+                self.epp.proc.send_signal(sig)
+                try:
+                    self.epp.proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    self.epp.proc.kill()
+            self.epp.stop()
+
+    def restart_epp(self, wait_envoy: bool = True) -> None:
+        """Start EPP again on the same ports (killing it first if it still runs); by default also wait
+        until Envoy's health check has seen it healthy, i.e. until picks resume."""
+        self.kill_epp()
+        self.start_epp()
+        if wait_envoy and self.envoy is not None:
+            self.envoy.wait_extproc_healthy(30)
+
+    @property
+    def epp_pid(self) -> int | None:
+        return self.epp.proc.pid if self.epp is not None and self.epp.proc is not None else None
+
     def start(self) -> LocalStack:
         try:
-            self.start_sim()
+            if self.sim_endpoints is None:
+                self.start_sim()
             self.start_epp()
             self.start_envoy()
         except BaseException:

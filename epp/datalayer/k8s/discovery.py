@@ -22,7 +22,7 @@ from kubernetes_asyncio.config.config_exception import ConfigException
 from epp.config import Config
 from epp.datalayer.k8s import model
 from epp.datalayer.k8s.leader import LeaderElector
-from epp.datalayer.k8s.reflector import Reflector, Timings
+from epp.datalayer.k8s.reflector import Obj, Reflector, Timings
 from epp.datalayer.pool import EndpointPool
 from epp.datalayer.static import DiscoveryError
 from epp.objectives import Objectives
@@ -129,7 +129,7 @@ class KubernetesDiscovery:
 
     # -- pool and pods ---------------------------------------------------------------------------
 
-    def _start_pods(self, spec: model.PoolSpec, seed: dict) -> None:
+    def _start_pods(self, spec: model.PoolSpec, seed: dict[str, Obj]) -> None:
         assert self.api is not None
         core = client.CoreV1Api(self.api)
         reflector = Reflector(f"pods {self.namespace} [{spec.label_selector}]",
@@ -141,7 +141,7 @@ class KubernetesDiscovery:
         self.pods = reflector
         reflector.start()
 
-    def _retire_pods(self) -> dict:
+    def _retire_pods(self) -> dict[str, Obj]:
         old, self.pods = self.pods, None
         if not old:
             return {}
@@ -193,8 +193,8 @@ class KubernetesDiscovery:
 
     # -- objectives and rewrites -----------------------------------------------------------------
 
-    def _mine(self, reflectors: list[Reflector]) -> list[dict]:
-        out = []
+    def _mine(self, reflectors: list[Reflector]) -> list[Obj]:
+        out: list[Obj] = []
         for r in reflectors:
             out.extend(o for o in r.items.values() if model.refers_to_pool(o, self.pool_name, self.pool_group))
         return sorted(out, key=lambda o: (model.created_at(o), o["metadata"]["name"]))

@@ -69,6 +69,9 @@ class LeaderElector:
             except (TimeoutError, ApiError, aiohttp.ClientError, OSError, ValueError) as e:
                 log.warning("lease %s/%s: %s", self.namespace, self.name, e)
                 ok = False
+            except Exception:
+                log.exception("lease %s/%s: unexpected error", self.namespace, self.name)
+                ok = False
             now = time.monotonic()
             if ok:
                 if not self._leading:
@@ -99,9 +102,10 @@ class LeaderElector:
                 "acquireTime": acquire_time, "renewTime": _now_micro(), "leaseTransitions": transitions}
 
     async def _try_acquire_or_renew(self) -> bool:
+        lease: Any  # plain JSON dicts: kubernetes-asyncio serialises them as they are
         status, lease = await self._call(self.api.read_namespaced_lease(self.name, self.namespace, **self._opts()))
         if status == 404:
-            body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            body: Any = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                     "metadata": {"name": self.name, "namespace": self.namespace},
                     "spec": self._record(self.identity, _now_micro(), 0)}
             status, _ = await self._call(self.api.create_namespaced_lease(self.namespace, body, **self._opts()))
@@ -138,6 +142,7 @@ class LeaderElector:
         return True
 
     async def _release(self) -> None:
+        lease: Any
         status, lease = await self._call(self.api.read_namespaced_lease(self.name, self.namespace, **self._opts()))
         if status != 200 or (lease.get("spec") or {}).get("holderIdentity") != self.identity:
             return

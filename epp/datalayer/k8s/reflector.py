@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 Obj = dict[str, Any]
 # Calls one of kubernetes-asyncio's list functions with our query arguments and ``_preload_content=False``.
-ListFn = Callable[..., Awaitable[aiohttp.ClientResponse]]
+ListFn = Callable[..., Awaitable[Any]]  # an aiohttp.ClientResponse, given _preload_content=False
 
 
 @dataclass(frozen=True)
@@ -166,6 +166,10 @@ class Reflector:
                 # Connection refused or dropped mid-stream: resume the watch from our RV (or LIST again
                 # when no LIST succeeded yet); the server answers 410 if it forgot that RV.
                 log.warning("%s: connection problem (%s: %s); retrying", self.name, type(e).__name__, e)
+                await asyncio.sleep(backoff.next())
+            except Exception:  # a bug must not end discovery for good: start over from a LIST
+                log.exception("%s: unexpected error; listing again", self.name)
+                need_list = True
                 await asyncio.sleep(backoff.next())
 
     def _absent(self, e: ApiError) -> None:
