@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable, Mapping
 
 from envoy.config.core.v3 import base_pb2
@@ -68,6 +69,7 @@ def make_director(specs: Iterable[tuple[str, int, float]] | None = None, config:
     for ep, (_, queue, kv) in zip(pool.endpoints, specs, strict=True):
         ep.metrics.waiting_requests = queue
         ep.metrics.kv_cache_usage = kv
+        ep.metrics.updated_at = time.monotonic()  # as if just scraped: stale metrics are not trusted
     return Director(pool, load_config(config, pool))
 
 

@@ -1,62 +1,229 @@
 """Approximate prefix-cache affinity: send a prompt where its prefix was sent before.
 
-The prompt (text, or token ids when the request carries them) is cut into blocks; block i's hash
-chains block i-1's (xxhash64), so equal hashes mean equal prefixes. Each endpoint keeps an LRU of the
-block hashes EPP sent it, inserted optimistically when it is picked. The score is the fraction of the
-request's blocks that the endpoint holds as an unbroken prefix run.
+Two plugins, as in GIE:
+
+* ``approx-prefix-cache-producer`` hashes the prompt into blocks, matches the blocks against a per-endpoint
+  index of what EPP sent there, updates the index when a pick is made and corrects it from the
+  ``cached_tokens`` the model server reports.
+* ``prefix-cache-scorer`` turns the match into a score. Without a configured producer it builds its own
+  from the same parameters (so ``prefix-cache-scorer: {blockSizeTokens: 32}`` works as our README and
+  older GIE docs show); with one, it uses that producer (``prefixMatchInfoProducerName`` picks among
+  several) and the producer parameters belong on the producer.
+
+Hashing. Blocks are ``B`` tokens: the request's token ids when it carries them (``/v1/completions`` with
+ids, vLLM ``/inference/v1/generate``), the ids of a configured ``tokenizer`` (a HF ``tokenizer.json``),
+else ``4 * B`` bytes of the prompt text (GIE's 4-characters-per-token estimate). ``B`` is
+``blockSizeTokens`` or, with ``autoTune`` and an endpoint reporting its KV block size, the smallest
+multiple of that size that is >= ``blockSizeTokens``. Block ``i`` hashes as
+``h_i = xxh64(block_i, seed=h_{i-1})`` with ``h_{-1} = xxh64(target model \\0 cache_salt)``, so equal
+hashes mean equal prefixes; a trailing partial block is hashed too, a prompt shorter than one block has
+no hash. At most ``maxPrefixBlocksToMatch`` blocks (or ``maxPrefixTokensToMatch / B`` when that is set).
+
+Index. One LRU of block hashes per endpoint (capacity ``lruCapacityPerServer``, or with ``autoTune`` the
+endpoint's KV capacity ``num_gpu_blocks * block_size / B`` when scraped). A pick inserts the request's
+blocks in *reverse* order, so that, like vLLM (which frees a request's blocks tail first), an endpoint
+loses a prompt's tail before its head. Every insertion carries all earlier blocks of the chain, so an
+endpoint holding block ``i`` holds blocks ``0..i-1``: the match length is found by binary search
+(O(log n) lookups per endpoint instead of GIE's walk).
+
+Feedback from ``cached_tokens`` (``cachedTokensFeedback``, default on). An entry is stamped with the
+number of blocks inserted on that endpoint when it was (re)inserted; its *age* is how many blocks were
+inserted after it. When a response reports fewer cached tokens than the blocks EPP credited the
+endpoint with (beyond a tolerance: one block, and 1.5x for character blocks, 1.25x with a tokenizer,
+whose counts are estimates), the endpoint evidently evicts sooner than the index assumes: its
+*horizon* drops to the age of the first block it missed, and entries older than the horizon no longer
+match. A response reporting *more* cached tokens than credited raises the horizon back to the age of
+the oldest block it proved present. Credit only counts entries whose inserting request had completed
+(two identical prompts sent together both miss, and that says nothing about eviction). The request's
+own blocks stay indexed: the model server has just computed and cached them.
 """
 
 from __future__ import annotations
 
+import logging
+from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
-from struct import Struct
+from dataclasses import dataclass, field
+from typing import Any
 
 import xxhash
 
 from epp.api.types import InferenceRequest
 from epp.datalayer.endpoint import Endpoint
-from epp.scheduling.plugins import CycleState, RequestObserver, SchedulingResult, Scorer
-from epp.scheduling.registry import register_plugin
+from epp.scheduling.plugins import CycleState, Plugin, RequestObserver, ResponseInfo, SchedulingResult, Scorer
+from epp.scheduling.registry import PluginConfigError, register_plugin
+from plugins.scorers.common import check_bool, check_float, check_int, check_str
 
-_U64 = Struct("<Q")
-_CHARS_PER_TOKEN = 4  # GIE's estimate when hashing characters
+log = logging.getLogger(__name__)
 
+CHARS_PER_TOKEN = 4  # GIE's estimate when hashing characters
+PREFILL_PROFILE = "prefill"
+_NO_HORIZON = 1 << 62
+# How far a reported cached-token count may be off from our block count, per kind of block.
+_SLACK = {"ids": 1.0, "tokenizer": 1.25, "chars": 1.5}
 
-def block_hashes(request: InferenceRequest, block_tokens: int, max_blocks: int) -> list[int]:
-    """Chained hashes of the request's full blocks (a trailing partial block is hashed too)."""
-    seed = xxhash.xxh64_intdigest(f"{request.target_model or request.model}\0{request.body.cache_salt or ''}".encode())
-    ids = request.body.prompt_token_ids
-    if ids is not None:
-        data = b"".join(i.to_bytes(4, "little") for i in ids[: block_tokens * max_blocks])
-        step = block_tokens * 4
-    else:
-        text = request.body.prompt_text or ""
-        data = text[: block_tokens * _CHARS_PER_TOKEN * max_blocks].encode("utf-8", "surrogatepass")
-        step = block_tokens * _CHARS_PER_TOKEN
-    if len(data) < step:
-        return []
-    hashes = []
-    prev = seed
-    for off in range(0, len(data), step):
-        prev = xxhash.xxh64_intdigest(data[off: off + step] + _U64.pack(prev))
-        hashes.append(prev)
-    return hashes
+PRODUCER_DEFAULTS: dict[str, Any] = {
+    "block_size_tokens": 16, "max_prefix_blocks_to_match": 256, "max_prefix_tokens_to_match": 0,
+    "lru_capacity_per_server": 31250, "auto_tune": True, "tokenizer": None, "cached_tokens_feedback": True,
+}
 
 
-@register_plugin("prefix-cache-scorer")
-class PrefixCacheScorer(Scorer, RequestObserver):
-    category = "affinity"
+# --------------------------------------------------------------------------------------------------
+# Tokenizer (optional)
+
+
+class ChunkedTokenizer:
+    """A HF ``tokenizer.json`` applied to fixed 512-character chunks of the prompt, with an LRU of chunk ->
+    token ids. Tokenizing a 30 KB prompt costs tens of milliseconds; prompts that share a prefix share
+    its chunks, so only the new tail is tokenized. Chunk boundaries shift a token here and there compared
+    with tokenizing the whole text; the result is still deterministic and prefix-stable, which is all
+    block hashing needs."""
+
+    CHUNK_CHARS = 512
+
+    def __init__(self, path: str, cache_chunks: int = 16384) -> None:
+        try:
+            from tokenizers import Tokenizer
+        except ImportError as e:  # pragma: no cover - a declared dependency
+            raise ValueError(f"tokenizer: the 'tokenizers' package is not installed ({e})") from None
+        try:
+            self._tok = Tokenizer.from_file(path)
+        except Exception as e:
+            raise ValueError(f"tokenizer: cannot load {path!r}: {e}") from None
+        self._tok.no_truncation()
+        self._tok.no_padding()
+        self.path = path
+        self._cache: OrderedDict[str, bytes] = OrderedDict()
+        self._cap = cache_chunks
+
+    def encode(self, text: str, max_tokens: int) -> tuple[bytes, int]:
+        """Little-endian uint32 token ids of the first ``max_tokens`` tokens, and an estimate of the
+        whole text's token count."""
+        chunk = self.CHUNK_CHARS
+        cache = self._cache
+        parts: list[bytes] = []
+        n = 0
+        pos = 0
+        size = len(text)
+        while pos < size and n < max_tokens:
+            want = max((max_tokens - n) * CHARS_PER_TOKEN, chunk)
+            end = min(size, pos + -(-want // chunk) * chunk)
+            chunks = [text[j: j + chunk] for j in range(pos, end, chunk)]
+            missing = list(dict.fromkeys(c for c in chunks if c not in cache))
+            if missing:
+                for c, enc in zip(missing, self._tok.encode_batch(missing, add_special_tokens=False), strict=True):
+                    cache[c] = array("I", enc.ids).tobytes()
+            for c in chunks:
+                ids = cache[c]
+                cache.move_to_end(c)
+                parts.append(ids)
+                n += len(ids) // 4
+                pos += len(c)
+                if n >= max_tokens:
+                    break
+            while len(cache) > self._cap:
+                cache.popitem(last=False)
+        data = b"".join(parts)
+        total = n if pos >= size else n + int((size - pos) * n / max(pos, 1))
+        return data[: max_tokens * 4], total
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-request state
+
+
+@dataclass(slots=True)
+class _Credit:
+    endpoint: str
+    stamp: int
+    credited: int  # blocks credited at pick time whose inserting requests had completed
+    ages: list[int]  # age (blocks inserted since) of each block present at pick time, from block 0
+
+
+@dataclass(slots=True)
+class PrefixState:
+    """What the producer knows about one request: its block hashes and, per endpoint, the match."""
+
+    hashes: list[int]
+    block_tokens: int
+    covered_tokens: int  # tokens (estimated for character blocks) the hashes cover
+    prompt_tokens: int  # tokens (estimated) of the whole prompt
+    kind: str  # "ids" | "tokenizer" | "chars"
+    matches: dict[str, int] = field(default_factory=dict)  # endpoint name -> matched blocks
+    credit: _Credit | None = None
+    stamps: list[tuple[str, int]] = field(default_factory=list)  # (endpoint, stamp) inserted, to release
+
+    def __bool__(self) -> bool:
+        return bool(self.hashes)
+
+    def matched_tokens(self, blocks: int) -> int:
+        return min(blocks * self.block_tokens, self.covered_tokens)
+
+    @property
+    def hit_ratio(self) -> float:
+        """Best match over the endpoints matched so far, as a fraction of the request's blocks."""
+        if not self.hashes or not self.matches:
+            return 0.0
+        return max(self.matches.values()) / len(self.hashes)
+
+
+class _Server:
+    """One endpoint's index: block hash -> stamp, least recently inserted first."""
+
+    __slots__ = ("horizon", "inflight", "lru", "seq")
+
+    def __init__(self) -> None:
+        self.lru: OrderedDict[int, int] = OrderedDict()
+        self.seq = 0  # blocks inserted so far; a stamp is the value of seq right after an insertion
+        self.inflight: set[int] = set()  # stamps of insertions whose request has not completed
+        self.horizon = _NO_HORIZON  # entries this old (in blocks inserted since) or older no longer match
+
+    def match(self, hashes: list[int]) -> int:
+        lru = self.lru
+        if not lru:
+            return 0
+        get = lru.get
+        seq, horizon = self.seq, self.horizon
+        s = get(hashes[0])
+        if s is None or seq - s >= horizon:
+            return 0
+        n = len(hashes)
+        s = get(hashes[-1])
+        if s is not None and seq - s < horizon:
+            return n
+        lo, hi = 1, n - 1  # hashes[lo-1] held, hashes[hi] not held
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            s = get(hashes[mid])
+            if s is not None and seq - s < horizon:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+
+# --------------------------------------------------------------------------------------------------
+# Producer
+
+
+@register_plugin("approx-prefix-cache-producer")
+class ApproxPrefixCacheProducer(RequestObserver):
+    """Hashes prompts, keeps the per-endpoint block index, matches requests against it."""
 
     def __init__(self, block_size_tokens: int = 16, max_prefix_blocks_to_match: int = 256,
-                 lru_capacity_per_server: int = 31250, auto_tune: bool = True) -> None:
-        if block_size_tokens < 1 or max_prefix_blocks_to_match < 1 or lru_capacity_per_server < 1:
-            raise ValueError("blockSizeTokens, maxPrefixBlocksToMatch and lruCapacityPerServer must be >= 1")
-        self.block_tokens = block_size_tokens
-        self.max_blocks = max_prefix_blocks_to_match
-        self.capacity = lru_capacity_per_server
-        self.auto_tune = auto_tune
-        self._index: dict[str, OrderedDict[int, None]] = {}  # endpoint name -> LRU of block hashes
+                 max_prefix_tokens_to_match: int = 0, lru_capacity_per_server: int = 31250,
+                 auto_tune: bool = True, tokenizer: str | None = None, cached_tokens_feedback: bool = True) -> None:
+        self.block_tokens = check_int(block_size_tokens, "blockSizeTokens", 1, 1 << 20)
+        self.max_blocks = check_int(max_prefix_blocks_to_match, "maxPrefixBlocksToMatch", 1, 1 << 20)
+        self.max_tokens = check_int(max_prefix_tokens_to_match, "maxPrefixTokensToMatch", 0, 1 << 30)
+        self.capacity = check_int(lru_capacity_per_server, "lruCapacityPerServer", 1)
+        self.auto_tune = check_bool(auto_tune, "autoTune")
+        self.feedback = check_bool(cached_tokens_feedback, "cachedTokensFeedback")
+        self.tokenizer = ChunkedTokenizer(check_str(tokenizer, "tokenizer")) if tokenizer is not None else None
+        self._servers: dict[str, _Server] = {}
+        self._key = ("approx-prefix-cache", id(self))
+        self.stats = {"misses": 0, "surprise_hits": 0}
 
     def start(self) -> None:
         if self.handle and self.handle.pool:
@@ -64,38 +231,340 @@ class PrefixCacheScorer(Scorer, RequestObserver):
 
     def _forget_removed(self, added: list[Endpoint], removed: list[Endpoint]) -> None:
         for e in removed:
-            self._index.pop(e.name, None)
+            self._servers.pop(e.name, None)
 
-    def _capacity(self, endpoint: Endpoint) -> int:
-        blocks = endpoint.metrics.num_gpu_blocks
-        return blocks if self.auto_tune and blocks else self.capacity
+    # -- sizes ---------------------------------------------------------------------------------
 
-    def score(self, cycle: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> Sequence[float]:
-        hashes = block_hashes(request, self.block_tokens, self.max_blocks)
-        request.attributes[self.name] = hashes  # for pre_request, once the pick is known
-        if not hashes:
-            return [0.0] * len(endpoints)
-        scores = []
+    def block_tokens_for(self, endpoints: Sequence[Endpoint]) -> int:
+        if self.auto_tune:
+            for e in endpoints:
+                bs = e.metrics.block_size
+                if bs and bs > 0:
+                    return bs * -(-self.block_tokens // bs)
+        return self.block_tokens
+
+    def _capacity(self, endpoint: Endpoint, block_tokens: int) -> int:
+        if self.auto_tune:
+            blocks = endpoint.metrics.num_gpu_blocks
+            if blocks and blocks > 0:
+                bs = endpoint.metrics.block_size
+                return max(1, blocks * bs // block_tokens) if bs and bs > 0 else blocks
+        return self.capacity
+
+    def indexer_size(self) -> int:
+        return sum(len(s.lru) for s in self._servers.values())
+
+    # -- hashing and matching --------------------------------------------------------------------
+
+    def state(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> PrefixState:
+        """The request's hashes (computed once per request, whichever plugin asks first)."""
+        st = request.attributes.get(self._key)
+        if st is None:
+            st = self._hash(request, self.block_tokens_for(endpoints))
+            request.attributes[self._key] = st
+        return st
+
+    def _hash(self, request: InferenceRequest, block: int) -> PrefixState:
+        max_blocks = max(1, self.max_tokens // block) if self.max_tokens else self.max_blocks
+        max_tokens = block * max_blocks
+        body = request.body
+        ids = body.prompt_token_ids
+        if ids is not None:
+            head = ids[:max_tokens]
+            try:
+                data = array("I", head).tobytes()
+                width = 4
+            except (OverflowError, TypeError, ValueError):
+                data = array("q", [int(i) for i in head]).tobytes()
+                width = 8
+            kind, covered, prompt = "ids", len(head), len(ids)
+            step = block * width
+        else:
+            text = body.prompt_text or ""
+            if self.tokenizer is not None and text:
+                data, prompt = self.tokenizer.encode(text, max_tokens)
+                kind, covered, step = "tokenizer", len(data) // 4, block * 4
+            else:
+                step = block * CHARS_PER_TOKEN
+                data = text[: step * max_blocks].encode("utf-8", "surrogatepass")[: step * max_blocks]
+                kind, prompt = "chars", len(text) // CHARS_PER_TOKEN
+                covered = -(-len(data) // CHARS_PER_TOKEN)
+        if len(data) < step:
+            return PrefixState([], block, 0, prompt, kind)
+        seed = xxhash.xxh64_intdigest(f"{request.target_model or body.model}\0{body.cache_salt or ''}".encode())
+        h = xxhash.xxh64_intdigest
+        mv = memoryview(data)
+        hashes = []
+        append = hashes.append
+        for off in range(0, len(data), step):
+            seed = h(mv[off: off + step], seed)
+            append(seed)
+        return PrefixState(hashes, block, covered, prompt, kind)
+
+    def match(self, state: PrefixState, endpoint: Endpoint) -> int:
+        """Blocks of the request's prefix the endpoint holds (memoised per request)."""
+        m = state.matches.get(endpoint.name)
+        if m is None:
+            srv = self._servers.get(endpoint.name)
+            m = srv.match(state.hashes) if srv is not None and state.hashes else 0
+            state.matches[endpoint.name] = m
+        return m
+
+    def match_all(self, state: PrefixState, endpoints: Sequence[Endpoint]) -> list[int]:
+        if not state.hashes:
+            return [0] * len(endpoints)
+        memo = state.matches
+        servers = self._servers
+        hashes = state.hashes
+        first = hashes[0]
+        out = []
         for e in endpoints:
-            lru = self._index.get(e.name)
-            n = 0
-            if lru:
-                for h in hashes:
-                    if h not in lru:
-                        break
-                    n += 1
-            scores.append(n / len(hashes))
-        return scores
+            name = e.name
+            m = memo.get(name)
+            if m is None:
+                srv = servers.get(name)
+                # Most endpoints do not hold the first block: one lookup, no call.
+                m = 0 if srv is None or first not in srv.lru else srv.match(hashes)
+                memo[name] = m
+            out.append(m)
+        return out
+
+    # -- index updates ---------------------------------------------------------------------------
 
     def pre_request(self, request: InferenceRequest, result: SchedulingResult) -> None:
-        hashes = request.attributes.get(self.name)
-        if not hashes or not result.endpoints:
+        st: PrefixState | None = request.attributes.get(self._key)
+        if not st or not result.endpoints:
             return
-        target = result.endpoints[0]
-        lru = self._index.setdefault(target.name, OrderedDict())
-        for h in hashes:
-            lru[h] = None
-            lru.move_to_end(h)
-        cap = self._capacity(target)
+        self._insert(st, result.endpoints[0], credit=True)
+        prefill = result.profile_results.get(PREFILL_PROFILE)
+        if prefill and prefill.endpoints and result.primary_profile != PREFILL_PROFILE:
+            target = prefill.endpoints[0]
+            if target is not result.endpoints[0]:
+                self._insert(st, target, credit=False)
+
+    def _insert(self, st: PrefixState, endpoint: Endpoint, credit: bool) -> None:
+        hashes = st.hashes
+        srv = self._servers.get(endpoint.name)
+        if srv is None:
+            srv = self._servers[endpoint.name] = _Server()
+        lru = srv.lru
+        if credit and self.feedback:
+            matched = self.match(st, endpoint)
+            seq, inflight = srv.seq, srv.inflight
+            ages: list[int] = []
+            pending_at = None
+            for i, h in enumerate(hashes):
+                s = lru.get(h)
+                if s is None:
+                    break
+                if pending_at is None and s in inflight:
+                    pending_at = i
+                ages.append(seq - s)
+            credited = min(matched if pending_at is None else min(matched, pending_at), len(ages))
+        stamp = srv.seq + len(hashes)
+        srv.seq = stamp
+        move = lru.move_to_end
+        for h in reversed(hashes):
+            lru[h] = stamp
+            move(h)
+        cap = self._capacity(endpoint, st.block_tokens)
         while len(lru) > cap:
             lru.popitem(last=False)
+        srv.inflight.add(stamp)
+        st.stamps.append((endpoint.name, stamp))
+        if credit and self.feedback:
+            st.credit = _Credit(endpoint.name, stamp, credited, ages)
+
+    def on_response_complete(self, request: InferenceRequest, endpoint: Endpoint, response: ResponseInfo) -> None:
+        st: PrefixState | None = request.attributes.get(self._key)
+        if st is None:
+            return
+        for name, stamp in st.stamps:
+            srv = self._servers.get(name)
+            if srv is not None:
+                srv.inflight.discard(stamp)
+        st.stamps = []
+        credit, st.credit = st.credit, None
+        if credit is None or credit.endpoint != endpoint.name or not response.completed:
+            return
+        if not 200 <= response.status < 300:
+            return
+        if response.served_endpoint and response.served_endpoint != endpoint.hostport:
+            return  # a fallback served it: the usage says nothing about the endpoint we credited
+        usage = response.usage
+        if usage is None or usage.cached_tokens is None:
+            return
+        srv = self._servers.get(credit.endpoint)
+        if srv is not None:
+            self.apply_feedback(srv, credit, usage.cached_tokens, st.block_tokens, _SLACK[st.kind])
+
+    def apply_feedback(self, srv: _Server, credit: _Credit, cached_tokens: int, block_tokens: int,
+                       slack: float) -> None:
+        generous = int(cached_tokens * slack) // block_tokens  # at most this many of our blocks were cached
+        if credit.credited >= generous + 2:
+            # Missed: block generous+1 was credited but not cached, so entries that old are gone.
+            age = credit.ages[generous + 1]
+            if age < srv.horizon:
+                srv.horizon = age
+                self.stats["misses"] += 1
+            return
+        sure = int(cached_tokens / slack) // block_tokens  # at least this many of our blocks were cached
+        if sure > credit.credited + 1 and len(credit.ages) > credit.credited:
+            # More was cached than credited: blocks that old are still there.
+            proven = credit.ages[credit.credited: min(sure, len(credit.ages))]
+            if proven:
+                oldest = max(proven) + 1
+                if oldest > srv.horizon:
+                    srv.horizon = oldest
+                    self.stats["surprise_hits"] += 1
+
+    def prefix_producer(self) -> ApproxPrefixCacheProducer:
+        return self
+
+    def horizon(self, endpoint_name: str) -> int | None:
+        """The endpoint's learned horizon (blocks), None when no miss lowered it."""
+        srv = self._servers.get(endpoint_name)
+        return None if srv is None or srv.horizon >= _NO_HORIZON else srv.horizon
+
+
+# --------------------------------------------------------------------------------------------------
+# Scorer
+
+
+SCORE_MODES = ("tokens", "ratio")
+
+
+@register_plugin("prefix-cache-scorer")
+class PrefixCacheScorer(Scorer, RequestObserver):
+    """Score from the prefix match.
+
+    ``scoreMode: tokens`` (default): ``min(1, matchedTokens / matchLengthScaleTokens)``, the prefill work the
+    endpoint saves, on a fixed scale (default 4096 tokens, the default coverage 256 blocks x 16 tokens):
+    a 20-token prompt fully cached scores 0.005, 90% of an 8,000-token prompt scores 1. A fixed scale and
+    not the candidates' best, so that the score means the same whatever the other candidates hold.
+    ``scoreMode: ratio``: GIE's ``matchedBlocks / totalBlocks``. ``matchLengthWeight`` (llm-d's parameter)
+    selects llm-d's blend ``w * min(1, matchedTokens / scale)^2 + (1 - w) * ratio`` instead.
+    """
+
+    category = "affinity"
+
+    def __init__(self, score_mode: str | None = None, match_length_scale_tokens: int = 4096,
+                 match_length_weight: float | None = None, prefix_match_info_producer_name: str | None = None,
+                 block_size_tokens: int | None = None, max_prefix_blocks_to_match: int | None = None,
+                 max_prefix_tokens_to_match: int | None = None, lru_capacity_per_server: int | None = None,
+                 auto_tune: bool | None = None, tokenizer: str | None = None,
+                 cached_tokens_feedback: bool | None = None) -> None:
+        if score_mode is not None and match_length_weight is not None:
+            raise ValueError("set either scoreMode or matchLengthWeight (llm-d's blend), not both")
+        self.mode = check_str(score_mode, "scoreMode", SCORE_MODES) if score_mode is not None else "tokens"
+        self.scale = check_int(match_length_scale_tokens, "matchLengthScaleTokens", 1)
+        self.weight = (check_float(match_length_weight, "matchLengthWeight", 0.0, 1.0)
+                       if match_length_weight is not None else None)
+        self.producer_name = (check_str(prefix_match_info_producer_name, "prefixMatchInfoProducerName")
+                              if prefix_match_info_producer_name is not None else None)
+        given = {"block_size_tokens": block_size_tokens, "max_prefix_blocks_to_match": max_prefix_blocks_to_match,
+                 "max_prefix_tokens_to_match": max_prefix_tokens_to_match,
+                 "lru_capacity_per_server": lru_capacity_per_server, "auto_tune": auto_tune,
+                 "tokenizer": tokenizer, "cached_tokens_feedback": cached_tokens_feedback}
+        self._own_params = sorted(k for k, v in given.items() if v is not None)
+        self._own = ApproxPrefixCacheProducer(**{k: v for k, v in given.items() if v is not None})
+        self.producer: ApproxPrefixCacheProducer = self._own
+
+    def start(self) -> None:
+        handle = self.handle
+        external: ApproxPrefixCacheProducer | None = None
+        if handle is not None:
+            if self.producer_name is not None:
+                found = handle.plugin(self.producer_name)
+                if not isinstance(found, ApproxPrefixCacheProducer):
+                    raise PluginConfigError(f"plugin {self.name!r}: prefixMatchInfoProducerName "
+                                            f"{self.producer_name!r} is not an approx-prefix-cache-producer")
+                external = found
+            else:
+                producers = handle.plugins_of(ApproxPrefixCacheProducer)
+                if len(producers) > 1:
+                    raise PluginConfigError(f"plugin {self.name!r}: several approx-prefix-cache-producer plugins; "
+                                            "choose one with prefixMatchInfoProducerName")
+                external = producers[0] if producers else None
+        elif self.producer_name is not None:
+            raise PluginConfigError(f"plugin {self.name!r}: prefixMatchInfoProducerName needs a configuration")
+        if external is not None:
+            if self._own_params:
+                raise PluginConfigError(f"plugin {self.name!r}: {external.name!r} produces the prefix match; set "
+                                        f"{[_camel(p) for p in self._own_params]} on it, not on the scorer")
+            self.producer = external
+        else:
+            self._own.name = f"{self.name}/producer"
+            self._own.handle = handle
+            self._own.start()
+
+    def prefix_producer(self) -> ApproxPrefixCacheProducer:
+        return self.producer
+
+    def indexer_size(self) -> int:
+        return self._own.indexer_size() if self.producer is self._own else 0
+
+    def score(self, cycle: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> Sequence[float]:
+        prod = self.producer
+        st = prod.state(request, endpoints)
+        request.attributes[self.name] = st  # truthy when the request has blocks; .hit_ratio for metrics
+        if not st.hashes:
+            return [0.0] * len(endpoints)
+        matches = prod.match_all(st, endpoints)
+        n = len(st.hashes)
+        if self.weight is not None:
+            w, scale = self.weight, self.scale
+            return [w * min(1.0, st.matched_tokens(m) / scale) ** 2 + (1 - w) * m / n for m in matches]
+        if self.mode == "ratio":
+            return [m / n for m in matches]
+        scale = self.scale
+        return [min(1.0, st.matched_tokens(m) / scale) if m else 0.0 for m in matches]
+
+    # The observer hooks run the embedded producer's; an external producer is an observer itself.
+    def pre_request(self, request: InferenceRequest, result: SchedulingResult) -> None:
+        if self.producer is self._own:
+            self._own.pre_request(request, result)
+
+    def on_response_complete(self, request: InferenceRequest, endpoint: Endpoint, response: ResponseInfo) -> None:
+        if self.producer is self._own:
+            self._own.on_response_complete(request, endpoint, response)
+
+
+def _camel(snake: str) -> str:
+    head, *rest = snake.split("_")
+    return head + "".join(w.title() for w in rest)
+
+
+# --------------------------------------------------------------------------------------------------
+# For other plugins (affinity filter, no-hit-lru, token-load)
+
+
+def resolve_prefix_source(plugin: Plugin, name: str | None, required: bool) -> PrefixSource | None:
+    """The plugin whose prefix match ``plugin`` should read: the one called ``name`` (a producer or a prefix
+    scorer), else the only producer, else the only prefix scorer. Raises when ``required`` and none
+    qualifies, or when several do. Call ``prefix_producer()`` on the result at request time (a scorer
+    binds to its producer only when it starts)."""
+    handle = plugin.handle
+    if handle is None:
+        if required or name:
+            raise PluginConfigError(f"plugin {plugin.name!r}: needs a prefix-cache-scorer in its configuration")
+        return None
+    if name:
+        found = handle.plugin(name)
+        if isinstance(found, (ApproxPrefixCacheProducer, PrefixCacheScorer)):
+            return found
+        raise PluginConfigError(f"plugin {plugin.name!r}: {name!r} is not a prefix-cache-scorer or "
+                                "approx-prefix-cache-producer")
+    candidates: list[PrefixSource] = list(handle.plugins_of(ApproxPrefixCacheProducer))
+    if not candidates:
+        candidates = list(handle.plugins_of(PrefixCacheScorer))
+    if len(candidates) == 1:
+        return candidates[0]
+    if required or candidates:
+        what = "no" if not candidates else "several"
+        raise PluginConfigError(f"plugin {plugin.name!r}: {what} prefix-cache-scorer / approx-prefix-cache-producer "
+                                "plugins; name one with prefixPluginName")
+    return None
+
+
+PrefixSource = ApproxPrefixCacheProducer | PrefixCacheScorer

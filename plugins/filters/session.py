@@ -1,0 +1,19 @@
+"""``session-affinity-filter`` (llm-d): pin a session to its endpoint (see ``plugins.scorers.session``)."""
+
+from __future__ import annotations
+
+from epp.api.types import InferenceRequest
+from epp.datalayer.endpoint import Endpoint
+from epp.scheduling.plugins import CycleState, Filter
+from epp.scheduling.registry import register_plugin
+from plugins.scorers.session import SessionAffinity
+
+
+@register_plugin("session-affinity-filter")
+class SessionAffinityFilter(SessionAffinity, Filter):
+    """Only the bound endpoint when it is a candidate; every candidate otherwise (new session, bound endpoint
+    gone or filtered out)."""
+
+    def filter(self, cycle: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> list[Endpoint]:
+        i = self.bound_index(request, endpoints)
+        return endpoints if i is None else [endpoints[i]]
