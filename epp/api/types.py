@@ -83,6 +83,7 @@ class InferenceRequest:
     priority: int = 0
     received_at: float = 0.0  # time.monotonic() when the request headers arrived
     attributes: dict[str, Any] = field(default_factory=dict)  # plugin scratch space for this request
+    response_headers: dict[str, str] = field(default_factory=dict)  # plugins' additions to the client's response
 
     @property
     def model(self) -> str:

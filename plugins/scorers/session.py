@@ -5,7 +5,7 @@ Strategies (``strategy``):
 * ``encoded_endpoint_header`` (default): the request header ``encodedEndpointHeaderConfig.header``
   (default ``x-session-token``) carries base64 of the endpoint: its name, ``namespace/name`` (llm-d's
   form) or ``ip:port``. Stateless. After the pick, the token of the chosen endpoint is offered in
-  ``request.attributes["response_headers"]`` for the client's next turn.
+  ``request.response_headers`` for the client's next turn.
 * ``session_id``: the first non-empty of ``sessionIdConfig.sources`` (each ``{header: name}`` or
   ``{attribute: key}``; default ``[{header: x-session-id}]``) is bound server-side to the endpoint picked
   for it; a binding unused for ``evictionTtlSeconds`` (300; 0 = never) is dropped, checked every
@@ -29,7 +29,6 @@ from epp.scheduling.registry import register_plugin
 from plugins.scorers.common import check_float, check_mapping, check_str
 
 STRATEGIES = ("encoded_endpoint_header", "session_id")
-RESPONSE_HEADERS_ATTRIBUTE = "response_headers"  # request.attributes key: headers a plugin offers the client
 
 
 def encode_endpoint(endpoint: Endpoint) -> str:
@@ -129,8 +128,7 @@ class SessionAffinity(RequestObserver):
             return
         target = res.endpoints[0]
         if self.strategy == "encoded_endpoint_header":
-            headers = request.attributes.setdefault(RESPONSE_HEADERS_ATTRIBUTE, {})
-            headers[self.header] = encode_endpoint(target)
+            request.response_headers[self.header] = encode_endpoint(target)  # for the client's next turn
             return
         sid = self.session_id(request)
         if sid is not None:

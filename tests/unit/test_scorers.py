@@ -187,7 +187,7 @@ def test_session_affinity_encoded_endpoint_header():
     assert score(s, [], req("x")) == []
     r = req("x")
     s.pre_request(r, result(b))
-    assert r.attributes["response_headers"] == {"x-session-token": token("e1")}
+    assert r.response_headers == {"x-session-token": token("e1")}
 
 
 def test_session_affinity_custom_header_and_urlsafe_token():
