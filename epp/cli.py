@@ -44,7 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--cert-path", default=d.cert_path, help="directory with tls.crt and tls.key (self-signed if empty)")
     flag("--enable-cert-reload", type=_bool, default=d.enable_cert_reload, help="reload the certificate on change")
     flag("--grpc-max-recv-msg-size", type=int, default=d.grpc_max_recv_msg_size)
-    flag("--drain-timeout", type=_duration, default=d.drain_timeout, help="keep serving this long after SIGTERM")
+    flag("--drain-timeout", type=_duration, default=d.drain_timeout,
+         help="after SIGTERM: report NOT_SERVING but keep serving (new streams too) this long, then exit")
+    flag("--drain-quiet-period", type=_duration, default=d.drain_quiet_period,
+         help="end the drain early once no stream has been open for this long and a health probe was told "
+              "NOT_SERVING (0: serve the whole --drain-timeout, as GIE)")
 
     flag("--pool-name", default=d.pool_name, help="InferencePool to watch")
     flag("--pool-namespace", default=d.pool_namespace)
@@ -54,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--static-endpoints", default=d.static_endpoints, help="host:port,host:port (no Kubernetes)")
     flag("--static-endpoints-file", default=d.static_endpoints_file, help="YAML endpoint list, reloaded on change")
     flag("--disable-endpoint-subset-filter", type=_bool, default=d.disable_endpoint_subset_filter)
+    flag("--ha-enable-leader-election", type=_bool, default=d.ha_enable_leader_election,
+         help="active-passive replicas: only the holder of a Lease reports ready")
 
     flag("--config-file", default=d.config_file, help="EndpointPickerConfig YAML file")
     flag("--config-text", default=d.config_text, help="EndpointPickerConfig YAML text")
@@ -67,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--decision-header", type=_bool, default=d.decision_header,
          help="add x-epp-endpoint (the picked endpoint) to responses")
     flag("--log-format", default=d.log_format, choices=["text", "json"])
+    flag("--tracing", type=_bool, default=d.tracing,
+         help="OpenTelemetry spans over OTLP (default: on when OTEL_EXPORTER_OTLP_ENDPOINT is set)")
+    flag("--explain-decisions", type=_bool, default=d.explain_decisions,
+         help="explain every decision: scores in envoy.lb metadata and the x-epp-decision response header")
+    flag("--explain-token", default=d.explain_token,
+         help="requests with 'x-epp-explain: <token>' get their decision explained (env EPP_EXPLAIN_TOKEN)")
+    flag("--debug-endpoints", type=_bool, default=d.debug_endpoints,
+         help="serve /debug (live page), /debug/endpoints and /debug/decisions on the metrics port")
     return ap
 
 

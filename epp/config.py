@@ -51,6 +51,7 @@ class Config:
     enable_cert_reload: bool = False
     grpc_max_recv_msg_size: int = 64 << 20
     drain_timeout: float = 30.0
+    drain_quiet_period: float = 0.0  # > 0: end the drain early once no stream was open for this long
     # discovery
     pool_name: str = ""
     pool_namespace: str = ""
@@ -60,6 +61,7 @@ class Config:
     static_endpoints: str = ""
     static_endpoints_file: str = ""
     disable_endpoint_subset_filter: bool = False
+    ha_enable_leader_election: bool = False
     # scheduling
     config_file: str = ""
     config_text: str = ""
@@ -72,6 +74,10 @@ class Config:
     decision_header: bool = False
     verbosity: int = 2
     log_format: str = "text"
+    tracing: bool | None = None  # None: on when OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT is set
+    explain_decisions: bool = False  # explain every decision (metadata + x-epp-decision response header)
+    explain_token: str = ""  # x-epp-explain: <token> asks for one request's explanation (or EPP_EXPLAIN_TOKEN)
+    debug_endpoints: bool = True  # /debug, /debug/endpoints, /debug/decisions on the metrics port
 
     def validate(self) -> None:
         sources = [bool(self.pool_name), bool(self.endpoint_selector), bool(self.static_endpoints),
@@ -85,5 +91,9 @@ class Config:
             raise ValueError("--refresh-metrics-interval must be at least 10ms")
         if self.log_format not in ("text", "json"):
             raise ValueError("--log-format must be text or json")
+        if self.drain_timeout < 0 or self.drain_quiet_period < 0:
+            raise ValueError("--drain-timeout and --drain-quiet-period must not be negative")
         if self.enable_cert_reload and not self.cert_path:
             raise ValueError("--enable-cert-reload needs --cert-path")
+        if self.endpoint_selector and not self.endpoint_target_ports:
+            raise ValueError("--endpoint-selector needs --endpoint-target-ports")

@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from epp.api.errors import EppError
 from epp.api.types import InferenceRequest
@@ -19,6 +20,9 @@ from epp.objectives import Objectives
 from epp.observability.metrics import EppMetrics
 from epp.scheduling.config import PickerConfig
 from epp.scheduling.plugins import RequestObserver, ResponseInfo, SchedulingResult
+
+if TYPE_CHECKING:
+    from epp.observability.hooks import RequestHooks
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +34,7 @@ class Decision:
     endpoints: list[Endpoint]  # primary first, then fallbacks
     result: SchedulingResult
     tokens: int  # estimated tokens this request adds to the endpoint (prompt + output)
+    extras: Any = None  # epp.observability.hooks.DecisionExtras: headers/metadata to add, trace span
 
     @property
     def primary(self) -> Endpoint:
@@ -71,9 +76,10 @@ def estimate_tokens(request: InferenceRequest) -> int:
 class Director:
     def __init__(self, pool: EndpointPool, config: PickerConfig, disable_subset_filter: bool = False,
                  explain: bool = False, metrics: EppMetrics | None = None,
-                 objectives: Objectives | None = None) -> None:
+                 objectives: Objectives | None = None, hooks: RequestHooks | None = None) -> None:
         self.pool = pool
         self.metrics = metrics
+        self.hooks = hooks  # decision log, explanations, tracing (epp.observability.hooks)
         self.objectives = objectives or Objectives()
         self.disable_subset_filter = disable_subset_filter
         self.explain = explain
@@ -121,12 +127,17 @@ class Director:
 
     async def route(self, request: InferenceRequest, subset: Sequence[str] | None) -> Decision:
         candidates = self.candidates(subset)
+        explain = self.explain or (self.hooks is not None and self.hooks.wants_explain(request))
+        config = self.config
         t0 = time.perf_counter()
-        result = self.config.scheduler.schedule(request, candidates, explain=self.explain)
+        result = config.scheduler.schedule(request, candidates, explain=explain)
         decision = Decision(result.endpoints, result, estimate_tokens(request))
         primary = decision.primary
+        elapsed = time.perf_counter() - t0
         if self.metrics:
-            self.metrics.routed(request, primary, time.perf_counter() - t0)
+            self.metrics.routed(request, primary, elapsed)
+        if self.hooks is not None:
+            self.hooks.routed(request, decision, elapsed, config, len(candidates))
         primary.inflight_requests += 1
         primary.inflight_tokens += decision.tokens
         for obs in self.observers:
@@ -140,6 +151,8 @@ class Director:
         """EPP answered the request itself (bad input, no endpoint, ...)."""
         if self.metrics:
             self.metrics.rejected(request, err)
+        if self.hooks is not None:
+            self.hooks.rejected(request, err)
 
     def response_headers(self, request: InferenceRequest, decision: Decision, response: ResponseInfo) -> None:
         for obs in self.observers:
@@ -164,6 +177,8 @@ class Director:
             u = response.usage
             self.metrics.completed(request, response.status, time.monotonic() - request.received_at, response.bytes,
                                    u and u.prompt_tokens, u and u.completion_tokens, u and u.cached_tokens)
+        if self.hooks is not None:
+            self.hooks.completed(request, decision, response)
         for obs in self.observers:
             try:
                 obs.on_response_complete(request, primary, response)

@@ -4,7 +4,6 @@ and an orderly stop on SIGTERM (health turns NOT_SERVING, streams in flight fini
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 from dataclasses import dataclass, field
@@ -27,11 +26,15 @@ from epp.extproc.stream import StreamOptions
 from epp.health import HealthServicer
 from epp.logs import setup_logging
 from epp.objectives import Objectives
+from epp.observability.debug import add_debug_routes
 from epp.observability.metrics import EppMetrics
+from epp.observability.wiring import Observability
 from epp.scheduling.config import PickerConfig, load_config
 from plugins.datalayer import CoreMetricsExtractor, MetricsDataSource
 
 log = logging.getLogger("epp")
+
+FINAL_GRACE = 5.0  # seconds streams still open at the end of the drain get before they are cancelled
 
 
 @dataclass
@@ -49,6 +52,7 @@ class EppServer:
         self.objectives = Objectives()
         self.director = Director(self.pool, picker_config, cfg.disable_endpoint_subset_filter, metrics=self.metrics,
                                  objectives=self.objectives)
+        self.observability = Observability.attach(self)  # decision log, tracing, plugin timings, config reload
         self.discovery = make_discovery(cfg, self.pool, self.objectives)
         await self.discovery.start()
         self.health.ready = lambda: self.pool.synced and self.discovery.is_leader()
@@ -83,6 +87,7 @@ class EppServer:
         site = web.TCPSite(self._http, cfg.host, cfg.metrics_port)
         await site.start()
         self.metrics_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        await self.observability.start()
         log.info("epp serving: ext_proc %s:%d (%s), health %d, metrics %d, %d endpoints",
                  cfg.host, self.grpc_port, "tls" if cfg.secure_serving else "plaintext", self.health_port,
                  self.metrics_port, len(self.pool.endpoints))
@@ -101,7 +106,8 @@ class EppServer:
 
     def _config_text(self) -> str | None:
         if self.cfg.config_file:
-            return Path(self.cfg.config_file).read_text()
+            self.config_file_text = Path(self.cfg.config_file).read_text()  # what the reloader compares with
+            return self.config_file_text
         return self.cfg.config_text or None
 
     def _metrics_app(self) -> web.Application:
@@ -111,16 +117,50 @@ class EppServer:
 
         app = web.Application()
         app.router.add_get("/metrics", metrics)
+        if self.cfg.debug_endpoints:
+            add_debug_routes(app, self)
         return app
+
+    async def drain(self, timeout: float, quiet_period: float = 0.0, hurry: asyncio.Event | None = None) -> None:
+        """The SIGTERM path. Health turns NOT_SERVING at once (liveness stays SERVING) while every stream,
+        new ones included, is still served: proxies need a few health-check intervals to move away.
+        The drain lasts ``timeout`` seconds (GIE/llm-d), or, with ``quiet_period`` > 0, ends earlier once
+        no stream has been open for that long and a health probe has been told NOT_SERVING. Then new
+        streams are refused and those still open get ``FINAL_GRACE`` seconds. ``hurry`` (a second
+        signal) ends the drain at once."""
+        self.health.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        idle_since: float | None = None
+        reason = "drain timeout reached"
+        while (now := loop.time()) < deadline:
+            if hurry is not None and hurry.is_set():
+                reason = "second signal"
+                break
+            if quiet_period > 0:
+                if self.servicer.active_streams == 0 and self.health.not_serving_answers > 0:
+                    idle_since = now if idle_since is None else idle_since
+                    if now - idle_since >= quiet_period:
+                        reason = f"no stream for {quiet_period:g}s"
+                        break
+                else:
+                    idle_since = None
+            await asyncio.sleep(min(0.05, max(0.0, deadline - now)))
+        open_streams = self.servicer.active_streams
+        log.info("epp drain over (%s): %d stream(s) still open get %.0fs", reason, open_streams,
+                 0 if reason == "second signal" else FINAL_GRACE)
+        await self.stop(grace=0 if reason == "second signal" else FINAL_GRACE)
 
     async def stop(self, grace: float = 5.0) -> None:
         self.health.draining = True
+        self.health.close()  # ends Watch streams, which would hold the grace period up
         await self.grpc_server.stop(grace)
         await self.health_server.stop(0)
         await self._http.cleanup()
         if self.scraper:
             await self.scraper.stop()
         await self.discovery.stop()
+        await self.observability.stop()
 
 
 async def run(cfg: Config) -> int:
@@ -135,8 +175,15 @@ async def run(cfg: Config) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if server.reloader is not None:  # SIGHUP: look at the config file now
+        loop.add_signal_handler(signal.SIGHUP, server.reloader.check)
     await stop.wait()
-    log.info("epp stopping: draining for up to %.1fs", cfg.drain_timeout)
-    with contextlib.suppress(Exception):
-        await server.stop(grace=cfg.drain_timeout)
+    stop.clear()  # a second signal hurries the drain
+    log.info("epp draining: NOT_SERVING, still serving for up to %gs%s", cfg.drain_timeout,
+             f" (less once idle for {cfg.drain_quiet_period:g}s)" if cfg.drain_quiet_period > 0 else "")
+    try:
+        await server.drain(cfg.drain_timeout, cfg.drain_quiet_period, hurry=stop)
+    except Exception:
+        log.exception("error while stopping")
+    log.info("epp stopped")
     return 0

@@ -1,14 +1,20 @@
-"""Server certificates for the ext_proc port: from ``--cert-path`` or self-signed at start-up."""
+"""Server certificates for the ext_proc port: from ``--cert-path`` or self-signed at start-up, and reloaded
+when the files change with ``--enable-cert-reload``."""
 
 from __future__ import annotations
 
 import datetime
+import logging
+import time
 from pathlib import Path
 
+import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+log = logging.getLogger(__name__)
 
 
 def self_signed(common_name: str = "epp") -> tuple[bytes, bytes]:
@@ -32,3 +38,79 @@ def load_pair(cert_dir: str) -> tuple[bytes, bytes]:
     """(key PEM, certificate PEM) from ``tls.key`` / ``tls.crt``, as Kubernetes TLS secrets mount them."""
     d = Path(cert_dir)
     return (d / "tls.key").read_bytes(), (d / "tls.crt").read_bytes()
+
+
+def _check_pair(key_pem: bytes, cert_pem: bytes) -> None:
+    """Raise ValueError unless the key and the certificate parse and belong together."""
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    der = serialization.Encoding.DER
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(der, spki) != cert.public_key().public_bytes(der, spki):
+        raise ValueError("tls.key does not match the certificate in tls.crt")
+
+
+class CertReloader:
+    """The key pair in ``cert_dir`` for ``grpc.dynamic_ssl_server_credentials``, swapped when it changes.
+
+    gRPC calls ``fetch`` before every new TLS handshake; it looks at the files' mtimes and sizes at most
+    every ``min_interval`` seconds and returns a new configuration only when they changed and the new
+    pair is valid (both files parse and the key matches the certificate), so a rotation caught half way
+    (``tls.crt`` written, ``tls.key`` not yet) keeps serving the old pair until both are in place.
+    Connections already open keep the certificate they were set up with.
+    """
+
+    def __init__(self, cert_dir: str, min_interval: float = 1.0) -> None:
+        self.dir = Path(cert_dir)
+        self.min_interval = min_interval
+        self._checked = 0.0
+        self._stamp = self._file_stamp()
+        key, cert = load_pair(cert_dir)
+        _check_pair(key, cert)
+        self.cert_pem = cert
+        self.initial = grpc.ssl_server_certificate_configuration([(key, cert)])
+        self.reloads = 0
+
+    def _file_stamp(self) -> tuple[tuple[int, int], ...]:
+        out = []
+        for name in ("tls.crt", "tls.key"):
+            try:
+                st = (self.dir / name).stat()  # follows the symlinks Kubernetes swaps on secret updates
+                out.append((st.st_mtime_ns, st.st_size))
+            except OSError:
+                out.append((0, 0))
+        return tuple(out)
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        now = time.monotonic()
+        if now - self._checked < self.min_interval:
+            return None
+        self._checked = now
+        stamp = self._file_stamp()
+        if stamp == self._stamp:
+            return None
+        try:
+            key, cert = load_pair(str(self.dir))
+            _check_pair(key, cert)
+        except (OSError, ValueError) as e:  # half-written rotation: try again on a later handshake
+            log.warning("certificate in %s not reloaded yet: %s", self.dir, e)
+            return None
+        self._stamp = stamp
+        self.cert_pem = cert
+        self.reloads += 1
+        log.info("certificate reloaded from %s", self.dir)
+        return grpc.ssl_server_certificate_configuration([(key, cert)])
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.dynamic_ssl_server_credentials(self.initial, self.fetch)
+
+
+def server_credentials(cert_path: str = "", reload: bool = False) -> tuple[grpc.ServerCredentials, CertReloader | None]:
+    """Credentials for the ext_proc port: self-signed when ``cert_path`` is empty, the pair in ``cert_path``
+    otherwise, reloaded on change when ``reload`` (``--enable-cert-reload``). The reloader is returned
+    so the caller can keep a reference (and tests can look at it)."""
+    if reload and cert_path:
+        reloader = CertReloader(cert_path)
+        return reloader.credentials(), reloader
+    key, cert = load_pair(cert_path) if cert_path else self_signed()
+    return grpc.ssl_server_credentials([(key, cert)]), None

@@ -5,8 +5,9 @@ empty segments (trailing or doubled slashes) ignored, so gateway prefixes such a
 ``/<model>/v1/chat/completions`` work. Paths no parser claims are ``ApiKind.OTHER``: routed by load
 alone, never refused, with ``model``/``stream`` picked up when the body happens to carry them.
 
-Reasons raised (all 400 ``EppError``): ``empty-body``, ``invalid-utf8``, ``invalid-json``,
-``json-too-deep``, ``not-an-object``, ``missing-model`` and ``invalid-field`` (``param`` names the field).
+Reasons raised (``EppError``, 400 unless noted): ``empty-body``, ``invalid-utf8``, ``invalid-json``,
+``json-too-deep``, ``not-an-object``, ``missing-model`` and ``invalid-field`` (``param`` names the field);
+415 ``unsupported-media-type`` when an undecodable body was declared as something other than JSON.
 """
 
 from __future__ import annotations
@@ -58,16 +59,45 @@ def api_for_path(path: str) -> ApiKind:
 
 
 def parse_request(path: str, body: bytes, content_type: str | None,
-                  max_json_depth: int = DEFAULT_MAX_JSON_DEPTH) -> ParsedBody:
-    """Parse a request body for the API its path names. Raises ``EppError`` (400) for invalid bodies.
+                  max_json_depth: int = DEFAULT_MAX_JSON_DEPTH, content_encoding: str | None = None) -> ParsedBody:
+    """Parse a request body for the API its path names. Raises ``EppError`` (400, 415) for invalid bodies.
 
-    ``content_type`` matters only for OTHER paths (multipart uploads). Known APIs are read as JSON
-    whatever the client declared: policing Content-Type is the model server's call, not the router's.
+    Known APIs are read as JSON whatever the client declared: a body that is JSON is routed even when
+    labelled ``text/plain`` (policing Content-Type is the model server's call: SGLang accepts such
+    requests, vLLM refuses them). Only a body that is *not* JSON and was declared as something else
+    (``multipart/form-data``, ``text/plain``, ``application/octet-stream``, ...) or sent with a
+    ``Content-Encoding`` (``gzip``: EPP never decompresses) is refused as 415 ``unsupported-media-type``,
+    which tells the client what to fix better than 400 ``invalid-json``. For OTHER paths the content
+    type only guides the search for ``model`` (multipart uploads); their bodies are never refused.
     """
     api = api_for_path(path)
     if api is ApiKind.OTHER:
         return _parse_other(body, content_type, max_json_depth)
-    return _PARSERS[api](decode_json_object(body, max_json_depth))
+    try:
+        payload = decode_json_object(body, max_json_depth)
+    except EppError as e:
+        if e.reason in _UNDECODABLE:
+            unsupported = _unsupported_media(content_type, content_encoding)
+            if unsupported:
+                raise EppError(415, "unsupported-media-type", f"{unsupported}; this API takes a JSON object "
+                               "(Content-Type: application/json, no Content-Encoding)") from None
+        raise
+    return _PARSERS[api](payload)
+
+
+_UNDECODABLE = frozenset({"invalid-utf8", "invalid-json", "not-an-object"})
+
+
+def _unsupported_media(content_type: str | None, content_encoding: str | None) -> str | None:
+    """Why a declared media type / encoding explains an undecodable body; None when it does not."""
+    encoding = (content_encoding or "").strip().lower()
+    if encoding and encoding != "identity":
+        return f"request body has Content-Encoding {encoding!r}, which the endpoint picker does not decode"
+    media_type, _ = _split_content_type(content_type)
+    if media_type and not (media_type == "application/json" or media_type.endswith("+json")
+                           or media_type == "text/json"):
+        return f"request body is {media_type!r}, not JSON"
+    return None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -11,15 +11,23 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from epp.api.errors import bad_request
+
 
 def rewrite_request_model(payload: dict[str, Any], target: str) -> bytes:
-    """The request body with ``model`` set to ``target``; ``payload`` itself is left unchanged."""
+    """The request body with ``model`` set to ``target``; ``payload`` itself is left unchanged.
+
+    Raises ``EppError`` 400 ``invalid-json`` for a number JSON cannot carry: ``1e999`` decodes to
+    infinity, which would be re-encoded as ``Infinity``, and the model server would get invalid JSON."""
     rewritten = {**payload, "model": target}
     try:
-        return json.dumps(rewritten, separators=(",", ":"), ensure_ascii=False).encode()
-    except UnicodeEncodeError:
-        # A lone surrogate (legal as a \ud800 escape in JSON) has no UTF-8 form: escape everything.
-        return json.dumps(rewritten, separators=(",", ":")).encode()
+        try:
+            return json.dumps(rewritten, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+        except UnicodeEncodeError:
+            # A lone surrogate (legal as a \ud800 escape in JSON) has no UTF-8 form: escape everything.
+            return json.dumps(rewritten, separators=(",", ":"), allow_nan=False).encode()
+    except ValueError:
+        raise bad_request("invalid-json", "request body has a number out of range (e.g. 1e999)") from None
 
 
 def _json_string_forms(value: str) -> list[bytes]:

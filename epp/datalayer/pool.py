@@ -44,7 +44,12 @@ class EndpointPool:
         return self._by_name.get(name)
 
     def add_listener(self, listener: Listener) -> None:
-        self._listeners.append(listener)
+        if listener not in self._listeners:  # a plugin kept across a config reload registers again
+            self._listeners.append(listener)
+
+    def remove_listener(self, listener: Listener) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
 
     def sync(self, specs: Iterable[EndpointSpec]) -> None:
         """Make the pool equal to ``specs``. Unchanged endpoints keep their object (and so their

@@ -13,8 +13,6 @@ File format::
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import ipaddress
 import logging
 import os
@@ -24,6 +22,7 @@ from typing import Any
 import yaml
 
 from epp.datalayer.pool import EndpointPool, EndpointSpec
+from epp.reload import FileWatcher
 
 log = logging.getLogger(__name__)
 
@@ -96,45 +95,34 @@ class StaticFileDiscovery:
 
     def __init__(self, pool: EndpointPool, path: str | os.PathLike[str], poll_interval: float = 1.0) -> None:
         self.pool = pool
-        self.path = Path(path)
-        self.poll_interval = poll_interval
-        self._stamp: tuple[int, int] | None = None
-        self._task: asyncio.Task[None] | None = None
+        self.watcher = FileWatcher(path, self._apply, poll_interval, name="static endpoints file")
+        self._applied = False
+
+    @property
+    def path(self) -> Path:
+        return self.watcher.path
+
+    def _apply(self, text: str) -> None:
+        try:
+            specs = parse_endpoints_file(text)
+        except (DiscoveryError, yaml.YAMLError) as e:
+            log.error("static endpoints file %s rejected, keeping previous endpoints: %s", self.path, e)
+            self._applied = False
+            return
+        self.pool.sync(specs)
+        self._applied = True
 
     def load(self) -> bool:
         """Read the file if it changed; True when the pool was updated."""
-        try:
-            st = self.path.stat()
-        except OSError as e:
-            log.error("static endpoints file %s: %s", self.path, e)
-            return False
-        stamp = (st.st_mtime_ns, st.st_size)
-        if stamp == self._stamp:
-            return False
-        self._stamp = stamp
-        try:
-            specs = parse_endpoints_file(self.path.read_text())
-        except (DiscoveryError, yaml.YAMLError, OSError) as e:
-            log.error("static endpoints file %s rejected, keeping previous endpoints: %s", self.path, e)
-            return False
-        self.pool.sync(specs)
-        return True
+        return self.watcher.check() and self._applied
 
     async def start(self) -> None:
         if not self.load() and not self.pool.synced:
             raise DiscoveryError(f"static endpoints file {self.path} could not be loaded")
-        self._task = asyncio.create_task(self._watch(), name="static-endpoints-watch")
-
-    async def _watch(self) -> None:
-        while True:
-            await asyncio.sleep(self.poll_interval)
-            self.load()
+        await self.watcher.start()
 
     def is_leader(self) -> bool:
         return True
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self.watcher.stop()

@@ -41,6 +41,13 @@ class StreamOptions:
     max_body_bytes: int = 32 << 20
     max_json_depth: int = 64
     decision_header: bool = False  # tell the client which endpoint EPP picked (x-epp-endpoint)
+    # Size limits on what a parsed request carries (0: no limit), refused with 413. Sized for long-context
+    # prompts: about 4M tokens either way, four times today's longest contexts, and below what a 32 MiB body
+    # can carry, so they bind before the body limit does. A body limit alone does not bound these: a 32 MiB
+    # body holds a million one-line messages or 16M token ids.
+    max_messages: int = 100_000  # chat/Anthropic messages, Responses input items
+    max_prompt_chars: int = 16 << 20  # the rendered prompt text
+    max_prompt_tokens: int = 4 << 20  # prompts sent as token ids (completions, embeddings, generate)
 
 
 class Phase(Enum):
@@ -53,6 +60,12 @@ class Phase(Enum):
 
 def _style_for_path(path: str) -> ErrorStyle:
     return ParsedBody(api_for_path(path)).error_style
+
+
+def _header_int(text: str) -> int | None:
+    """A non-negative decimal header value (content-length, :status); None when it is anything else.
+    ``str.isdigit`` alone is not enough: it accepts "²" and 5000-digit strings that ``int()`` refuses."""
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 20 else None
 
 
 class ExtProcStream:
@@ -91,6 +104,8 @@ class ExtProcStream:
         if msg.HasField("metadata_context"):
             self._read_metadata(msg.metadata_context)
         kind = msg.WhichOneof("request")
+        if self.error is not None:  # answered with an immediate response: the exchange is over
+            return []
         try:
             handler = getattr(self, f"_on_{kind}", None) if kind else None
             if handler is None:
@@ -112,8 +127,8 @@ class ExtProcStream:
             return []
         self.headers = p.header_map(msg)
         self.path = self.headers.get(":path", "/")
-        declared = self.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > self.options.max_body_bytes:
+        declared = _header_int(self.headers.get("content-length", ""))
+        if declared is not None and declared > self.options.max_body_bytes:
             raise self._too_large()
         if msg.end_of_stream:  # no body (e.g. GET /v1/models): route by load at once
             self._header_only = True
@@ -139,20 +154,28 @@ class ExtProcStream:
             self._has_trailers = True
             self._finish_body()
             return []
-        return [p.trailers_response(request=True)] if self.phase is Phase.RESPONSE else []
+        if self.phase is Phase.RESPONSE and not self._has_trailers:  # answered once, duplicates ignored
+            self._has_trailers = True
+            return [p.trailers_response(request=True)]
+        return []
 
     def _on_response_headers(self, msg: pb.HttpHeaders) -> list[pb.ProcessingResponse]:
         if self.phase is not Phase.RESPONSE or self.request is None or self.decision is None:
             return [p.response_headers_response()]
         headers = p.header_map(msg)
         status = headers.get(":status", "0")
-        self.response.status = int(status) if status.isdigit() else 0
+        self.response.status = _header_int(status) or 0
         self.response.content_type = headers.get("content-type", "")
         if not self.request.body.skip_response and self._response_bodies:
             self._usage = UsageExtractor(self.request.api)
         self.director.response_headers(self.request, self.decision, self.response)
-        out = [p.response_headers_response({p.DECISION_HEADER: self.decision.primary.hostport}
-                                           if self.options.decision_header else None)]
+        add = {p.DECISION_HEADER: self.decision.primary.hostport} if self.options.decision_header else {}
+        if self.decision.extras is not None:
+            add.update(self.decision.extras.response_headers)
+        add.update(self.request.response_headers)
+        # Restoring the client's model name can change the body's length: let Envoy re-frame it.
+        remove = ("content-length",) if self._restorer is not None and self._response_bodies else ()
+        out = [p.response_headers_response(add or None, remove)]
         if msg.end_of_stream:
             self._complete(True)
         return out
@@ -193,8 +216,26 @@ class ExtProcStream:
     def _finish_body(self) -> None:
         raw = b"".join(self._chunks)
         self._chunks = []
-        parsed = parse_request(self.path, raw, self.headers.get("content-type"), self.options.max_json_depth)
+        parsed = parse_request(self.path, raw, self.headers.get("content-type"), self.options.max_json_depth,
+                               content_encoding=self.headers.get("content-encoding"))
+        self._check_limits(parsed)
         self._build_request(parsed, raw)
+
+    def _check_limits(self, parsed: ParsedBody) -> None:
+        o = self.options
+        payload = parsed.payload
+        if o.max_messages and payload is not None and parsed.api is not ApiKind.OTHER:
+            items = payload.get("input" if parsed.api is ApiKind.RESPONSES else "messages")
+            if isinstance(items, list) and len(items) > o.max_messages:
+                raise EppError(413, "too-many-messages", f"request has {len(items)} messages; the limit is "
+                               f"{o.max_messages}", "input" if parsed.api is ApiKind.RESPONSES else "messages")
+        if o.max_prompt_chars and parsed.prompt_text is not None and len(parsed.prompt_text) > o.max_prompt_chars:
+            raise EppError(413, "prompt-too-long", f"prompt has {len(parsed.prompt_text)} characters; the limit "
+                           f"is {o.max_prompt_chars}")
+        ids = parsed.prompt_token_ids
+        if o.max_prompt_tokens and ids is not None and len(ids) > o.max_prompt_tokens:
+            raise EppError(413, "prompt-too-long", f"prompt has {len(ids)} token ids; the limit is "
+                           f"{o.max_prompt_tokens}")
 
     def _build_request(self, parsed: ParsedBody, raw: bytes) -> None:
         headers = self.headers
@@ -235,7 +276,13 @@ class ExtProcStream:
         if not self._header_only:
             set_headers["content-length"] = str(len(self.request.raw_body))
         remove = [h for h in p.PROTECTED_HEADERS if h in self.headers and h != p.DESTINATION_HEADER]
-        out = [p.request_headers_response(set_headers, remove, {p.LB_NAMESPACE: {p.DESTINATION_HEADER: dest}})]
+        lb: dict[str, object] = {p.DESTINATION_HEADER: dest}
+        extras = decision.extras  # observability: trace context, explanation (epp.observability.hooks)
+        if extras is not None:
+            set_headers.update(extras.request_headers)
+            remove += extras.remove_headers
+            lb.update(extras.metadata)
+        out = [p.request_headers_response(set_headers, remove, {p.LB_NAMESPACE: lb})]
         if not self._header_only:
             out += p.body_responses(self.request.raw_body, not self._has_trailers, request=True)
             if self._has_trailers:
@@ -250,13 +297,15 @@ class ExtProcStream:
         self.error = err
         self.phase = Phase.DONE
         self.director.rejected(self.request, err)
-        style = self.request.body.error_style if self.request else _style_for_path(self.path)
+        style = _style_for_path(self.path)  # not the parsed body's: a header-only request parses as OTHER
         log.debug("request %s rejected: %r", self.request.request_id if self.request else "-", err)
         return [p.immediate_response(err.status, error_headers(err), error_body(err, style), err.reason)]
 
     def passthrough(self, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
         """After an internal error: let a response message through untouched, reject a request."""
         kind = msg.WhichOneof("request")
+        if self.error is not None:  # already answered with an immediate response
+            return []
         if self.phase in (Phase.RESPONSE, Phase.DONE):
             if kind == "response_headers":
                 return [p.response_headers_response()]

@@ -1,16 +1,24 @@
 """EPP's Prometheus metrics, with GIE's names, types and labels, plus our own (``epp_*``).
 
-Label cardinality is bounded: request ids never become labels, and model names (chosen by clients)
-are capped at ``MAX_MODEL_LABELS`` distinct values, the rest counted as ``other``.
+Label cardinality is bounded: request ids never become labels, model names (chosen by clients)
+are capped at ``MAX_MODEL_LABELS`` distinct values, the rest counted as ``other``, endpoint labels
+follow the pool (a removed endpoint's series go away with it), and plugin labels come from the
+configuration.
+
+Hot-path histograms that run several times per request (plugin timings, prefix hit ratio) are
+``FastHistogram``: a bisect and two additions on the event-loop thread, exported at scrape time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Iterator
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from epp.api.errors import EppError
@@ -26,16 +34,102 @@ _DURATION = (0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.25, 1.5, 2, 3, 
              120, 180, 240, 300, 360, 480, 600, 900, 1200, 1800, 2700, 3600)
 _SCHED = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
 _TPOT = (0.001, 0.002, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.125, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1, 1.5, 2)
+_PLUGIN = (1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 5e-2, 0.1)
+_RATIO = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+_MARGIN = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 # GIE's error codes for its error counter, by HTTP status.
 _ERROR_CODES = {400: "BadRequest", 413: "BadRequest", 429: "ResourceExhausted", 500: "Internal",
                 503: "ServiceUnavailable"}
 
 
+class FastHistogram:
+    """A histogram child without a lock, for the event-loop thread (where every observation and
+    every scrape of EPP runs). ``observe`` is a bisect and two additions."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def buckets(self) -> list[tuple[str, float]]:
+        out, acc = [], 0
+        for bound, n in zip(self.bounds, self.counts, strict=False):
+            acc += n
+            out.append((repr(float(bound)), acc))
+        out.append(("+Inf", acc + self.counts[-1]))
+        return out
+
+
+class FastHistogramFamily(Collector):
+    """A labelled family of ``FastHistogram``; children are created on first use and kept."""
+
+    def __init__(self, name: str, doc: str, labels: Sequence[str], buckets: Sequence[float]) -> None:
+        self.name, self.doc, self.label_names, self.bounds = name, doc, list(labels), tuple(buckets)
+        self.children: dict[tuple[str, ...], FastHistogram] = {}
+
+    def labels(self, *values: str) -> FastHistogram:
+        child = self.children.get(values)
+        if child is None:
+            if len(values) != len(self.label_names):
+                raise ValueError(f"{self.name}: expected labels {self.label_names}, got {values}")
+            child = self.children[values] = FastHistogram(self.bounds)
+        return child
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        fam = HistogramMetricFamily(self.name, self.doc, labels=self.label_names)
+        for values, child in list(self.children.items()):
+            fam.add_metric(list(values), child.buckets(), child.sum)
+        yield fam
+
+
+class Runtime:
+    """Live sources the scrape-time collectors read; the server fills in what it runs."""
+
+    def __init__(self) -> None:
+        self.streams: Callable[[], int] = lambda: 0  # ext_proc streams open now
+        self.draining: Callable[[], bool] = lambda: False
+        self.config: Callable[[], Any] = lambda: None  # the PickerConfig in force
+        # Endpoint -> object with ``scrapes`` and ``errors`` counters (the MetricsScraper's stats), if any.
+        self.scrape_stats: Callable[[], dict[Any, Any]] = dict
+        self.staleness_threshold = 2.0  # seconds; --metrics-staleness-threshold
+
+
+def prefix_index_size(config: Any) -> int | None:
+    """Entries in the prefix-cache scorers' indexes (block hashes summed over endpoints), or None
+    when no plugin of the configuration keeps one. Reads ``indexer_size()`` when a plugin offers it,
+    else the ``_index`` mapping of endpoint -> LRU that ``prefix-cache-scorer`` keeps."""
+    if config is None:
+        return None
+    total, found = 0, False
+    for plugin in getattr(config, "plugins", {}).values():
+        sizer = getattr(plugin, "indexer_size", None)
+        if callable(sizer):
+            total += int(sizer())
+            found = True
+            continue
+        index = getattr(plugin, "_index", None)
+        if isinstance(index, dict):
+            total += sum(len(v) for v in list(index.values()))
+            found = True
+    return total if found else None
+
+
 class _PoolCollector(Collector):
     """Pool gauges computed at scrape time from the live endpoints (no timer to keep them fresh)."""
 
-    def __init__(self, pool: EndpointPool) -> None:
+    def __init__(self, pool: EndpointPool, runtime: Runtime | None = None) -> None:
         self.pool = pool
+        self.runtime = runtime or Runtime()
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         eps = self.pool.endpoints
@@ -61,20 +155,51 @@ class _PoolCollector(Collector):
         age = GaugeMetricFamily("epp_endpoint_metrics_age_seconds",
                                 "Seconds since the endpoint's metrics were last scraped successfully (-1: never).",
                                 labels=["endpoint"])
+        stale = GaugeMetricFamily("epp_endpoint_metrics_stale",
+                                  "1 when the endpoint's metrics are older than --metrics-staleness-threshold.",
+                                  labels=["endpoint"])
+        error = GaugeMetricFamily("epp_endpoint_scrape_error", "1 when the endpoint's last metrics scrape failed.",
+                                  labels=["endpoint"])
+        rt = self.runtime
+        threshold = rt.staleness_threshold
         now = time.monotonic()
         for e in eps:
             per_pod.add_metric([name, e.name], e.metrics.waiting_requests)
             inflight.add_metric([e.name], e.inflight_requests)
             a = e.metrics.age(now)
             age.add_metric([e.name], -1.0 if a == float("inf") else a)
+            stale.add_metric([e.name], 1.0 if a > threshold else 0.0)
+            error.add_metric([e.name], 1.0 if e.metrics.last_error else 0.0)
         yield per_pod
         yield inflight
         yield age
+        yield stale
+        yield error
+        stats = rt.scrape_stats()
+        scrapes = CounterMetricFamily("epp_endpoint_scrapes", "Metrics scrapes attempted, per endpoint.",
+                                      labels=["endpoint"])
+        errors = CounterMetricFamily("epp_endpoint_scrape_errors", "Metrics scrapes that failed, per endpoint.",
+                                     labels=["endpoint"])
+        for e in eps:
+            st = stats.get(e)
+            if st is not None:
+                scrapes.add_metric([e.name], st.scrapes)
+                errors.add_metric([e.name], st.errors)
+        yield scrapes
+        yield errors
+        yield GaugeMetricFamily("epp_extproc_streams", "ext_proc streams open (requests in flight through EPP).",
+                                value=rt.streams())
+        yield GaugeMetricFamily("epp_draining", "1 after SIGTERM, while EPP drains.", value=1 if rt.draining() else 0)
+        size = prefix_index_size(rt.config())
+        if size is not None:
+            yield GaugeMetricFamily("inference_extension_prefix_indexer_size",
+                                    "Block hashes held by the approximate prefix-cache index.", value=size)
 
 
 class EppMetrics:
     def __init__(self, pool: EndpointPool, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
+        self.runtime = Runtime()
         self.request_total = Counter("inference_objective_request_total", "Requests routed.", [*_M, "priority"],
                                      registry=r)
         self.request_errors = Counter("inference_objective_request_error_total", "Requests that failed.",
@@ -105,9 +230,38 @@ class EppMetrics:
                                  registry=r)
         self.rejections = Counter("epp_rejections_total", "Requests EPP answered itself, by reason and status.",
                                   ["reason", "status"], registry=r)
-        r.register(_PoolCollector(pool))
+        self.plugin_duration = FastHistogramFamily(
+            "inference_extension_plugin_duration_seconds", "Time spent in one plugin call.",
+            ["extension_point", "plugin_type", "plugin_name"], _PLUGIN)
+        hit_ratio = FastHistogramFamily(
+            "inference_extension_prefix_indexer_hit_ratio",
+            "Best prefix match over the candidates, as a fraction of the request's blocks.", [], _RATIO)
+        margin = FastHistogramFamily(
+            "epp_decision_margin", "Picked endpoint's total score minus the best other one's (explained decisions).",
+            [], _MARGIN)
+        for family in (self.plugin_duration, hit_ratio, margin):
+            r.register(family)
+        self.prefix_hit_ratio = hit_ratio.labels()
+        self.decision_margin = margin.labels()
+        self.config_reloads = Counter("epp_config_reloads", "EndpointPickerConfig file reloads, by result.",
+                                      ["result"], registry=r)
+        for result in ("success", "failure"):
+            self.config_reloads.labels(result)
+        self.config_loaded = Gauge("epp_config_last_reload_success_timestamp_seconds",
+                                   "When the scheduling configuration in force was loaded.", registry=r)
+        self.config_loaded.set_to_current_time()
+        r.register(_PoolCollector(pool, self.runtime))
         self.info.labels("dev", "main").set(1)
         self._models: set[str] = set()
+        pool.add_listener(self._forget_endpoints)
+
+    def _forget_endpoints(self, added: list[Endpoint], removed: list[Endpoint]) -> None:
+        """Endpoint-labelled series leave with their endpoint (pods come and go; series must not pile up)."""
+        kept = {x.name for x in added}
+        for e in removed:
+            if e.name not in kept:
+                with contextlib.suppress(KeyError):
+                    self.decisions.remove(e.name)
 
     def _model(self, name: str) -> str:
         if name in self._models:

@@ -6,6 +6,7 @@ Same format as GIE's EPP (apiVersion ``inference.networking.x-k8s.io/v1alpha1``)
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +52,7 @@ class PickerConfig:
     handle: PluginHandle
     feature_gates: list[str] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict)
+    specs: dict[str, str] = field(default_factory=dict)  # plugin name -> its type and parameters, canonical
 
     def plugins_of(self, kind: type[Any]) -> list[Any]:
         return [p for p in self.plugins.values() if isinstance(p, kind)]
@@ -70,8 +72,12 @@ def _check_fields(obj: Any, where: str, allowed: set[str], required: set[str] = 
     return obj
 
 
-def load_config(text: str | None, pool: EndpointPool | None = None) -> PickerConfig:
-    """Parse, validate and instantiate. ``None`` or empty text gives the default config."""
+def load_config(text: str | None, pool: EndpointPool | None = None,
+                previous: PickerConfig | None = None) -> PickerConfig:
+    """Parse, validate and instantiate. ``None`` or empty text gives the default config.
+
+    With ``previous`` (a live reload), a plugin whose name, type and parameters are unchanged is kept,
+    state included (e.g. the prefix-cache index), and previous plugins not kept are stopped."""
     if not text or not text.strip():
         text = DEFAULT_CONFIG
     try:
@@ -86,11 +92,19 @@ def load_config(text: str | None, pool: EndpointPool | None = None) -> PickerCon
 
     handle = PluginHandle(pool)
     plugins: dict[str, Plugin] = {}
+    specs: dict[str, str] = {}
     for i, spec in enumerate(doc.get("plugins") or []):
         spec = _check_fields(spec, f"plugins[{i}]", {"name", "type", "parameters"}, {"type"})
         name = spec.get("name") or spec["type"]
         _expect(name not in plugins, f"plugins[{i}]: duplicate plugin name {name!r}")
-        plugins[name] = instantiate(spec["type"], name, spec.get("parameters"), handle)
+        specs[name] = json.dumps([spec["type"], spec.get("parameters")], sort_keys=True, default=str)
+        kept = previous.plugins.get(name) if previous and previous.specs.get(name) == specs[name] else None
+        if kept is not None:
+            kept.handle = handle
+            handle.plugins[name] = kept
+            plugins[name] = kept
+        else:
+            plugins[name] = instantiate(spec["type"], name, spec.get("parameters"), handle)
 
     profile_specs = doc.get("schedulingProfiles") or []
     _expect(isinstance(profile_specs, list), "schedulingProfiles: expected a list")
@@ -135,7 +149,12 @@ def load_config(text: str | None, pool: EndpointPool | None = None) -> PickerCon
 
     for plugin in plugins.values():
         plugin.start()
-    return PickerConfig(Scheduler(profiles, handler), plugins, handle, gates, doc)
+    if previous is not None:
+        kept_ids = {id(p) for p in plugins.values()}
+        for old in previous.plugins.values():
+            if id(old) not in kept_ids:
+                old.stop()
+    return PickerConfig(Scheduler(profiles, handler), plugins, handle, gates, doc, specs)
 
 
 def _default(plugins: dict[str, Plugin], type_name: str, handle: PluginHandle) -> Any:

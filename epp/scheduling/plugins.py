@@ -42,7 +42,11 @@ class Plugin:
     handle: PluginHandle | None = None
 
     def start(self) -> None:
-        """Called once the whole configuration is built (other plugins can be looked up)."""
+        """Called once the whole configuration is built (other plugins can be looked up). A plugin kept
+        across a config reload (same name, type and parameters) is started again with the new handle."""
+
+    def stop(self) -> None:
+        """Called when a config reload drops the plugin: release what ``start`` registered."""
 
 
 @dataclass(slots=True)

@@ -54,6 +54,7 @@ class EnvoySpec:
     baseline_port: int | None = None  # a listener without ext_proc, round robin, for benchmarks
     access_log: str | None = None
     host: str = "127.0.0.1"
+    route_timeout: float = 300.0  # seconds until the whole response is in; bounds a hung model server
 
 
 def _address(host: str, port: int) -> dict[str, Any]:
@@ -68,14 +69,16 @@ def _lb_endpoints(endpoints: list[str]) -> list[dict[str, Any]]:
     return out
 
 
-def _hcm(name: str, cluster: str, filters: list[dict[str, Any]], access_log: str | None) -> dict[str, Any]:
+def _hcm(name: str, cluster: str, filters: list[dict[str, Any]], access_log: str | None,
+         route_timeout: float = 300.0) -> dict[str, Any]:
     cfg: dict[str, Any] = {
         "@type": _HCM,
         "stat_prefix": name,
         "route_config": {"name": name, "virtual_hosts": [{
             "name": "all", "domains": ["*"],
             # Finite timeouts: a hung EPP or model server must not hold a request forever (pitfall 4).
-            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": cluster, "timeout": "300s"}}]}]},
+            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": cluster,
+                                                            "timeout": f"{route_timeout:g}s"}}]}]},
         "http_filters": [*filters, {"name": "envoy.filters.http.router",
                                     "typed_config": {"@type": _ROUTER, "suppress_envoy_headers": True}}],
     }
@@ -111,7 +114,8 @@ def envoy_config(spec: EnvoySpec) -> dict[str, Any]:
 
     listeners = [{"name": "gateway", "address": _address(spec.host, spec.listen_port),
                   "per_connection_buffer_limit_bytes": 32768,
-                  "filter_chains": [{"filters": [_hcm("gateway", "pool", [strip, ext_proc], spec.access_log)]}]}]
+                  "filter_chains": [{"filters": [_hcm("gateway", "pool", [strip, ext_proc], spec.access_log,
+                                                                spec.route_timeout)]}]}]
     breakers = {"thresholds": [{"max_connections": 40000, "max_pending_requests": 40000,
                                 "max_requests": 40000, "max_retries": 1024}]}
     epp_cluster: dict[str, Any] = {
@@ -220,6 +224,18 @@ class EnvoyProcess:
                 return
             time.sleep(0.1)
         raise TimeoutError("envoy never saw EPP healthy")
+
+    def wait_extproc_unhealthy(self, timeout: float = 20.0) -> None:
+        """Block until Envoy's active health check has marked EPP down (after it was stopped or killed):
+        from then on a new ext_proc stream fails at once, which is when fail-open applies (pitfall 5)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            clusters = self.admin_get("/clusters") or ""
+            if any(line.startswith("epp::") and "health_flags::" in line and "failed_active_hc" in line
+                   for line in clusters.splitlines()):
+                return
+            time.sleep(0.1)
+        raise TimeoutError("envoy never saw EPP unhealthy")
 
     def log_tail(self, n: int = 4000) -> str:
         with contextlib.suppress(OSError):

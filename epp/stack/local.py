@@ -166,6 +166,7 @@ class LocalStack:
                 *(() if any(a.startswith(("--static-endpoints", "--pool-name", "--endpoint-selector"))
                             for a in self.epp_args)
                   else ("--static-endpoints", ",".join(self.endpoints))),
+                "--drain-timeout=0s",  # teardown SIGTERMs EPP: exit at once (a test wanting a drain passes its own)
                 *self.epp_args]
 
     def start_epp(self) -> None:

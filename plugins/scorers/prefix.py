@@ -229,6 +229,10 @@ class ApproxPrefixCacheProducer(RequestObserver):
         if self.handle and self.handle.pool:
             self.handle.pool.add_listener(self._forget_removed)
 
+    def stop(self) -> None:
+        if self.handle and self.handle.pool:
+            self.handle.pool.remove_listener(self._forget_removed)
+
     def _forget_removed(self, added: list[Endpoint], removed: list[Endpoint]) -> None:
         for e in removed:
             self._servers.pop(e.name, None)
@@ -497,6 +501,10 @@ class PrefixCacheScorer(Scorer, RequestObserver):
             self._own.name = f"{self.name}/producer"
             self._own.handle = handle
             self._own.start()
+
+    def stop(self) -> None:
+        if self.producer is self._own:
+            self._own.stop()
 
     def prefix_producer(self) -> ApproxPrefixCacheProducer:
         return self.producer

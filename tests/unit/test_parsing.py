@@ -630,11 +630,11 @@ def test_multipart_without_model_or_boundary() -> None:
     assert parse_request("/v1/audio/transcriptions", truncated, "multipart/form-data; boundary=b").model == ""
 
 
-def test_known_api_with_multipart_body_is_invalid_json() -> None:
+def test_known_api_with_multipart_body_is_unsupported_media_type() -> None:
     body = _multipart("b", [("model", b"m", None)])
     with pytest.raises(EppError) as info:
         parse_request(CHAT, body, "multipart/form-data; boundary=b")
-    assert info.value.reason == "invalid-json"
+    assert (info.value.status, info.value.reason) == (415, "unsupported-media-type")
 
 
 # --------------------------------------------------------------------------------------------- fuzzing

@@ -124,3 +124,23 @@ from epp.scheduling.plugins import Filter  # noqa: E402
 class EmptyFilter(Filter):
     def filter(self, cycle, request, eps):
         return []
+
+
+def test_reload_keeps_unchanged_plugins_and_their_state():
+    from epp.datalayer.pool import EndpointPool, EndpointSpec
+
+    pool = EndpointPool()
+    pool.sync([EndpointSpec("a", "10.0.0.1", 8000)])
+    text = HEAD + "plugins:\n- type: queue-scorer\n- type: prefix-cache-scorer\n"
+    old = load_config(text, pool)
+    prefix = old.plugins["prefix-cache-scorer"]
+    new = load_config(text.replace("- type: queue-scorer\n", "- type: queue-scorer\n  name: q2\n"), pool, previous=old)
+    assert new.plugins["prefix-cache-scorer"] is prefix  # same spec: kept, index and all
+    assert new.plugins["q2"] is not old.plugins["queue-scorer"]
+    changed = load_config(text.replace("- type: prefix-cache-scorer\n",
+                                       "- type: prefix-cache-scorer\n  parameters: {blockSizeTokens: 32}\n"),
+                          pool, previous=new)
+    assert changed.plugins["prefix-cache-scorer"] is not prefix
+    owners = [getattr(f, "__self__", None) for f in pool._listeners]
+    assert prefix.producer not in owners  # the dropped plugin let go of the pool
+    assert owners.count(changed.plugins["prefix-cache-scorer"].producer) == 1

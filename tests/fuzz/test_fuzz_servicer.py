@@ -1,0 +1,96 @@
+"""The grpc.aio servicer around the state machine: whatever the messages, and whatever fails inside EPP
+(the scheduler, a plugin, a lifecycle hook) or outside (Envoy cancelling the stream half way), no
+exception leaves ``Process``, the sequence stays valid and every count returns to zero."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from hypothesis import given
+from hypothesis import strategies as st
+
+from epp.extproc.servicer import ExtProcServicer
+from epp.extproc.stream import StreamOptions
+from epp.scheduling.plugins import RequestObserver
+from epp.scheduling.registry import register_plugin
+from tests.fuzz.counting import count
+from tests.fuzz.invariants import check_sequence, inflight, kinds, loop, new_director, running_gauge
+from tests.fuzz.strategies import Exchange, exchanges, mutated_sequences
+
+
+@register_plugin("fuzz-exploding-observer")
+class Exploding(RequestObserver):
+    needs_response_body = True
+
+    def pre_request(self, request, result):
+        raise RuntimeError("boom in pre_request")
+
+    def on_response_headers(self, request, endpoint, response):
+        raise RuntimeError("boom in on_response_headers")
+
+    def on_response_body(self, request, endpoint, chunk, eos):
+        raise ValueError("boom in on_response_body")
+
+    def on_response_complete(self, request, endpoint, response):
+        raise KeyError("boom in on_response_complete")
+
+
+EXPLODING = """
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: prefix-cache-scorer
+- type: fuzz-exploding-observer
+- type: max-score-picker
+"""
+FAULTS = ["none", "scheduler-raises", "plugin-raises", "hook-raises", "cancel"]
+
+
+async def _messages(msgs: list[pb.ProcessingRequest]) -> AsyncIterator[pb.ProcessingRequest]:
+    for m in msgs:
+        yield m
+
+
+@given(exchanges(), st.sampled_from(FAULTS), st.booleans(), st.integers(0, 12), st.data())
+def test_process_never_raises_and_always_cleans_up(ex: Exchange, fault: str, mutate: bool, cancel_after: int,
+                                                   data: st.DataObject):
+    msgs = ex.request + ex.response
+    if mutate:
+        msgs, _ = data.draw(mutated_sequences(msgs))
+    count(f"servicer: Process with fault={fault}")
+    director = new_director(EXPLODING if fault == "plugin-raises" else None)
+    if fault == "scheduler-raises":
+        def schedule(*a, **kw):
+            raise RuntimeError("scheduler exploded")
+        director.config.scheduler.schedule = schedule
+    elif fault == "hook-raises":
+        def hook(*a, **kw):
+            raise RuntimeError("lifecycle hook exploded")
+        director.response_headers = hook
+        director.response_body = hook
+    servicer = ExtProcServicer(director, StreamOptions())
+
+    async def run() -> list[pb.ProcessingResponse]:
+        out: list[pb.ProcessingResponse] = []
+        gen = servicer.Process(_messages(msgs), None)
+        async for resp in gen:
+            out.append(resp)
+            assert servicer.active_streams == 1
+            if fault == "cancel" and len(out) > cancel_after:
+                await gen.aclose()  # what grpc does when Envoy resets the stream
+                break
+        return out
+
+    out = loop().run_until_complete(run())
+    assert servicer.active_streams == 0
+    assert inflight(director) == (0, 0)
+    assert running_gauge(director) == 0
+    path = next((h.raw_value.decode("utf-8", "replace") for m in msgs if m.HasField("request_headers")
+                 for h in m.request_headers.headers.headers if h.key == ":path"), "/")
+    if fault != "cancel":
+        check_sequence(out, path)
+    if fault == "scheduler-raises" and "immediate_response" in kinds(out):
+        codes = [r.immediate_response.status.code for r in out if r.HasField("immediate_response")]
+        assert codes[0] in (400, 413, 415, 500, 503), codes
