@@ -15,6 +15,7 @@ import contextlib
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -196,6 +197,20 @@ class _PoolCollector(Collector):
                                     "Block hashes held by the approximate prefix-cache index.", value=size)
 
 
+@dataclass(slots=True)
+class _ModelSeries:
+    total: Any
+    sizes: Any
+    running: Any
+    duration: Any
+    response_sizes: Any
+    server_errors: Any
+    input_tokens: Any
+    output_tokens: Any
+    ntpot: Any
+    cached_tokens: Any
+
+
 class EppMetrics:
     def __init__(self, pool: EndpointPool, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
@@ -253,6 +268,9 @@ class EppMetrics:
         r.register(_PoolCollector(pool, self.runtime))
         self.info.labels("dev", "main").set(1)
         self._models: set[str] = set()
+        self._series_cache: dict[tuple[str, str, int], _ModelSeries] = {}
+        self._decisions: dict[str, Any] = {}
+        self._attempts_success = self.scheduler_attempts.labels("success")
         pool.add_listener(self._forget_endpoints)
 
     def _forget_endpoints(self, added: list[Endpoint], removed: list[Endpoint]) -> None:
@@ -260,6 +278,7 @@ class EppMetrics:
         kept = {x.name for x in added}
         for e in removed:
             if e.name not in kept:
+                self._decisions.pop(e.name, None)
                 with contextlib.suppress(KeyError):
                     self.decisions.remove(e.name)
 
@@ -276,14 +295,35 @@ class EppMetrics:
             return "", ""
         return self._model(request.model), self._model(request.target_model)
 
+    def _series(self, request: InferenceRequest) -> _ModelSeries:
+        """The labelled children for this request's (model, target, priority), resolved once and cached:
+        ``labels()`` takes a lock and builds tuples, too slow to repeat per request."""
+        key = (request.model, request.target_model, request.priority)
+        series = self._series_cache.get(key)
+        if series is None:
+            m = self.labels(request)
+            series = _ModelSeries(
+                total=self.request_total.labels(*m, str(request.priority)),
+                sizes=self.request_sizes.labels(*m), running=self.running.labels(m[0]),
+                duration=self.request_duration.labels(*m), response_sizes=self.response_sizes.labels(*m),
+                server_errors=self.request_errors.labels(*m, "ModelServerError"),
+                input_tokens=self.input_tokens.labels(*m), output_tokens=self.output_tokens.labels(*m),
+                ntpot=self.ntpot.labels(*m), cached_tokens=self.cached_tokens.labels(*m))
+            if len(self._series_cache) < 4 * MAX_MODEL_LABELS:
+                self._series_cache[key] = series
+        return series
+
     def routed(self, request: InferenceRequest, endpoint: Endpoint, schedule_seconds: float) -> None:
-        m = self.labels(request)
-        self.request_total.labels(*m, str(request.priority)).inc()
-        self.request_sizes.labels(*m).observe(len(request.raw_body))
-        self.running.labels(m[0]).inc()
+        s = self._series(request)
+        s.total.inc()
+        s.sizes.observe(len(request.raw_body))
+        s.running.inc()
         self.scheduler_e2e.observe(schedule_seconds)
-        self.scheduler_attempts.labels("success").inc()
-        self.decisions.labels(endpoint.name).inc()
+        self._attempts_success.inc()
+        decisions = self._decisions.get(endpoint.name)
+        if decisions is None:
+            decisions = self._decisions[endpoint.name] = self.decisions.labels(endpoint.name)
+        decisions.inc()
 
     def rejected(self, request: InferenceRequest | None, err: EppError) -> None:
         m = self.labels(request)
@@ -294,17 +334,17 @@ class EppMetrics:
 
     def completed(self, request: InferenceRequest, status: int, seconds: float, response_bytes: int,
                   prompt: int | None, output: int | None, cached: int | None) -> None:
-        m = self.labels(request)
-        self.running.labels(m[0]).dec()
-        self.request_duration.labels(*m).observe(seconds)
-        self.response_sizes.labels(*m).observe(response_bytes)
+        s = self._series(request)
+        s.running.dec()
+        s.duration.observe(seconds)
+        s.response_sizes.observe(response_bytes)
         if status >= 400 or status == 0:
-            self.request_errors.labels(*m, "ModelServerError").inc()
+            s.server_errors.inc()
         if prompt is not None:
-            self.input_tokens.labels(*m).observe(prompt)
+            s.input_tokens.observe(prompt)
         if output is not None:
-            self.output_tokens.labels(*m).observe(output)
+            s.output_tokens.observe(output)
             if output > 0:
-                self.ntpot.labels(*m).observe(seconds / output)
+                s.ntpot.observe(seconds / output)
         if cached is not None:
-            self.cached_tokens.labels(*m).observe(cached)
+            s.cached_tokens.observe(cached)
