@@ -24,5 +24,11 @@ test: $(STAMP)  ## lint + unit + end-to-end tests
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+bench: $(STAMP)  ## routing quality: the same workloads through Envoy RR, Envoy + EPP, vllm-router (~8 min)
+	$(BIN)/python -m bench.quality
+
+bench-overhead: $(STAMP)  ## EPP's own cost: added latency per request, highest request rate (~4 min)
+	$(BIN)/python -m bench.overhead
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

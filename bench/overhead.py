@@ -1,0 +1,289 @@
+"""EPP's own cost: latency it adds per request against Envoy routing statically, and the highest request rate
+one EPP process sustains.
+
+    python -m bench.overhead                 # or: make bench-overhead  (~4 min on 2 cores)
+
+The pods use the ``instant`` simulator profile (no GPU time), so what remains is proxying and routing. One
+LocalStack per ``response_body_mode`` (FULL_DUPLEX_STREAMED: every response chunk goes through EPP; NONE:
+EPP sees the request only) with its baseline listener (round robin, no ext_proc) on the same Envoy.
+
+1. Added latency, one request at a time, gateway and baseline requests alternating: p50/p99 of the
+   difference's parts for non-streamed chat (``--prompt-tokens`` prompt, 16 output tokens) and for streamed
+   1k-token answers (TTFT and end to end).
+2. Throughput: closed-loop concurrency ramp 1, 2, 4, ... (non-streamed chat) until throughput stops growing
+   (<5% for two steps, and at least up to 32) or errors appear; req/s, p50/p99 latency and EPP's CPU %
+   (from /proc/<pid>/stat; 100% = one core) per step. The same ramp on the baseline listener shows what
+   the box itself allows.
+3. Scheduling time per decision at 8/64/256 endpoints (bench/scheduling_bench.py), when it is present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import random
+import shlex
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from bench.client import Planned, new_session, send
+from bench.harness import CpuMeter
+from bench.report import fmt, markdown_table, pct, table
+from bench.workloads import MODEL, TextGen
+from epp.stack.local import LocalStack
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _bodies(prompt_tokens: int, seed: int = 7) -> tuple[bytes, bytes]:
+    rng = random.Random(seed)
+    text = TextGen(seed).text(rng, prompt_tokens)
+    base = {"model": MODEL, "messages": [{"role": "system", "content": "You are a helpful assistant."},
+                                         {"role": "user", "content": text}]}
+    plain = json.dumps({**base, "max_tokens": 16}).encode()
+    stream = json.dumps({**base, "max_tokens": 1000, "stream": True,
+                         "stream_options": {"include_usage": True}}).encode()
+    return plain, stream
+
+
+async def added_latency(http: aiohttp.ClientSession, gateway: str, baseline: str, body: bytes, stream: bool,
+                        n: int) -> dict[str, Any]:
+    """``n`` requests to each listener, alternating, one at a time."""
+    samples: dict[str, dict[str, list[float]]] = {"gateway": {"e2e": [], "ttft": []},
+                                                  "baseline": {"e2e": [], "ttft": []}}
+    errors = 0
+    start = time.perf_counter()
+    for i in range(-3, n):  # 3 warm-up pairs
+        order = (("gateway", gateway), ("baseline", baseline)) if i % 2 else (("baseline", baseline),
+                                                                             ("gateway", gateway))
+        for name, url in order:
+            r = await send(http, url, Planned(i, 0.0, "chat", body, stream=stream), start, timeout=60)
+            if not r.ok:
+                errors += 1
+                continue
+            if i >= 0:
+                samples[name]["e2e"].append(r.e2e or 0.0)
+                if r.ttft is not None:
+                    samples[name]["ttft"].append(r.ttft)
+    out: dict[str, Any] = {"n": n, "errors": errors}
+    for metric in ("e2e", "ttft"):
+        g, b = samples["gateway"][metric], samples["baseline"][metric]
+        if not g or not b:
+            continue
+        for q in (50, 99):
+            out[f"{metric}_p{q}_baseline"] = pct(b, q)
+            out[f"{metric}_p{q}_gateway"] = pct(g, q)
+            out[f"{metric}_p{q}_added"] = pct(g, q) - pct(b, q)  # type: ignore[operator]
+    return out
+
+
+async def closed_loop(http: aiohttp.ClientSession, url: str, body: bytes, concurrency: int,
+                      seconds: float) -> dict[str, Any]:
+    lat: list[float] = []
+    errors = 0
+    deadline = time.perf_counter() + seconds
+    headers = {"content-type": "application/json"}
+
+    async def worker() -> None:
+        nonlocal errors
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            try:
+                async with http.post(url + "/v1/chat/completions", data=body, headers=headers,
+                                     timeout=aiohttp.ClientTimeout(total=30)) as r:
+                    await r.read()
+                    if r.status != 200:
+                        errors += 1
+                        continue
+            except (aiohttp.ClientError, TimeoutError, OSError):
+                errors += 1
+                continue
+            lat.append(time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - t0
+    return {"concurrency": concurrency, "requests": len(lat), "errors": errors, "rps": len(lat) / wall,
+            "p50": pct(lat, 50), "p99": pct(lat, 99)}
+
+
+async def ramp(http: aiohttp.ClientSession, url: str, body: bytes, pids: dict[str, int], seconds: float,
+               max_concurrency: int, log: Any, min_concurrency: int = 32) -> list[dict[str, Any]]:
+    steps: list[dict[str, Any]] = []
+    c = 1
+    flat = 0
+    await closed_loop(http, url, body, 4, min(1.0, seconds))  # warm connections and EPP
+    while c <= max_concurrency:
+        meter = CpuMeter(pids).start()
+        step = await closed_loop(http, url, body, c, seconds)
+        step["cpu_pct"] = meter.stop()
+        if "epp" in pids and step["requests"]:
+            step["epp_cpu_ms_per_req"] = step["cpu_pct"]["epp"] * 10 * seconds / step["requests"]
+        steps.append(step)
+        log(f"    c={c:<4} {step['rps']:7.0f} req/s  p50 {fmt(step['p50'], 1, 1000)} ms  p99 "
+            f"{fmt(step['p99'], 1, 1000)} ms  errors {step['errors']}  CPU {step['cpu_pct']}")
+        if step["errors"]:
+            break
+        best_before = max((s["rps"] for s in steps[:-1]), default=0.0)
+        flat = flat + 1 if step["rps"] < 1.05 * best_before else 0
+        if flat >= 2 and c >= min_concurrency:  # not before: on a shared box one slow step is noise
+            break
+        c *= 2
+    return steps
+
+
+def _peak(steps: list[dict[str, Any]]) -> dict[str, Any]:
+    ok = [s for s in steps if not s["errors"]] or steps
+    return max(ok, key=lambda s: s["rps"])
+
+
+async def run_overhead(pods: int = 4, modes: tuple[str, ...] = ("FULL_DUPLEX_STREAMED", "NONE"), n_plain: int = 1000,
+                       n_stream: int = 150, prompt_tokens: int = 1000, step_seconds: float = 4.0,
+                       max_concurrency: int = 256, baseline_ramp: bool = True, log: Any = print) -> dict[str, Any]:
+    plain, stream = _bodies(prompt_tokens)
+    out: dict[str, Any] = {"modes": {}, "params": dict(pods=pods, n_plain=n_plain, n_stream=n_stream,
+                                                       prompt_tokens=prompt_tokens, step_seconds=step_seconds)}
+    for mode in modes:
+        stack = LocalStack(pods=pods, sim_args=["--profile", "instant", "--model", MODEL], baseline=True,
+                           response_body_mode=mode)
+        await asyncio.to_thread(stack.start)
+        try:
+            assert stack.epp is not None and stack.epp.proc is not None
+            assert stack.envoy is not None and stack.envoy.proc is not None
+            assert stack.sim is not None and stack.sim.proc is not None
+            baseline = f"http://127.0.0.1:{stack.baseline_port}"
+            pids = {"epp": stack.epp.proc.pid, "envoy": stack.envoy.proc.pid, "sim": stack.sim.proc.pid,
+                    "loadgen": os.getpid()}
+            res: dict[str, Any] = {}
+            async with new_session() as http:
+                log(f"{mode}: added latency, non-streamed ({n_plain} pairs)")
+                res["plain"] = await added_latency(http, stack.url, baseline, plain, False, n_plain)
+                log(f"{mode}: added latency, streamed 1k tokens ({n_stream} pairs)")
+                res["stream"] = await added_latency(http, stack.url, baseline, stream, True, n_stream)
+                log(f"{mode}: throughput ramp through EPP")
+                res["ramp"] = await ramp(http, stack.url, plain, pids, step_seconds, max_concurrency, log)
+                if baseline_ramp and mode == modes[0]:
+                    log("baseline listener (no EPP): throughput ramp")
+                    out["baseline_ramp"] = await ramp(http, baseline, plain,
+                                                      {k: v for k, v in pids.items() if k != "epp"},
+                                                      step_seconds, max_concurrency, log)
+            out["modes"][mode] = res
+        finally:
+            await asyncio.to_thread(stack.cleanup)
+    return out
+
+
+def latency_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    header = ["response_body_mode", "request", "baseline p50", "EPP p50", "added p50", "baseline p99", "EPP p99",
+              "added p99"]
+    rows = []
+    for mode, res in result["modes"].items():
+        for kind, metric, label in (("plain", "e2e", "non-streamed, e2e"), ("stream", "ttft", "stream 1k, TTFT"),
+                                    ("stream", "e2e", "stream 1k, e2e")):
+            r = res[kind]
+            if f"{metric}_p50_added" not in r:
+                continue
+            rows.append([mode, label] + [fmt(r[f"{metric}_p{q}_{w}"], 2, 1000, " ms")
+                                         for q in (50, 99) for w in ("baseline", "gateway", "added")])
+    return header, rows
+
+
+def throughput_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    header = ["path", "peak req/s", "at conc.", "p50", "p99", "EPP CPU", "EPP CPU/req", "1 core of EPP",
+              "Envoy CPU", "CPU ours/others"]
+    rows = []
+    items = [(f"Envoy + EPP ({m})", r["ramp"]) for m, r in result["modes"].items()]
+    if result.get("baseline_ramp"):
+        items.append(("Envoy baseline (no EPP)", result["baseline_ramp"]))
+    for label, steps in items:
+        p = _peak(steps)
+        cpu = p["cpu_pct"]
+        per_req = p.get("epp_cpu_ms_per_req")
+        rows.append([label, fmt(p["rps"], 0), str(p["concurrency"]), fmt(p["p50"], 1, 1000, " ms"),
+                     fmt(p["p99"], 1, 1000, " ms"), fmt(cpu.get("epp"), 0, 1, "%"), fmt(per_req, 2, 1, " ms"),
+                     fmt(1000 / per_req if per_req else None, 0, 1, " req/s"), fmt(cpu.get("envoy"), 0, 1, "%"),
+                     f"{cpu['box'] - cpu['others']:.0f}/{cpu['others']:.0f}%" if "box" in cpu else "-"])
+    return header, rows
+
+
+def scheduling_table(decisions: int = 200) -> str | None:
+    """The scheduling-cost table of bench/scheduling_bench.py, if that benchmark exists here."""
+    try:
+        from bench import scheduling_bench
+    except ImportError:
+        return None
+    try:
+        rows = scheduling_bench.run_bench(decisions=decisions)
+        return scheduling_bench.format_table(rows)
+    except Exception as e:
+        return f"(bench.scheduling_bench failed: {type(e).__name__}: {e})"
+
+
+def render(result: dict[str, Any]) -> str:
+    h1, r1 = latency_rows(result)
+    h2, r2 = throughput_rows(result)
+    parts = ["Added latency (one request at a time; instant pods):", table(r1, h1),
+             "", "Throughput (closed-loop ramp, non-streamed chat):", table(r2, h2)]
+    if result.get("scheduling"):
+        parts += ["", "Scheduling time per decision (bench/scheduling_bench.py):", result["scheduling"]]
+    return "\n".join(parts)
+
+
+async def _cancellable(coro: Any) -> Any:
+    task = asyncio.ensure_future(coro)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    return await task
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pods", type=int, default=4)
+    ap.add_argument("--modes", default="FULL_DUPLEX_STREAMED,NONE")
+    ap.add_argument("--requests", type=int, default=1000, help="non-streamed request pairs")
+    ap.add_argument("--stream-requests", type=int, default=150, help="streamed 1k-token request pairs")
+    ap.add_argument("--prompt-tokens", type=int, default=1000)
+    ap.add_argument("--step-seconds", type=float, default=4.0)
+    ap.add_argument("--max-concurrency", type=int, default=256)
+    ap.add_argument("--no-baseline-ramp", action="store_true")
+    ap.add_argument("--no-scheduling", action="store_true", help="skip bench/scheduling_bench.py's table")
+    ap.add_argument("--out", type=Path)
+    a = ap.parse_args(argv)
+    out_dir = a.out or RESULTS / dt.datetime.now().strftime("overhead-%Y%m%d-%H%M%S")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        result = asyncio.run(_cancellable(run_overhead(
+            pods=a.pods, modes=tuple(a.modes.split(",")), n_plain=a.requests, n_stream=a.stream_requests,
+            prompt_tokens=a.prompt_tokens, step_seconds=a.step_seconds, max_concurrency=a.max_concurrency,
+            baseline_ramp=not a.no_baseline_ramp)))
+    except asyncio.CancelledError:
+        print("interrupted", file=sys.stderr)
+        return 130
+    if not a.no_scheduling:
+        result["scheduling"] = scheduling_table()
+    result["meta"] = {"command": " ".join(shlex.quote(x) for x in sys.argv), "cpus": os.cpu_count(),
+                      "when": dt.datetime.now().isoformat(timespec="seconds")}
+    text = render(result)
+    (out_dir / "overhead.json").write_text(json.dumps(result, indent=1))
+    (out_dir / "table.txt").write_text(text + "\n")
+    h1, r1 = latency_rows(result)
+    h2, r2 = throughput_rows(result)
+    (out_dir / "table.md").write_text(markdown_table(r1, h1) + "\n\n" + markdown_table(r2, h2) + "\n")
+    print()
+    print(text)
+    print(f"\nraw data: {out_dir}")
+    errors = sum(r[k]["errors"] for r in result["modes"].values() for k in ("plain", "stream"))
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
