@@ -258,6 +258,8 @@ class SoakReport:
     threads_start: int
     threads_end: int
     epp_cpu_percent: float  # EPP's CPU use over the run, in % of one core
+    tasks_start: float | None  # EPP's asyncio tasks (gauge epp_asyncio_tasks, when EPP exposes it)
+    tasks_end: float | None
     inflight_end: dict[str, float]
     samples: list[tuple[float, float, int, int]]  # (seconds, rss MiB, fds, threads)
 
@@ -280,9 +282,18 @@ class SoakReport:
             f"({self.rss_slope_mib_per_min:+.2f} MiB/min)",
             f"  EPP busy: {self.epp_cpu_percent:.0f}% of one core; "
             f"open fds {self.fds_start} -> {self.fds_end}, threads {self.threads_start} -> {self.threads_end}, "
+            f"asyncio tasks {_or_na(self.tasks_start)} -> {_or_na(self.tasks_end)}, "
             f"in flight at end {self.inflight_end}",
             *(f"  error: {e}" for e in self.error_samples[:5]),
         ]
+
+
+def _gauge(metrics: dict[str, list[tuple]], name: str) -> float | None:
+    return metric_sum(metrics, name) if name in metrics else None
+
+
+def _or_na(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f}"
 
 
 def _slope(points: list[tuple[float, float]]) -> float:
@@ -335,6 +346,7 @@ async def soak(url: str, metrics_port: int, epp_pid: int, duration: float, concu
         rss_growth_after_warmup_mib=end.rss_mib - after_warmup, rss_slope_mib_per_min=_slope(post) * 60,
         fds_start=start.fds, fds_end=end.fds, threads_start=start.threads, threads_end=end.threads,
         epp_cpu_percent=100 * (end.cpu_s - start.cpu_s) / max(1e-9, time.monotonic() - t0),
+        tasks_start=_gauge(before, "epp_asyncio_tasks"), tasks_end=_gauge(after, "epp_asyncio_tasks"),
         inflight_end=quiet, samples=samples)
 
 

@@ -14,6 +14,7 @@ from epp.extproc.servicer import ExtProcServicer
 from epp.extproc.stream import StreamOptions
 from epp.scheduling.plugins import RequestObserver
 from epp.scheduling.registry import register_plugin
+from tests.extproc_helpers import NONE, body_msg, headers_msg, response_body_msg, response_headers_msg
 from tests.fuzz.counting import count
 from tests.fuzz.invariants import check_sequence, inflight, kinds, loop, new_director, running_gauge
 from tests.fuzz.strategies import Exchange, exchanges, mutated_sequences
@@ -94,3 +95,38 @@ def test_process_never_raises_and_always_cleans_up(ex: Exchange, fault: str, mut
     if fault == "scheduler-raises" and "immediate_response" in kinds(out):
         codes = [r.immediate_response.status.code for r in out if r.HasField("immediate_response")]
         assert codes[0] in (400, 413, 415, 500, 503), codes
+
+
+# -- the RPC's end -------------------------------------------------------------------------------------
+
+
+def _consumed(msgs: list[pb.ProcessingRequest]) -> tuple[list[str], int]:
+    """Run Process; return the response kinds and how many request messages it read."""
+    seen = 0
+
+    async def source() -> AsyncIterator[pb.ProcessingRequest]:
+        nonlocal seen
+        for m in msgs:
+            seen += 1
+            yield m
+
+    async def run() -> list[pb.ProcessingResponse]:
+        servicer = ExtProcServicer(new_director(), StreamOptions())
+        return [r async for r in servicer.Process(source(), None)]
+
+    return kinds(loop().run_until_complete(run())), seen
+
+
+def test_process_ends_the_rpc_itself_once_everything_is_answered():
+    """Ending with OK, instead of waiting for Envoy to reset the stream, avoids grpc.aio's per-reset leak."""
+    body = b'{"model": "m", "prompt": "hi"}'
+    junk = [response_body_msg(b"late", eos=True)] * 3
+    full = [headers_msg(), body_msg(body), response_headers_msg(), response_body_msg(b"{}", eos=True), *junk]
+    ks, seen = _consumed(full)
+    assert ks == ["request_headers", "request_body", "response_headers", "response_body"] and seen == 4
+    ks, seen = _consumed([headers_msg(), body_msg(b"{broken"), *junk])  # immediate response: over at once
+    assert ks == ["immediate_response"] and seen == 2
+    # Without response bodies the end of the response is only known when Envoy closes: read to the end.
+    ignored = [body_msg(b"x")] * 3
+    ks, seen = _consumed([headers_msg(response_body_mode=NONE), body_msg(body), response_headers_msg(), *ignored])
+    assert ks == ["request_headers", "request_body", "response_headers"] and seen == 6
