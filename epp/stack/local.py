@@ -172,7 +172,10 @@ class LocalStack:
     def start_epp(self) -> None:
         self.epp = ManagedProcess("epp", self.epp_argv(), self.dir)
         self.epp.start()
-        wait_grpc_serving(self.health_port, 30)
+        try:
+            wait_grpc_serving(self.health_port, 30)
+        except TimeoutError as e:
+            raise TimeoutError(f"{e}; EPP log:\n{self.epp.tail()}") from None
 
     def start_envoy(self) -> None:
         self.envoy = EnvoyProcess(EnvoySpec(
