@@ -242,7 +242,10 @@ class ExtProcStream:
         request_id = headers.get(p.REQUEST_ID_HEADER)
         if not request_id:
             request_id = self._generated_id = str(uuid.uuid4())
-        target = self.director.target_model(parsed.model, p.first_header(headers, p.REWRITE_HEADERS))
+        rewrite = (p.first_header(headers, p.REWRITE_HEADERS) or "").strip()
+        if not rewrite.isprintable():  # a control character is no model name: ignore the header
+            rewrite = ""
+        target = self.director.target_model(parsed.model, rewrite or None)
         if target != parsed.model and parsed.payload is not None and parsed.model:
             raw = rewrite_request_model(parsed.payload, target)
             self._restorer = ModelNameRestorer(target, parsed.model)
