@@ -16,6 +16,7 @@ import grpc
 import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.harness import PREFIX_ONLY_CONFIG as PREFIX_ONLY
 from epp.stack.local import HOST, LocalStack
 from epp.stack.tour import MODEL
 from tests.e2e.conftest import SIM_ARGS
@@ -23,18 +24,6 @@ from tests.e2e.conftest import SIM_ARGS
 # Teardown stops EPP with SIGTERM: without a drain it exits at once instead of serving 30 s more.
 NO_DRAIN = "--drain-timeout=0s"
 
-PREFIX_ONLY = """\
-apiVersion: inference.networking.x-k8s.io/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-- type: prefix-cache-scorer
-- type: max-score-picker
-schedulingProfiles:
-- name: default
-  plugins:
-  - pluginRef: prefix-cache-scorer
-  - pluginRef: max-score-picker
-"""
 RANDOM = """\
 apiVersion: inference.networking.x-k8s.io/v1alpha1
 kind: EndpointPickerConfig
