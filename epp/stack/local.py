@@ -26,23 +26,40 @@ from epp.stack.envoy import EnvoyProcess, EnvoySpec
 HOST = "127.0.0.1"
 
 
+def _ephemeral_low(default: int = 32768) -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return default
+
+
+# Ports are picked below the kernel's ephemeral range: outgoing connections (Envoy to the pods, clients)
+# take their source ports from that range and could grab a port between our pick and the server's bind
+# (seen as "Address already in use" when EPP restarts). Ports handed out are not handed out twice.
+_EPHEMERAL_LOW = _ephemeral_low()
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+    return free_port_range(1)
 
 
-def free_port_range(n: int, start: int = 20000, stop: int = 60000) -> int:
+def free_port_range(n: int, start: int = 20000, stop: int | None = None) -> int:
     """First port of ``n`` consecutive free ports (the simulator serves pods on consecutive ports)."""
+    if stop is None:
+        stop = _EPHEMERAL_LOW if _EPHEMERAL_LOW - start > 2000 else 60000
     rng = __import__("random").Random(os.getpid() ^ time.monotonic_ns())
     for _ in range(200):
         base = rng.randrange(start, stop - n)
+        if _handed_out.intersection(range(base, base + n)):
+            continue
         socks = []
         try:
             for i in range(n):
                 s = socket.socket()
                 socks.append(s)
                 s.bind((HOST, base + i))
+            _handed_out.update(range(base, base + n))
             return base
         except OSError:
             continue

@@ -10,6 +10,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from hypothesis import given
 from hypothesis import strategies as st
 
+from epp.extproc.protocol import header_map
 from epp.extproc.servicer import ExtProcServicer
 from epp.extproc.stream import StreamOptions
 from epp.scheduling.plugins import RequestObserver
@@ -88,8 +89,8 @@ def test_process_never_raises_and_always_cleans_up(ex: Exchange, fault: str, mut
     assert servicer.active_streams == 0
     assert inflight(director) == (0, 0)
     assert running_gauge(director) == 0
-    path = next((h.raw_value.decode("utf-8", "replace") for m in msgs if m.HasField("request_headers")
-                 for h in m.request_headers.headers.headers if h.key == ":path"), "/")
+    # The path the stream used: the first request headers' :path, the last one if repeated (as header_map reads it).
+    path = next((header_map(m.request_headers).get(":path", "/") for m in msgs if m.HasField("request_headers")), "/")
     if fault != "cancel":
         check_sequence(out, path)
     if fault == "scheduler-raises" and "immediate_response" in kinds(out):

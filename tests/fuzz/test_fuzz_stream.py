@@ -35,7 +35,7 @@ def test_well_formed_exchanges_get_a_valid_answer(ex: Exchange, options: StreamO
     driven.feed(ex.request)
     stream = driven.stream
     ks = kinds(driven.out)
-    check_sequence(driven.out, ex.path)
+    check_sequence(driven.out, stream.path)  # extra headers may repeat :path
     if stream.phase is not Phase.RESPONSE:  # EPP answered itself: Envoy sends nothing more
         assert ks == ["immediate_response"], ks
         driven.close()
@@ -60,7 +60,7 @@ def test_well_formed_exchanges_get_a_valid_answer(ex: Exchange, options: StreamO
     driven.feed(ex.response)
     answer = driven.out[n_request_side:]
     aks = kinds(answer)
-    check_sequence(driven.out, ex.path)
+    check_sequence(driven.out, stream.path)  # extra headers may repeat :path
     assert aks[0] == "response_headers" and aks.count("response_headers") == 1, aks
     got = b"".join(streamed(r, "response_body").body for r in answer if r.HasField("response_body"))
     raw = b"".join(ex.response_chunks)
