@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     flag("--max-request-body-bytes", type=int, default=d.max_request_body_bytes)
     flag("--max-json-depth", type=int, default=d.max_json_depth)
+    flag("--max-request-messages", type=int, default=d.max_request_messages,
+         help="most chat/Anthropic messages or Responses input items in one request (0: no limit)")
+    flag("--max-prompt-chars", type=int, default=d.max_prompt_chars,
+         help="longest prompt text, in characters (0: no limit)")
+    flag("--max-prompt-tokens", type=int, default=d.max_prompt_tokens,
+         help="longest prompt sent as token ids (0: no limit)")
 
     flag("-v", "--v", dest="verbosity", type=int, default=d.verbosity, help="log verbosity like GIE: 2 info, 4 debug")
     flag("--decision-header", type=_bool, default=d.decision_header,

@@ -70,6 +70,9 @@ class Config:
     # request limits
     max_request_body_bytes: int = 32 << 20
     max_json_depth: int = 64
+    max_request_messages: int = 100_000  # 0: no limit (these three: see StreamOptions)
+    max_prompt_chars: int = 16 << 20
+    max_prompt_tokens: int = 4 << 20
     # observability
     decision_header: bool = False
     verbosity: int = 2

@@ -112,6 +112,8 @@ class Director:
         return header_target or model
 
     def candidates(self, subset: Sequence[str] | None) -> list[Endpoint]:
+        """The pool (or the proxy's subset of it), minus endpoints that stopped answering; all of them
+        when every one has, since a guess beats a certain 503 while metrics are what is broken."""
         endpoints = self.pool.endpoints
         if subset is not None and not self.disable_subset_filter:
             found = filter_subset(endpoints, subset)
@@ -119,11 +121,13 @@ class Director:
                 raise EppError(503, "rejected-no-endpoints",
                                "failed to find endpoint candidates for serving the request: "
                                "no endpoint matches the subset hint")
-            return found
-        if not endpoints:
+        elif not endpoints:
             raise EppError(503, "rejected-no-endpoints",
                            "failed to find endpoint candidates for serving the request: the pool is empty")
-        return list(endpoints)
+        else:
+            found = list(endpoints)
+        answering = [e for e in found if not e.metrics.unreachable]
+        return answering or found
 
     async def route(self, request: InferenceRequest, subset: Sequence[str] | None) -> Decision:
         candidates = self.candidates(subset)

@@ -44,6 +44,7 @@ class EppServer:
     cfg: Config
     pool: EndpointPool = field(default_factory=EndpointPool)
     health: HealthServicer = field(default_factory=HealthServicer)
+    cert_reloader: tls.CertReloader | None = None  # set with --enable-cert-reload
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -63,16 +64,18 @@ class EppServer:
         options = [("grpc.max_receive_message_length", cfg.grpc_max_recv_msg_size),
                    ("grpc.max_send_message_length", cfg.grpc_max_recv_msg_size),
                    ("grpc.so_reuseport", 0)]
-        self.servicer = ExtProcServicer(self.director, StreamOptions(cfg.max_request_body_bytes, cfg.max_json_depth,
-                                                                   cfg.decision_header))
+        limits = StreamOptions(max_body_bytes=cfg.max_request_body_bytes, max_json_depth=cfg.max_json_depth,
+                               decision_header=cfg.decision_header, max_messages=cfg.max_request_messages,
+                               max_prompt_chars=cfg.max_prompt_chars, max_prompt_tokens=cfg.max_prompt_tokens)
+        self.servicer = ExtProcServicer(self.director, limits)
         self.grpc_server = grpc.aio.server(options=options)
         pb_grpc.add_ExternalProcessorServicer_to_server(self.servicer, self.grpc_server)
         # Envoy health-checks the ext_proc cluster on the ext_proc port itself (GIE's Envoy config does).
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         address = f"{cfg.host}:{cfg.grpc_port}"
         if cfg.secure_serving:
-            key, cert = tls.load_pair(cfg.cert_path) if cfg.cert_path else tls.self_signed()
-            self.grpc_port = self.grpc_server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
+            creds, self.cert_reloader = tls.server_credentials(cfg.cert_path, cfg.enable_cert_reload)
+            self.grpc_port = self.grpc_server.add_secure_port(address, creds)
         else:
             self.grpc_port = self.grpc_server.add_insecure_port(address)
 

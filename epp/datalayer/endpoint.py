@@ -20,6 +20,7 @@ class EndpointMetrics:
     num_gpu_blocks: int | None = None
     updated_at: float = 0.0
     last_error: str | None = None
+    unreachable: bool = False  # the server stopped answering scrapes (see datalayer.scraper.UNREACHABLE_AFTER)
 
     def age(self, now: float | None = None) -> float:
         """Seconds since the last successful scrape (infinite when never scraped)."""

@@ -5,6 +5,11 @@ stopped by the pool listener. A scrape that fails for any reason (connect error,
 unreadable page, missing load metric) leaves the previous values in place, sets
 ``metrics.last_error`` and does not stamp ``metrics.updated_at``, so ``metrics.age()`` keeps growing
 and staleness-aware plugins can tell.
+
+A scrape the server did not answer at all (connection refused or reset, timeout) is worse news than a bad
+page: after ``UNREACHABLE_AFTER`` of them in a row the endpoint is marked ``metrics.unreachable`` and the
+director stops offering it as a candidate (unless nothing else is left) until it answers HTTP again.
+Static endpoints have no other health signal, and a Kubernetes pod can die long before its watch says so.
 """
 
 from __future__ import annotations
@@ -31,6 +36,10 @@ log = logging.getLogger(__name__)
 # (page text, families) -> ParseResult; swappable so the benchmark can compare parsers.
 Parser = Callable[[str, Iterable[str]], promtext.ParseResult]
 
+UNREACHABLE_AFTER = 3  # unanswered scrapes in a row (150 ms at the default interval)
+# The server never answered: nothing listens, the connection broke, or it hangs.
+_UNANSWERED = (TimeoutError, aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
+
 _ACCEPT = "text/plain;version=0.0.4;q=1,*/*;q=0.1"  # never OpenMetrics: we parse the classic format
 
 
@@ -41,6 +50,7 @@ class ScrapeStats:
     scrapes: int = 0  # attempts, including failures
     errors: int = 0
     consecutive_errors: int = 0
+    consecutive_unanswered: int = 0  # failures where the server did not answer HTTP at all
     last_duration: float = 0.0  # seconds, request + parse + extract
     last_error: str | None = None
     last_missing: tuple[str, ...] = ()  # optional families (LoRA, cache info) absent last time
@@ -202,8 +212,10 @@ class MetricsScraper:
         t0 = time.perf_counter()
         stats.scrapes += 1
         error: str | None
+        answered = False
         try:
             error = await self._scrape(session, ep, stats)
+            answered = True
         except asyncio.CancelledError:
             raise
         except TimeoutError:
@@ -211,10 +223,13 @@ class MetricsScraper:
         except aiohttp.ClientConnectorError as e:
             error = f"connect: {e.os_error.strerror or e.os_error}"[:160]
         except aiohttp.ClientError as e:
+            answered = not isinstance(e, _UNANSWERED)
             error = f"{type(e).__name__}: {e}"[:160]
         except Exception as e:  # never let one bad page kill the polling task
             log.exception("scraping %s failed unexpectedly", ep.name)
+            answered = True
             error = f"{type(e).__name__}: {e}"[:160]
+        self._note_reachability(ep, stats, answered)
         stats.last_duration = time.perf_counter() - t0
         m = ep.metrics
         if error is None:
@@ -233,6 +248,20 @@ class MetricsScraper:
         stats.last_error = error
         m.last_error = error
         return False
+
+    @staticmethod
+    def _note_reachability(ep: Endpoint, stats: ScrapeStats, answered: bool) -> None:
+        if answered:
+            if ep.metrics.unreachable:
+                log.warning("%s answers again: back in the candidate set", ep.name)
+            stats.consecutive_unanswered = 0
+            ep.metrics.unreachable = False
+            return
+        stats.consecutive_unanswered += 1
+        if stats.consecutive_unanswered >= UNREACHABLE_AFTER and not ep.metrics.unreachable:
+            log.warning("%s did not answer %d scrapes in a row: out of the candidate set until it does",
+                        ep.name, stats.consecutive_unanswered)
+            ep.metrics.unreachable = True
 
     async def _scrape(self, session: aiohttp.ClientSession, ep: Endpoint, stats: ScrapeStats) -> str | None:
         engine = self.engines.for_endpoint(ep)

@@ -99,6 +99,7 @@ class Runtime:
     def __init__(self) -> None:
         self.streams: Callable[[], int] = lambda: 0  # ext_proc streams open now
         self.draining: Callable[[], bool] = lambda: False
+        self.tasks: Callable[[], int] = lambda: 0  # asyncio tasks alive on EPP's event loop
         self.config: Callable[[], Any] = lambda: None  # the PickerConfig in force
         # Endpoint -> object with ``scrapes`` and ``errors`` counters (the MetricsScraper's stats), if any.
         self.scrape_stats: Callable[[], dict[Any, Any]] = dict
@@ -161,6 +162,9 @@ class _PoolCollector(Collector):
                                   labels=["endpoint"])
         error = GaugeMetricFamily("epp_endpoint_scrape_error", "1 when the endpoint's last metrics scrape failed.",
                                   labels=["endpoint"])
+        unreachable = GaugeMetricFamily("epp_endpoint_unreachable",
+                                        "1 when the endpoint stopped answering scrapes and is not offered as a "
+                                        "candidate (unless no endpoint answers).", labels=["endpoint"])
         rt = self.runtime
         threshold = rt.staleness_threshold
         now = time.monotonic()
@@ -171,11 +175,13 @@ class _PoolCollector(Collector):
             age.add_metric([e.name], -1.0 if a == float("inf") else a)
             stale.add_metric([e.name], 1.0 if a > threshold else 0.0)
             error.add_metric([e.name], 1.0 if e.metrics.last_error else 0.0)
+            unreachable.add_metric([e.name], 1.0 if e.metrics.unreachable else 0.0)
         yield per_pod
         yield inflight
         yield age
         yield stale
         yield error
+        yield unreachable
         stats = rt.scrape_stats()
         scrapes = CounterMetricFamily("epp_endpoint_scrapes", "Metrics scrapes attempted, per endpoint.",
                                       labels=["endpoint"])
@@ -190,6 +196,8 @@ class _PoolCollector(Collector):
         yield errors
         yield GaugeMetricFamily("epp_extproc_streams", "ext_proc streams open (requests in flight through EPP).",
                                 value=rt.streams())
+        yield GaugeMetricFamily("epp_asyncio_tasks", "asyncio tasks alive on EPP's event loop (a leak shows here).",
+                                value=rt.tasks())
         yield GaugeMetricFamily("epp_draining", "1 after SIGTERM, while EPP drains.", value=1 if rt.draining() else 0)
         size = prefix_index_size(rt.config())
         if size is not None:

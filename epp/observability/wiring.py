@@ -7,6 +7,7 @@ plugin timings, scrape-time metric sources, and the config-file reloader.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -33,6 +34,8 @@ class Observability:
         rt.staleness_threshold = cfg.metrics_staleness_threshold
         rt.streams = lambda: server.servicer.active_streams if getattr(server, "servicer", None) else 0
         rt.draining = lambda: server.health.draining
+        loop = asyncio.get_running_loop()  # scrapes may be collected off the loop: name it explicitly
+        rt.tasks = lambda: len(asyncio.all_tasks(loop))
         rt.config = lambda: server.director.config
         rt.scrape_stats = lambda: server.scraper.all_stats if getattr(server, "scraper", None) else {}
         server.health.strict_names = bool(getattr(cfg, "ha_enable_leader_election", False))  # GIE

@@ -149,8 +149,6 @@ def test_pod_killed_mid_stream(fstack, pods, victim):
     wait_quiet(fstack.metrics_port, 30)  # EPP's in-flight count for the dead pod is back at 0
 
 
-@pytest.mark.xfail(strict=False, reason="needs a filter dropping endpoints whose metrics scrape fails "
-                   "(static endpoints have no other health signal)")
 def test_dead_pod_leaves_the_candidate_set(fstack, pods, victim):
     proc, address = victim
     write_endpoints(fstack.endpoints_file, [*pods, address])
@@ -160,7 +158,7 @@ def test_dead_pod_leaves_the_candidate_set(fstack, pods, victim):
     deadline = time.monotonic() + 20  # let the scraper notice (scrapes every 50 ms, errors are immediate)
     while time.monotonic() < deadline:
         m = read_metrics(fstack.metrics_port)
-        if any(lab.get("endpoint") == address and v == 1 for lab, v in m.get("epp_endpoint_scrape_error", [])):
+        if any(lab.get("endpoint") == address and v == 1 for lab, v in m.get("epp_endpoint_unreachable", [])):
             break
         time.sleep(0.2)
     served = ok_through(fstack, 30)

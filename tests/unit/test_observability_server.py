@@ -15,7 +15,9 @@ import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from epp.cli import parse_args
 from epp.config import Config
+from epp.extproc.stream import StreamOptions
 from epp.health import EXT_PROC_SERVICE, HealthServicer
 from epp.observability.instrument import TimedScorer
 from epp.reload import ConfigReloader, FileWatcher
@@ -353,3 +355,13 @@ def test_operability_flags():
     assert parse_args(["--static-endpoints", "10.0.0.1:8000", "--tracing"]).tracing is True
     with pytest.raises(SystemExit):
         parse_args(["--static-endpoints", "10.0.0.1:8000", "--drain-quiet-period=-1"])
+
+
+async def test_limit_flags_reach_every_stream(epp):
+    cfg = parse_args(["--static-endpoints=127.0.0.1:9", "--max-request-body-bytes=1000", "--max-json-depth=5",
+                      "--max-request-messages=3", "--max-prompt-chars=40", "--max-prompt-tokens=7"])
+    server = await epp(max_request_body_bytes=cfg.max_request_body_bytes, max_json_depth=cfg.max_json_depth,
+                       max_request_messages=cfg.max_request_messages, max_prompt_chars=cfg.max_prompt_chars,
+                       max_prompt_tokens=cfg.max_prompt_tokens)
+    assert server.servicer.options == StreamOptions(max_body_bytes=1000, max_json_depth=5, max_messages=3,
+                                                    max_prompt_chars=40, max_prompt_tokens=7)

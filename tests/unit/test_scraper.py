@@ -223,6 +223,15 @@ async def _until(cond: Callable[[], bool], timeout: float = 2.0) -> None:
         await asyncio.sleep(0.005)
 
 
+def _closed_port() -> int:
+    """A loopback port nothing listens on: connections are refused."""
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    return port
+
+
 def _scrape_tasks() -> list[asyncio.Task]:
     return [t for t in asyncio.all_tasks() if t.get_name().startswith("scrape ") and not t.done()]
 
@@ -291,10 +300,7 @@ async def test_failing_endpoints_keep_old_values_and_go_stale(servers):
 async def test_engine_label_picks_the_spec_and_unreachable_endpoint_reports(servers):
     (srv,) = await servers(SGLANG_PAGE)
     pool = EndpointPool()
-    closed = socket.socket()
-    closed.bind(("127.0.0.1", 0))
-    dead_port = closed.getsockname()[1]
-    closed.close()  # nothing listens there: connection refused
+    dead_port = _closed_port()
     pool.sync([*_specs([srv], {ENGINE_LABEL_KEY: "sglang"}), EndpointSpec("dead", "127.0.0.1", dead_port)])
     sg, dead = pool.endpoints
     scraper = MetricsScraper(pool, interval=0.02, timeout=0.3)
@@ -373,3 +379,43 @@ def test_urls_and_arguments():
     for kwargs in ({"scheme": "ftp"}, {"interval": 0}, {"timeout": -1}):
         with pytest.raises(ValueError):
             MetricsScraper(pool, **kwargs)
+
+
+async def test_endpoints_that_stop_answering_leave_the_candidates_until_they_answer(servers):
+    from epp.datalayer.scraper import UNREACHABLE_AFTER
+    from epp.director import Director
+    from epp.scheduling.config import load_config
+
+    err500, hung = await servers(*(render_vllm_page(waiting=i) for i in (1, 2)))
+    port = _closed_port()  # nothing listens there yet
+    pool = EndpointPool()
+    pool.sync([*_specs([err500, hung]), EndpointSpec("back", "127.0.0.1", port)])
+    e5, h, back = pool.endpoints
+    director = Director(pool, load_config("", pool))
+    scraper = MetricsScraper(pool, interval=0.02, timeout=0.1)
+    err500.mode, hung.mode = "500", "hang"
+    await scraper.start()
+    try:
+        await _until(lambda: h.metrics.unreachable and back.metrics.unreachable, 2.0)
+        assert scraper.stats(back).consecutive_unanswered >= UNREACHABLE_AFTER
+        assert not e5.metrics.unreachable  # it answers, badly: stale metrics, still a candidate
+        assert director.candidates(None) == [e5]
+        assert director.candidates([h.hostport, back.hostport]) == [h, back]  # none answers: all of them
+        err500.mode = "hang"
+        await _until(lambda: e5.metrics.unreachable, 2.0)
+        assert director.candidates(None) == [e5, h, back]
+        async def page(_req: web.Request) -> web.Response:
+            return web.Response(text=render_vllm_page(waiting=7))
+
+        app = web.Application()
+        app.router.add_get("/metrics", page)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, "127.0.0.1", port).start()
+            await _until(lambda: not back.metrics.unreachable and back.metrics.waiting_requests == 7, 2.0)
+            assert director.candidates(None) == [back]
+        finally:
+            await runner.cleanup()
+    finally:
+        await scraper.stop()
