@@ -314,10 +314,16 @@ def make_targets(names: list[str], endpoints: list[str]) -> list[Target]:
             t = EnvoyEpp(endpoints, n, config_text=PREFIX_ONLY_CONFIG)
             t.description = "Envoy + EPP (prefix-cache-scorer only, max-score-picker)"
             out.append(t)
+        elif n.startswith("epp:"):  # epp:<file>: EPP with your own EndpointPickerConfig, to A/B configs
+            path = Path(n.removeprefix("epp:"))
+            t = EnvoyEpp(endpoints, f"epp-{path.stem}", config_text=path.read_text())
+            t.description = f"Envoy + EPP ({path})"
+            out.append(t)
         elif n.startswith("vllm-router-"):
             out.append(VllmRouter(endpoints, n.removeprefix("vllm-router-").replace("-", "_"), name=n))
         else:
-            raise ValueError(f"unknown target {n!r} (known: {', '.join(TARGETS + OPTIONAL_TARGETS)})")
+            known = ", ".join((*TARGETS, *OPTIONAL_TARGETS, "epp:<config file>"))
+            raise ValueError(f"unknown target {n!r} (known: {known})")
     return out
 
 

@@ -217,20 +217,19 @@ async def run_quality(cfg: QualityConfig) -> dict[str, Any]:
                 log(f"workload {w}")
                 for name in cfg.targets:
                     target = make_targets([name], pods.endpoints)[0]
-                    descriptions[name] = target.description
+                    descriptions[target.name] = target.description
                     await asyncio.to_thread(target.start)
                     try:
                         r = await run_one(target, w, pods, http, cfg)
                     finally:
                         await asyncio.to_thread(target.stop)
                     s = r["summary"]
-                    log(f"  {name:<24} {s['requests']:>5} reqs  TTFT p90 {fmt(s['ttft_p90'], 0, 1000)} ms  "
+                    log(f"  {target.name:<24} {s['requests']:>5} reqs  TTFT p90 {fmt(s['ttft_p90'], 0, 1000)} ms  "
                         f"hit {fmt(s['hit_rate'], 1, 100)}%  err {s['error_pct']:.1f}%  CPU ours/others "
                         f"{_cpu(s['cpu_pct'])}  ({s['wall_s']} s)")
                     runs.append(r)
     finally:
         await asyncio.to_thread(pods.stop)
-    runs.sort(key=lambda r: (cfg.workloads.index(r["workload"]), cfg.targets.index(r["target"])))
     meta = {
         "command": " ".join(shlex.quote(a) for a in sys.argv),
         "when": dt.datetime.now().isoformat(timespec="seconds"),

@@ -20,6 +20,7 @@ class EndpointMetrics:
     num_gpu_blocks: int | None = None
     updated_at: float = 0.0
     last_error: str | None = None
+    inflight_tokens_at_scrape: int = 0  # Endpoint.inflight_tokens when these values were scraped
     unreachable: bool = False  # the server stopped answering scrapes (see datalayer.scraper.UNREACHABLE_AFTER)
 
     def age(self, now: float | None = None) -> float:
@@ -45,6 +46,16 @@ class Endpoint:
     metrics_port: int | None = None
     inflight_requests: int = 0
     inflight_tokens: int = 0
+
+    def kv_usage_now(self) -> float:
+        """KV-cache usage as scraped, moved by the tokens EPP routed there (or saw finish) since: a scrape is
+        up to an interval old, and every pick made on it alone would land on the same endpoint. The scraped
+        value when the KV capacity (``cache_config_info``) is unknown."""
+        m = self.metrics
+        usage = m.kv_cache_usage
+        if m.num_gpu_blocks and m.block_size:
+            usage += (self.inflight_tokens - m.inflight_tokens_at_scrape) / (m.num_gpu_blocks * m.block_size)
+        return min(1.0, max(0.0, usage))
 
     @property
     def hostport(self) -> str:

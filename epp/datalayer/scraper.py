@@ -279,6 +279,7 @@ class MetricsScraper:
                 return f"{e} ({parsed.error})"[:200]
             return str(e)
         values.apply(ep.metrics)
+        ep.metrics.inflight_tokens_at_scrape = ep.inflight_tokens
         missing = tuple(values.missing)
         if missing != stats.last_missing and missing:
             log.info("%s (engine %s): optional metric(s) not exposed: %s",

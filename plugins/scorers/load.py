@@ -66,11 +66,13 @@ class RunningRequestsSizeScorer(_MetricsScorer):
 
 @register_plugin("kv-cache-utilization-scorer")
 class KVCacheUtilizationScorer(_MetricsScorer):
-    """``1 - kv_cache_usage`` (usage 0..1)."""
+    """``1 - kv_cache_usage`` (usage 0..1), the usage brought up to date with what EPP routed there since the
+    scrape (``Endpoint.kv_usage_now``) when the endpoint reports its KV capacity; GIE reads the scraped value,
+    so every pick made within one scrape interval goes to the same endpoint."""
 
     def score(self, cycle: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> Sequence[float]:
         fresh = fresh_mask(endpoints, self.staleness)
-        return [min(1.0, max(0.0, 1.0 - e.metrics.kv_cache_usage)) if f else 0.0
+        return [1.0 - e.kv_usage_now() if f else 0.0
                 for e, f in zip(endpoints, fresh, strict=True)]
 
 

@@ -45,7 +45,6 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import xxhash
 
@@ -63,10 +62,6 @@ _NO_HORIZON = 1 << 62
 # How far a reported cached-token count may be off from our block count, per kind of block.
 _SLACK = {"ids": 1.0, "tokenizer": 1.25, "chars": 1.5}
 
-PRODUCER_DEFAULTS: dict[str, Any] = {
-    "block_size_tokens": 16, "max_prefix_blocks_to_match": 256, "max_prefix_tokens_to_match": 0,
-    "lru_capacity_per_server": 31250, "auto_tune": True, "tokenizer": None, "cached_tokens_feedback": True,
-}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -211,7 +206,7 @@ class _Server:
 class ApproxPrefixCacheProducer(RequestObserver):
     """Hashes prompts, keeps the per-endpoint block index, matches requests against it."""
 
-    def __init__(self, block_size_tokens: int = 16, max_prefix_blocks_to_match: int = 256,
+    def __init__(self, block_size_tokens: int = 16, max_prefix_blocks_to_match: int = 2048,
                  max_prefix_tokens_to_match: int = 0, lru_capacity_per_server: int = 31250,
                  auto_tune: bool = True, tokenizer: str | None = None, cached_tokens_feedback: bool = True) -> None:
         self.block_tokens = check_int(block_size_tokens, "blockSizeTokens", 1, 1 << 20)
@@ -442,17 +437,20 @@ SCORE_MODES = ("tokens", "ratio")
 class PrefixCacheScorer(Scorer, RequestObserver):
     """Score from the prefix match.
 
-    ``scoreMode: tokens`` (default): ``min(1, matchedTokens / matchLengthScaleTokens)``, the prefill work the
-    endpoint saves, on a fixed scale (default 4096 tokens, the default coverage 256 blocks x 16 tokens):
-    a 20-token prompt fully cached scores 0.005, 90% of an 8,000-token prompt scores 1. A fixed scale and
-    not the candidates' best, so that the score means the same whatever the other candidates hold.
+    ``scoreMode: tokens`` (default): the prefill the endpoint saves *compared with the candidate that saves
+    least*, ``min(1, (matchedTokens - leastMatchedTokens) / matchLengthScaleTokens)`` (scale 1024 tokens,
+    about one engine step of prefill on an H100-class GPU serving an 8B model). Measuring in tokens, a 100%
+    match on a 20-token prompt scores 0.02 where 90% of an 8,000-token prompt scores 1. Measuring against the
+    least, what every candidate holds (a system prompt cached everywhere) does not count: holding a chat's
+    history beyond the shared prompt scores 1 and outweighs one waiting request on GIE's min-max
+    queue-scorer, which GIE's ratio (history 0.9 against 0.5 elsewhere) does not.
     ``scoreMode: ratio``: GIE's ``matchedBlocks / totalBlocks``. ``matchLengthWeight`` (llm-d's parameter)
-    selects llm-d's blend ``w * min(1, matchedTokens / scale)^2 + (1 - w) * ratio`` instead.
+    selects llm-d's blend ``w * min(1, matchedTokens / scale)^2 + (1 - w) * ratio`` instead (scale 8192).
     """
 
     category = "affinity"
 
-    def __init__(self, score_mode: str | None = None, match_length_scale_tokens: int = 4096,
+    def __init__(self, score_mode: str | None = None, match_length_scale_tokens: int | None = None,
                  match_length_weight: float | None = None, prefix_match_info_producer_name: str | None = None,
                  block_size_tokens: int | None = None, max_prefix_blocks_to_match: int | None = None,
                  max_prefix_tokens_to_match: int | None = None, lru_capacity_per_server: int | None = None,
@@ -461,7 +459,10 @@ class PrefixCacheScorer(Scorer, RequestObserver):
         if score_mode is not None and match_length_weight is not None:
             raise ValueError("set either scoreMode or matchLengthWeight (llm-d's blend), not both")
         self.mode = check_str(score_mode, "scoreMode", SCORE_MODES) if score_mode is not None else "tokens"
-        self.scale = check_int(match_length_scale_tokens, "matchLengthScaleTokens", 1)
+        # Default scale: ours for tokens mode, llm-d's (8192) for its blend.
+        default_scale = 8192 if match_length_weight is not None else 1024
+        self.scale = check_int(match_length_scale_tokens if match_length_scale_tokens is not None else default_scale,
+                               "matchLengthScaleTokens", 1)
         self.weight = (check_float(match_length_weight, "matchLengthWeight", 0.0, 1.0)
                        if match_length_weight is not None else None)
         self.producer_name = (check_str(prefix_match_info_producer_name, "prefixMatchInfoProducerName")
@@ -525,8 +526,10 @@ class PrefixCacheScorer(Scorer, RequestObserver):
             return [w * min(1.0, st.matched_tokens(m) / scale) ** 2 + (1 - w) * m / n for m in matches]
         if self.mode == "ratio":
             return [m / n for m in matches]
+        tokens = [st.matched_tokens(m) if m else 0 for m in matches]
+        least = min(tokens)
         scale = self.scale
-        return [min(1.0, st.matched_tokens(m) / scale) if m else 0.0 for m in matches]
+        return [min(1.0, (t - least) / scale) for t in tokens]
 
     # The observer hooks run the embedded producer's; an external producer is an observer itself.
     def pre_request(self, request: InferenceRequest, result: SchedulingResult) -> None:

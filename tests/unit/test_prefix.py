@@ -161,23 +161,33 @@ def test_tokenizer_file_errors():
 
 # -- index and scores -------------------------------------------------------------------------------
 
-def test_tokens_mode_default_scores_tokens_saved_on_a_fixed_scale():
-    s = plugin("prefix-cache-scorer")
+def test_tokens_mode_default_scores_tokens_saved_over_the_least_matching_candidate():
+    s = plugin("prefix-cache-scorer", "{matchLengthScaleTokens: 8192}")
     a, b, c = eps({}, {}, {})
-    long_prompt = words(32000)  # ~8000 tokens; the default covers 256 blocks = 4096 tokens
+    long_prompt = words(32000)  # ~8000 tokens, 500 blocks: all within the default 2048 blocks matched
     route(s, req(long_prompt), [a, b, c], a)
     route(s, req(long_prompt[:16000]), [a, b, c], b)  # b holds half
-    assert score(s, [a, b, c], req(long_prompt)) == [1.0, round(4000 / 4096, 6), 0.0]  # b: 250 blocks
+    assert score(s, [a, b, c], req(long_prompt)) == [round(8000 / 8192, 6), round(4000 / 8192, 6), 0.0]
+    # What every candidate holds does not count: c now holds the first quarter too.
+    route(s, req(long_prompt[:8000]), [a, b, c], c)
+    assert score(s, [a, b, c], req(long_prompt)) == [round(6000 / 8192, 6), round(2000 / 8192, 6), 0.0]
+    assert score(s, [a], req(long_prompt)) == [0.0]  # a single candidate saves nothing over itself
+
+    default = plugin("prefix-cache-scorer")  # scale 1024
+    a, b, c = eps({}, {}, {})
+    system = words(8000)  # a ~2,000-token system prompt cached everywhere ...
+    for e in (a, b, c):
+        route(default, req(system), [e], e)
+    history = system + words(4800, seed=1)  # ... and one conversation's ~1,200-token history on b
+    route(default, req(history), [a, b, c], b)
+    assert score(default, [a, b, c], req(history + words(400, seed=2))) == [0.0, 1.0, 0.0]
     short = "s" * 80  # 20 tokens: 1 block and a partial one
-    route(s, req(short), [a, b, c], c)
-    assert score(s, [a, b, c], req(short)) == [0.0, 0.0, round(20 / 4096, 6)]
+    route(default, req(short), [a, b, c], c)
+    assert score(default, [a, b, c], req(short)) == [0.0, 0.0, round(20 / 1024, 6)]
     # The example: a 100% match on 20 tokens scores far below a 90% match on 8,000 tokens.
-    nine_tenths = plugin("prefix-cache-scorer", "{maxPrefixBlocksToMatch: 512, matchLengthScaleTokens: 8192}")
-    route(nine_tenths, req(long_prompt[:28800]), [a], a)
-    s90 = score(nine_tenths, [a], req(long_prompt))[0]
-    route(nine_tenths, req(short), [b], b)
-    s100 = score(nine_tenths, [b], req(short))[0]
-    assert s90 == round(7200 / 8192, 6) and s100 == round(20 / 8192, 6)
+    route(default, req(long_prompt[:28800]), [a], a)
+    s90 = score(default, [a, b], req(long_prompt))[0]
+    assert s90 == 1.0 and score(default, [b, c], req(short))[1] < 0.02
 
 
 def test_ratio_mode_is_gies_formula():
@@ -392,7 +402,7 @@ def test_scorer_uses_a_configured_producer():
     route(s, r, [a], a)  # the scorer's own hook does nothing: the producer is an observer itself
     assert prod.indexer_size() == 0
     prod.pre_request(r, result(a))
-    assert prod.indexer_size() == 4 and score(s, [a], req("x" * 64)) == [round(16 / 4096, 6)]
+    assert prod.indexer_size() == 4 and score(s, [a, ep("z")], req("x" * 64))[0] == round(16 / 1024, 6)
     assert prod.block_tokens == 4
 
 

@@ -59,6 +59,24 @@ def test_kv_cache_scorer():
     k = plugin("kv-cache-utilization-scorer")
     assert score(k, eps({"kv": 0.25}, {"kv": 1.0}, {"kv": 0.0}, {"kv": 1.2})) == [0.75, 0.0, 1.0, 0.0]
     assert score(k, eps({"kv": 0.0, "fresh": False})) == [0.0]
+
+
+def test_kv_cache_scorer_counts_what_epp_routed_since_the_scrape():
+    k = plugin("kv-cache-utilization-scorer")
+    a, b = eps({"kv": 0.25}, {"kv": 0.3})
+    for e in (a, b):
+        e.metrics.num_gpu_blocks, e.metrics.block_size = 1000, 16  # 16,000 tokens of KV
+    assert score(k, [a, b]) == [0.75, 0.7]
+    a.inflight_tokens += 1600  # a pick since the scrape: a is the fuller one until the next scrape says
+    assert score(k, [a, b]) == [0.65, 0.7]
+    a.metrics.inflight_tokens_at_scrape = 1600  # scraped again: the server's own figure includes it
+    a.inflight_tokens = 800  # requests finished since: their blocks are free
+    assert score(k, [a, b]) == [0.8, 0.7]
+    a.inflight_tokens = 10**9
+    assert score(k, [a, b]) == [0.0, 0.7]
+    b.metrics.num_gpu_blocks = None  # capacity unknown: the scraped value alone (GIE)
+    b.inflight_tokens = 10**9
+    assert score(k, [a, b]) == [0.0, 0.7]
     assert score(k, []) == []
 
 
