@@ -12,7 +12,11 @@ RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
 FROM python:3.11-slim
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels \
+# xds-protos bundles an old copy of OpenTelemetry's protos that silently breaks tracing: put
+# opentelemetry-proto's own files back on top (as the Makefile does).
+RUN pip install --no-cache-dir /wheels/*.whl \
+    && pip install --no-cache-dir --force-reinstall --no-deps /wheels/opentelemetry_proto-*.whl \
+    && rm -rf /wheels \
     && useradd --system --uid 65532 --no-create-home --shell /usr/sbin/nologin epp
 # Numeric, so Kubernetes' runAsNonRoot can verify it.
 USER 65532:65532

@@ -212,9 +212,9 @@ async def _one(client: httpx.AsyncClient, kind: str, i: int, tally: Tally) -> No
 
 
 async def _load(url: str, duration: float, concurrency: int, seed: int, tally: Tally,
-                rate: float | None = None) -> None:
+                rate: float | None = None, mix: dict[str, float] | None = None) -> None:
     rng = random.Random(seed)
-    kinds, weights = zip(*MIX.items(), strict=True)
+    kinds, weights = zip(*(mix or MIX).items(), strict=True)
     deadline = time.monotonic() + duration
     counter = iter(range(1 << 62))
     interval = concurrency / rate if rate else 0.0
@@ -260,6 +260,10 @@ class SoakReport:
     epp_cpu_percent: float  # EPP's CPU use over the run, in % of one core
     tasks_start: float | None  # EPP's asyncio tasks (gauge epp_asyncio_tasks, when EPP exposes it)
     tasks_end: float | None
+    # Blocks held by Python's allocator (gauge epp_python_allocated_blocks): flat while RSS grows means the
+    # growth is outside Python objects (C extensions, allocator).
+    py_blocks_after_warmup: float | None
+    py_blocks_end: float | None
     inflight_end: dict[str, float]
     samples: list[tuple[float, float, int, int]]  # (seconds, rss MiB, fds, threads)
 
@@ -284,6 +288,8 @@ class SoakReport:
             f"open fds {self.fds_start} -> {self.fds_end}, threads {self.threads_start} -> {self.threads_end}, "
             f"asyncio tasks {_or_na(self.tasks_start)} -> {_or_na(self.tasks_end)}, "
             f"in flight at end {self.inflight_end}",
+            f"  Python allocator blocks {_or_na(self.py_blocks_after_warmup)} after warm-up -> "
+            f"{_or_na(self.py_blocks_end)} at end",
             *(f"  error: {e}" for e in self.error_samples[:5]),
         ]
 
@@ -308,7 +314,7 @@ def _slope(points: list[tuple[float, float]]) -> float:
 
 async def soak(url: str, metrics_port: int, epp_pid: int, duration: float, concurrency: int = 16,
                seed: int = 1, sample_every: float = 5.0, rate: float | None = None,
-               progress: bool = False) -> SoakReport:
+               progress: bool = False, mix: dict[str, float] | None = None) -> SoakReport:
     """Run the load against a running stack and report. ``rate``: overall requests/s cap (None: as fast
     as ``concurrency`` clients go)."""
     tally = Tally()
@@ -317,11 +323,15 @@ async def soak(url: str, metrics_port: int, epp_pid: int, duration: float, concu
     warmup = min(60.0, duration * 0.2)
     samples: list[tuple[float, float, int, int]] = [(0.0, start.rss_mib, start.fds, start.threads)]
     t0 = time.monotonic()
-    load = asyncio.create_task(_load(url, duration, concurrency, seed, tally, rate))
+    load = asyncio.create_task(_load(url, duration, concurrency, seed, tally, rate, mix))
+    py_blocks_after_warmup: float | None = None
     while not load.done():
         await asyncio.wait({load}, timeout=min(sample_every, max(0.1, duration / 10)))
         s = proc_stats(epp_pid)
         samples.append((time.monotonic() - t0, s.rss_mib, s.fds, s.threads))
+        if py_blocks_after_warmup is None and samples[-1][0] >= warmup:
+            py_blocks_after_warmup = _gauge(await asyncio.to_thread(read_metrics, metrics_port),
+                                            "epp_python_allocated_blocks")
         if progress:
             print(f"  t={samples[-1][0]:5.0f}s sent={tally.sent} ok={tally.ok} err={tally.errors} "
                   f"rss={s.rss_mib:.1f}MiB fds={s.fds} threads={s.threads}", file=sys.stderr, flush=True)
@@ -347,7 +357,22 @@ async def soak(url: str, metrics_port: int, epp_pid: int, duration: float, concu
         fds_start=start.fds, fds_end=end.fds, threads_start=start.threads, threads_end=end.threads,
         epp_cpu_percent=100 * (end.cpu_s - start.cpu_s) / max(1e-9, time.monotonic() - t0),
         tasks_start=_gauge(before, "epp_asyncio_tasks"), tasks_end=_gauge(after, "epp_asyncio_tasks"),
+        py_blocks_after_warmup=py_blocks_after_warmup, py_blocks_end=_gauge(after, "epp_python_allocated_blocks"),
         inflight_end=quiet, samples=samples)
+
+
+def _parse_mix(text: str) -> dict[str, float]:
+    """``chat=3,abandon=1`` -> {"chat": 3.0, "abandon": 1.0}; kinds from MIX."""
+    out: dict[str, float] = {}
+    for part in text.split(","):
+        kind, _, weight = part.partition("=")
+        if kind not in MIX:
+            raise argparse.ArgumentTypeError(f"unknown kind {kind!r} (known: {', '.join(MIX)})")
+        try:
+            out[kind] = float(weight or 1)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"weight of {kind!r} is not a number: {weight!r}") from None
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -363,6 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--response-body-mode", default="FULL_DUPLEX_STREAMED", choices=["FULL_DUPLEX_STREAMED", "NONE"])
     ap.add_argument("--max-rss-growth-mib", type=float, default=64.0,
                     help="fail when EPP's RSS grows more than this after the warm-up (default 64)")
+    ap.add_argument("--mix", type=_parse_mix, default=None,
+                    help="request kinds and weights, e.g. chat=3,abandon=1 (default: "
+                         + ",".join(f"{k}={v}" for k, v in MIX.items()) + ")")
     ap.add_argument("--json", help="write the report (with the RSS samples) to this file")
     args = ap.parse_args(argv)
 
@@ -372,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"soak: {args.duration:.0f}s through {stack.url} (EPP pid {stack.epp_pid}, {args.pods} pods)",
               file=sys.stderr)
         report = asyncio.run(soak(stack.url, stack.metrics_port, stack.epp_pid, args.duration, args.concurrency,
-                                  args.seed, rate=args.rate, progress=True))
+                                  args.seed, rate=args.rate, progress=True, mix=args.mix))
     for line in report.lines():
         print(line)
     if args.json:

@@ -12,6 +12,7 @@ Hot-path histograms that run several times per request (plugin timings, prefix h
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
@@ -198,6 +199,9 @@ class _PoolCollector(Collector):
                                 value=rt.streams())
         yield GaugeMetricFamily("epp_asyncio_tasks", "asyncio tasks alive on EPP's event loop (a leak shows here).",
                                 value=rt.tasks())
+        yield GaugeMetricFamily("epp_python_allocated_blocks",
+                                "Memory blocks held by Python's allocator: flat while the process grows means "
+                                "the growth is outside Python objects.", value=sys.getallocatedblocks())
         yield GaugeMetricFamily("epp_draining", "1 after SIGTERM, while EPP drains.", value=1 if rt.draining() else 0)
         size = prefix_index_size(rt.config())
         if size is not None:

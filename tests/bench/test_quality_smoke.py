@@ -44,3 +44,18 @@ async def test_quality_benchmark_runs_every_workload_against_every_target(tmp_pa
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["runs"][0]["requests"][0]["ttft"] is not None
     assert (tmp_path / "ttft_cdf.png").stat().st_size > 0 and (tmp_path / "hit_rate.png").stat().st_size > 0
+
+
+async def test_a_config_file_is_a_target(tmp_path) -> None:
+    from epp.scheduling.config import DEFAULT_CONFIG
+
+    config = tmp_path / "ratio.yaml"
+    config.write_text(DEFAULT_CONFIG.replace("- type: prefix-cache-scorer",
+                                             "- type: prefix-cache-scorer\n  parameters: {scoreMode: ratio}"))
+    cfg = QualityConfig(pods=2, sim_profile="fast", num_gpu_blocks=512, rate=6.0, duration=1.5, warmup=0.3,
+                        drain=20.0, workload_kw=SMALL, out=tmp_path / "out", quiet=True, plots=False,
+                        workloads=["shared-prefix"], targets=[f"epp:{config}"])
+    result = await run_quality(cfg)
+    (run,) = result["runs"]
+    assert run["target"] == "epp-ratio" and run["summary"]["error_pct"] == 0
+    assert result["meta"]["targets"] == {"epp-ratio": f"Envoy + EPP ({config})"}

@@ -184,6 +184,7 @@ def test_metrics_after_real_traffic(ops):
     assert value(after, "inference_pool_ready_pods", name="static") == 3
     assert value(after, "epp_extproc_streams") == 0 and value(after, "epp_draining") == 0
     assert 0 < value(after, "epp_asyncio_tasks") < 100  # the server's own loops, no per-request leftovers
+    assert value(after, "epp_python_allocated_blocks") > 10_000
     for ep in ops.endpoints:
         assert value(after, "epp_endpoint_inflight_requests", endpoint=ep) == 0
         assert 0 <= value(after, "epp_endpoint_metrics_age_seconds", endpoint=ep) < 5  # scraped, fresh

@@ -99,3 +99,11 @@ async def test_healthcheck_speaks_grpc_health(health_server):
     assert await asyncio.to_thread(run) == 0  # draining pods are still alive
     await server.stop(0)
     assert await asyncio.to_thread(run) != 0  # nothing answering: unhealthy
+
+
+def test_opentelemetry_protos_win_over_the_copy_bundled_in_xds_protos():
+    """Installed in one pip call, either wheel's copy of opentelemetry/proto may land last; xds-protos' old one
+    breaks tracing. The image puts opentelemetry-proto's files back on top, as the Makefile does."""
+    runs = [args for op, args in instructions() if op == "RUN"]
+    install = next(r for r in runs if "/wheels/*.whl" in r)
+    assert install.index("/wheels/*.whl") < install.index("--force-reinstall --no-deps /wheels/opentelemetry_proto-")
