@@ -74,6 +74,10 @@ def _hcm(name: str, cluster: str, filters: list[dict[str, Any]], access_log: str
     cfg: dict[str, Any] = {
         "@type": _HCM,
         "stat_prefix": name,
+        # The route timeout only starts once ext_proc has let the request through, so a hung (not dead) EPP
+        # would hold a request until the client gives up; the idle timeout bounds that. Equal to the route
+        # timeout, it never cuts a request the route timeout would let finish.
+        "stream_idle_timeout": f"{route_timeout:g}s",
         "route_config": {"name": name, "virtual_hosts": [{
             "name": "all", "domains": ["*"],
             # Finite timeouts: a hung EPP or model server must not hold a request forever (pitfall 4).

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
 import socket
 import sys
 import threading
@@ -183,6 +185,34 @@ def test_hung_pod_is_bounded_by_the_route_timeout(fstack, pods, stream):
     for ep in pods:
         control(ep, reset=True)
     ok_through(fstack, 4)
+
+
+# -- EPP that hangs --------------------------------------------------------------------------------------
+
+
+def test_hung_epp_is_bounded_by_the_idle_timeout(fstack, pods):
+    """SIGSTOP: EPP's sockets stay open and nothing answers. The route timeout only starts once ext_proc lets
+    the request through, so without the HCM's stream_idle_timeout a request sent on Envoy's open gRPC
+    connection would hang until the client gave up (seen: > 120 s). New connections fail at the 1 s connect
+    timeout (500); a stream on the open one ends at the idle timeout (504 "stream timeout")."""
+    os.kill(fstack.epp_pid, signal.SIGSTOP)
+    outcomes = []
+    try:
+        with httpx.Client(base_url=fstack.url, timeout=120) as c:
+            for _ in range(3):
+                t0 = time.monotonic()
+                r = c.post("/v1/chat/completions", json=CHAT)
+                outcomes.append((r.status_code, round(time.monotonic() - t0, 1)))
+    finally:
+        os.kill(fstack.epp_pid, signal.SIGCONT)
+    assert all(status in (500, 504) and elapsed < ROUTE_TIMEOUT + 15 for status, elapsed in outcomes), outcomes
+    deadline = time.monotonic() + 30  # EPP resumes; Envoy reconnects (a request or two may still fail)
+    with httpx.Client(base_url=fstack.url, timeout=30) as c:
+        while c.post("/v1/chat/completions", json=CHAT).status_code != 200:
+            assert time.monotonic() < deadline, "EPP did not route again after SIGCONT"
+            time.sleep(0.2)
+    ok_through(fstack, 4)
+    wait_quiet(fstack.metrics_port)
 
 
 # -- /metrics that errors, is slow, or is garbage ------------------------------------------------------
