@@ -29,3 +29,8 @@ def test_short_soak_loses_nothing_and_stays_flat():
     assert report.rss_growth_after_warmup_mib < 48, report.lines()
     assert report.fds_end <= report.fds_start + 8, report.lines()
     assert report.threads_end <= report.threads_start + 4, report.lines()
+    assert report.tasks_end is not None and report.tasks_start is not None
+    assert report.tasks_end <= report.tasks_start + 4, report.lines()  # no task left behind per request
+    # Python objects: a leak of a few objects per request (thousands of requests) would cross 20%.
+    assert report.py_blocks_end is not None and report.py_blocks_after_warmup is not None
+    assert report.py_blocks_end < 1.2 * report.py_blocks_after_warmup, report.lines()
