@@ -165,6 +165,8 @@ def test_dead_pod_leaves_the_candidate_set(fstack, pods, victim):
         time.sleep(0.2)
     served = ok_through(fstack, 30)
     assert address not in served
+    view = httpx.get(f"http://{HOST}:{fstack.metrics_port}/debug/endpoints", timeout=10).json()
+    assert {e["address"]: e["unreachable"] for e in view["endpoints"]} == {**dict.fromkeys(pods, False), address: True}
 
 
 # -- a pod that hangs ------------------------------------------------------------------------------------
