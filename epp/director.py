@@ -115,6 +115,7 @@ class Director:
         """The pool (or the proxy's subset of it), minus endpoints that stopped answering; all of them
         when every one has, since a guess beats a certain 503 while metrics are what is broken."""
         endpoints = self.pool.endpoints
+        found: Sequence[Endpoint]
         if subset is not None and not self.disable_subset_filter:
             found = filter_subset(endpoints, subset)
             if not found:
@@ -125,9 +126,9 @@ class Director:
             raise EppError(503, "rejected-no-endpoints",
                            "failed to find endpoint candidates for serving the request: the pool is empty")
         else:
-            found = list(endpoints)
+            found = endpoints
         answering = [e for e in found if not e.metrics.unreachable]
-        return answering or found
+        return answering or list(found)
 
     async def route(self, request: InferenceRequest, subset: Sequence[str] | None) -> Decision:
         candidates = self.candidates(subset)

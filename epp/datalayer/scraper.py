@@ -37,8 +37,8 @@ log = logging.getLogger(__name__)
 Parser = Callable[[str, Iterable[str]], promtext.ParseResult]
 
 UNREACHABLE_AFTER = 3  # unanswered scrapes in a row (150 ms at the default interval)
-# The server never answered: nothing listens, the connection broke, or it hangs.
-_UNANSWERED = (TimeoutError, aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
+# Client errors that mean the server never answered (timeouts and refused connections have their own branch).
+_UNANSWERED = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
 
 _ACCEPT = "text/plain;version=0.0.4;q=1,*/*;q=0.1"  # never OpenMetrics: we parse the classic format
 
@@ -212,22 +212,20 @@ class MetricsScraper:
         t0 = time.perf_counter()
         stats.scrapes += 1
         error: str | None
-        answered = False
+        answered = True  # the server spoke HTTP, whatever it said
         try:
             error = await self._scrape(session, ep, stats)
-            answered = True
         except asyncio.CancelledError:
             raise
         except TimeoutError:
-            error = f"timeout after {self.timeout:g}s"
+            error, answered = f"timeout after {self.timeout:g}s", False
         except aiohttp.ClientConnectorError as e:
-            error = f"connect: {e.os_error.strerror or e.os_error}"[:160]
+            error, answered = f"connect: {e.os_error.strerror or e.os_error}"[:160], False
         except aiohttp.ClientError as e:
             answered = not isinstance(e, _UNANSWERED)
             error = f"{type(e).__name__}: {e}"[:160]
         except Exception as e:  # never let one bad page kill the polling task
             log.exception("scraping %s failed unexpectedly", ep.name)
-            answered = True
             error = f"{type(e).__name__}: {e}"[:160]
         self._note_reachability(ep, stats, answered)
         stats.last_duration = time.perf_counter() - t0

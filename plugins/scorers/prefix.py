@@ -526,7 +526,7 @@ class PrefixCacheScorer(Scorer, RequestObserver):
             return [w * min(1.0, st.matched_tokens(m) / scale) ** 2 + (1 - w) * m / n for m in matches]
         if self.mode == "ratio":
             return [m / n for m in matches]
-        tokens = [st.matched_tokens(m) if m else 0 for m in matches]
+        tokens = [st.matched_tokens(m) for m in matches]
         least = min(tokens)
         scale = self.scale
         return [min(1.0, (t - least) / scale) for t in tokens]

@@ -22,7 +22,9 @@ from epp.datalayer.engines import (
 )
 from epp.datalayer.pool import EndpointPool, EndpointSpec
 from epp.datalayer.promtext import parse
-from epp.datalayer.scraper import MetricsScraper
+from epp.datalayer.scraper import UNREACHABLE_AFTER, MetricsScraper
+from epp.director import Director
+from epp.scheduling.config import load_config
 
 SGLANG_PAGE = """\
 # HELP sglang:num_running_reqs The number of running requests.
@@ -382,10 +384,6 @@ def test_urls_and_arguments():
 
 
 async def test_endpoints_that_stop_answering_leave_the_candidates_until_they_answer(servers):
-    from epp.datalayer.scraper import UNREACHABLE_AFTER
-    from epp.director import Director
-    from epp.scheduling.config import load_config
-
     err500, hung = await servers(*(render_vllm_page(waiting=i) for i in (1, 2)))
     port = _closed_port()  # nothing listens there yet
     pool = EndpointPool()
