@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--secure-serving", type=_bool, default=d.secure_serving, help="TLS on the ext_proc port")
     flag("--cert-path", default=d.cert_path, help="directory with tls.crt and tls.key (self-signed if empty)")
     flag("--enable-cert-reload", type=_bool, default=d.enable_cert_reload, help="reload the certificate on change")
+    flag("--client-ca-path", default=d.client_ca_path,
+         help="mutual TLS on the ext_proc port: require client certificates signed by this CA (a PEM file, or a "
+              "directory with ca.crt); reloaded with the certificate under --enable-cert-reload")
     flag("--grpc-max-recv-msg-size", type=int, default=d.grpc_max_recv_msg_size)
     flag("--drain-timeout", type=_duration, default=d.drain_timeout,
          help="after SIGTERM: report NOT_SERVING but keep serving (new streams too) this long, then exit")
@@ -74,6 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
          help="longest prompt text, in characters (0: no limit)")
     flag("--max-prompt-tokens", type=int, default=d.max_prompt_tokens,
          help="longest prompt sent as token ids (0: no limit)")
+    flag("--max-request-body-chunks", type=int, default=d.max_request_body_chunks,
+         help="most body messages in one request's ext_proc stream (0: no limit)")
+    flag("--max-buffered-body-bytes", type=int, default=d.max_buffered_body_bytes,
+         help="request-body bytes held at once across all streams; past it new bodies get 503 (0: no limit)")
+    flag("--trust-model-rewrite-header", type=_bool, default=d.trust_model_rewrite_header,
+         help="honour x-gateway-model-name-rewrite / x-llm-d-model-name-rewrite (set them in the gateway, "
+              "which must strip clients' copies)")
+    flag("--trust-objective-header", type=_bool, default=d.trust_objective_header,
+         help="honour x-gateway-inference-objective / x-llm-d-inference-objective (gateway-set, as above)")
 
     flag("-v", "--v", dest="verbosity", type=int, default=d.verbosity, help="log verbosity like GIE: 2 info, 4 debug")
     flag("--decision-header", type=_bool, default=d.decision_header,
@@ -86,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--explain-token", default=d.explain_token,
          help="requests with 'x-epp-explain: <token>' get their decision explained (env EPP_EXPLAIN_TOKEN)")
     flag("--debug-endpoints", type=_bool, default=d.debug_endpoints,
-         help="serve /debug (live page), /debug/endpoints and /debug/decisions on the metrics port")
+         help="serve /debug (live page), /debug/endpoints and /debug/decisions on the metrics port "
+              "(off by default: they show request paths and endpoint state to whoever reaches the port)")
     return ap
 
 

@@ -49,6 +49,7 @@ class Config:
     secure_serving: bool = True
     cert_path: str = ""
     enable_cert_reload: bool = False
+    client_ca_path: str = ""  # mutual TLS on ext_proc: clients need a certificate this CA (file or dir/ca.crt) signed
     grpc_max_recv_msg_size: int = 64 << 20
     drain_timeout: float = 30.0
     drain_quiet_period: float = 0.0  # > 0: end the drain early once no stream was open for this long
@@ -73,6 +74,12 @@ class Config:
     max_request_messages: int = 100_000  # 0: no limit (these three: see StreamOptions)
     max_prompt_chars: int = 16 << 20
     max_prompt_tokens: int = 4 << 20
+    max_request_body_chunks: int = 16_384  # body messages of one request (Envoy sends 16-64 KiB pieces)
+    max_buffered_body_bytes: int = 1 << 30  # request bodies held at once across all streams (0: no limit)
+    # trust: headers a client could send to pick its own upstream model or priority are read only when the
+    # gateway sets them (and strips clients' copies: see manifests/gateways)
+    trust_model_rewrite_header: bool = False
+    trust_objective_header: bool = False
     # observability
     decision_header: bool = False
     verbosity: int = 2
@@ -80,7 +87,7 @@ class Config:
     tracing: bool | None = None  # None: on when OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT is set
     explain_decisions: bool = False  # explain every decision (metadata + x-epp-decision response header)
     explain_token: str = ""  # x-epp-explain: <token> asks for one request's explanation (or EPP_EXPLAIN_TOKEN)
-    debug_endpoints: bool = True  # /debug, /debug/endpoints, /debug/decisions on the metrics port
+    debug_endpoints: bool = False  # /debug, /debug/endpoints, /debug/decisions on the metrics port
 
     def validate(self) -> None:
         sources = [bool(self.pool_name), bool(self.endpoint_selector), bool(self.static_endpoints),
@@ -98,5 +105,7 @@ class Config:
             raise ValueError("--drain-timeout and --drain-quiet-period must not be negative")
         if self.enable_cert_reload and not self.cert_path:
             raise ValueError("--enable-cert-reload needs --cert-path")
+        if self.client_ca_path and not self.secure_serving:
+            raise ValueError("--client-ca-path needs --secure-serving")
         if self.endpoint_selector and not self.endpoint_target_ports:
             raise ValueError("--endpoint-selector needs --endpoint-target-ports")

@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _CHARS_PER_TOKEN = 4
+# A request's output counts toward its endpoint's load up to this many tokens: ``max_tokens`` is a ceiling the
+# client chooses, not a size, and one absurd ceiling must not make an endpoint look full to everyone else.
+MAX_OUTPUT_ESTIMATE = 1 << 17
 
 
 @dataclass(slots=True)
@@ -70,7 +73,7 @@ def estimate_tokens(request: InferenceRequest) -> int:
     else:
         prompt = len(request.raw_body) // _CHARS_PER_TOKEN
     output = body.max_output_tokens if body.max_output_tokens is not None else prompt * 3 // 2
-    return prompt + output
+    return prompt + min(output, MAX_OUTPUT_ESTIMATE)
 
 
 class Director:

@@ -30,6 +30,15 @@ def level_for(verbosity: int) -> int:
     return logging.INFO
 
 
+# Control characters in a text line are escaped: a client-chosen value (a model name, a request id) carrying a
+# newline must not forge a log line. JSON lines are escaped by the encoder.
+_CONTROL = {i: f"\\x{i:02x}" for i in (*range(32), 127, 0x85)} | {0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
+def escape_control(text: str) -> str:
+    return text.translate(_CONTROL)
+
+
 def _jsonable(value: Any) -> Any:
     return value if isinstance(value, (str, int, float, bool, type(None), list, dict)) else str(value)
 
@@ -49,6 +58,10 @@ class JsonFormatter(logging.Formatter):
 class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # the message, not a traceback appended after it
+        record.message = escape_control(record.message)
+        return super().formatMessage(record)
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)

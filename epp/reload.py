@@ -39,10 +39,14 @@ class FileWatcher:
     reported once per change of the error, and the watcher keeps polling.
     """
 
-    def __init__(self, path: str | os.PathLike[str], on_change: Callable[[str], Any],
-                 interval: float = DEFAULT_INTERVAL, name: str = "file") -> None:
+    def __init__(self, path: str | os.PathLike[str], on_change: Callable[..., Any],
+                 interval: float = DEFAULT_INTERVAL, name: str = "file",
+                 prepare: Callable[[str], Any] | None = None) -> None:
         self.path = Path(path)
         self.on_change = on_change
+        # The periodic watch runs ``prepare(text)`` on a worker thread and calls ``on_change(text, prepared)``:
+        # heavy parsing stays off the event loop. ``check()`` (SIGHUP, tests) calls ``on_change(text)``.
+        self.prepare = prepare
         self.interval = interval
         self.name = name
         self._stamp: tuple[int, int, int] | None = None
@@ -58,22 +62,43 @@ class FileWatcher:
         st = self.path.stat()
         return (st.st_ino, st.st_mtime_ns, st.st_size)
 
-    def check(self) -> bool:
-        """Read the file if it changed and pass its text on; True when the callback ran."""
+    def _read_if_changed(self) -> str | None:
         try:
             stamp = self._identity()
             if stamp == self._stamp:
-                return False
+                return None
             text = self.path.read_text()
         except OSError as e:
             error = f"{type(e).__name__}: {e.strerror or e}"
             if error != self._error:
                 log.error("%s %s cannot be read, keeping what was loaded: %s", self.name, self.path, error)
                 self._error = error
-            return False
+            return None
         self._error = None
         self._stamp = stamp
+        return text
+
+    def check(self) -> bool:
+        """Read the file if it changed and pass its text on; True when the callback ran."""
+        text = self._read_if_changed()
+        if text is None:
+            return False
         self.on_change(text)
+        return True
+
+    async def check_async(self) -> bool:
+        """``check``, with ``prepare`` run on a worker thread."""
+        text = self._read_if_changed()
+        if text is None:
+            return False
+        if self.prepare is None:
+            self.on_change(text)
+        else:
+            try:
+                prepared = await asyncio.to_thread(self.prepare, text)
+            except Exception as e:  # the callback reports it, as when it fails itself
+                prepared = e
+            self.on_change(text, prepared)
         return True
 
     async def start(self) -> None:
@@ -83,7 +108,7 @@ class FileWatcher:
         while True:
             await asyncio.sleep(self.interval)
             try:
-                self.check()
+                await self.check_async()
             except Exception:  # the callback's bug must not end the watch
                 log.exception("%s %s: reload failed", self.name, self.path)
 
@@ -102,12 +127,13 @@ class ConfigReloader:
     ``apply`` installs a loaded configuration (the server's: instrument it, then ``set_config``).
     """
 
-    def __init__(self, path: str | os.PathLike[str], load: Callable[[str], Any], apply: Callable[[Any], None],
-                 metrics: Any = None, interval: float = DEFAULT_INTERVAL) -> None:
-        self.load = load
+    def __init__(self, path: str | os.PathLike[str], load: Callable[..., Any], apply: Callable[[Any], None],
+                 metrics: Any = None, interval: float = DEFAULT_INTERVAL,
+                 parse: Callable[[str], Any] | None = None) -> None:
+        self.load = load  # load(text) or, with ``parse``, load(text, doc=parse(text))
         self.apply = apply
         self.metrics = metrics
-        self.watcher = FileWatcher(path, self._changed, interval, name="config file")
+        self.watcher = FileWatcher(path, self._changed, interval, name="config file", prepare=parse)
         self.generation = 1  # configurations applied, the start-up one included
         self.digest = ""
         self.last_error: str | None = None
@@ -130,12 +156,16 @@ class ConfigReloader:
         except OSError:
             self.watcher._stamp = None
 
-    def _changed(self, text: str) -> None:
+    _UNPARSED = object()
+
+    def _changed(self, text: str, doc: Any = _UNPARSED) -> None:
         digest = _digest(text)
         if digest == self.digest:
             return  # touched, or rewritten with the same content
         try:
-            config = self.load(text)
+            if isinstance(doc, Exception):
+                raise doc
+            config = self.load(text) if doc is self._UNPARSED else self.load(text, doc=doc)
         except Exception as e:
             self.last_error = str(e)
             self.digest = digest  # do not retry the same broken text every second

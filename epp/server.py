@@ -22,7 +22,7 @@ from epp.datalayer.pool import EndpointPool
 from epp.datalayer.scraper import MetricsScraper
 from epp.director import Director
 from epp.extproc.servicer import ExtProcServicer
-from epp.extproc.stream import StreamOptions
+from epp.extproc.stream import BodyBudget, StreamOptions
 from epp.health import HealthServicer
 from epp.logs import setup_logging
 from epp.objectives import Objectives
@@ -66,7 +66,11 @@ class EppServer:
                    ("grpc.so_reuseport", 0)]
         limits = StreamOptions(max_body_bytes=cfg.max_request_body_bytes, max_json_depth=cfg.max_json_depth,
                                decision_header=cfg.decision_header, max_messages=cfg.max_request_messages,
-                               max_prompt_chars=cfg.max_prompt_chars, max_prompt_tokens=cfg.max_prompt_tokens)
+                               max_prompt_chars=cfg.max_prompt_chars, max_prompt_tokens=cfg.max_prompt_tokens,
+                               max_body_chunks=cfg.max_request_body_chunks,
+                               budget=BodyBudget(cfg.max_buffered_body_bytes),
+                               trust_rewrite_header=cfg.trust_model_rewrite_header,
+                               trust_objective_header=cfg.trust_objective_header)
         self.servicer = ExtProcServicer(self.director, limits)
         self.grpc_server = grpc.aio.server(options=options)
         pb_grpc.add_ExternalProcessorServicer_to_server(self.servicer, self.grpc_server)
@@ -74,7 +78,8 @@ class EppServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         address = f"{cfg.host}:{cfg.grpc_port}"
         if cfg.secure_serving:
-            creds, self.cert_reloader = tls.server_credentials(cfg.cert_path, cfg.enable_cert_reload)
+            creds, self.cert_reloader = tls.server_credentials(cfg.cert_path, cfg.enable_cert_reload,
+                                                               cfg.client_ca_path)
             self.grpc_port = self.grpc_server.add_secure_port(address, creds)
         else:
             self.grpc_port = self.grpc_server.add_insecure_port(address)
@@ -92,8 +97,9 @@ class EppServer:
         self.metrics_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         await self.observability.start()
         log.info("epp serving: ext_proc %s:%d (%s), health %d, metrics %d, %d endpoints",
-                 cfg.host, self.grpc_port, "tls" if cfg.secure_serving else "plaintext", self.health_port,
-                 self.metrics_port, len(self.pool.endpoints))
+                 cfg.host, self.grpc_port,
+                 ("mutual tls" if cfg.client_ca_path else "tls") if cfg.secure_serving else "plaintext",
+                 self.health_port, self.metrics_port, len(self.pool.endpoints))
 
     def _make_scraper(self, picker_config: PickerConfig) -> MetricsScraper | None:
         """GIE's data layer: ``metrics-data-source`` + ``core-metrics-extractor`` parameters when configured;
@@ -114,8 +120,13 @@ class EppServer:
         return self.cfg.config_text or None
 
     def _metrics_app(self) -> web.Application:
+        def render() -> bytes:
+            return generate_latest(self.metrics.registry) + generate_latest(REGISTRY)  # ours + process/python
+
         async def metrics(_: web.Request) -> web.Response:
-            body = generate_latest(self.metrics.registry) + generate_latest(REGISTRY)  # ours + process/python
+            # Rendered on a worker thread: however large the page, a scrape never holds the event loop
+            # that routes requests. Collectors copy what they read (see epp.observability.metrics).
+            body = await asyncio.to_thread(render)
             return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
         app = web.Application()

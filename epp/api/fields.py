@@ -17,6 +17,11 @@ from epp.api.errors import EppError, bad_request
 from epp.api.types import ApiKind, ParsedBody
 
 TOKEN_ID_LIMIT = 2**32  # token ids are uint32 on the wire in vLLM's generate API
+# Client-chosen values EPP stores, labels, logs or computes with are bounded. A model name is a label on
+# EPP's metrics and a field of every decision record: 256 characters is far beyond any served model name
+# (Hugging Face repo ids are at most 96 + 1 + 96). Counts such as ``max_tokens`` stop at vLLM's int32.
+MAX_MODEL_NAME_CHARS = 256
+MAX_COUNT = 2**31 - 1
 
 # An array typecode holding exactly 32 unsigned bits; building one range-checks ids in C.
 _U32 = next(code for code in ("I", "L") if array(code).itemsize == 4)
@@ -36,7 +41,18 @@ def require_model(payload: dict[str, Any]) -> str:
         else:
             message = f"'model' must be a string, got {json_type(model)}"
         raise bad_request("missing-model", message, "model")
+    if len(model) > MAX_MODEL_NAME_CHARS:
+        raise bad_request("model-name-too-long", f"'model' has {len(model)} characters; the limit is "
+                          f"{MAX_MODEL_NAME_CHARS}", "model")
+    if not model.isprintable():
+        raise invalid("model", "'model' must not contain control characters")
     return model
+
+
+def is_model_name(value: object) -> bool:
+    """A string fit to be a model name: what ``require_model`` accepts. Paths EPP does not parse take the
+    body's ``model`` only when it is one (they are never refused)."""
+    return isinstance(value, str) and 0 < len(value) <= MAX_MODEL_NAME_CHARS and value.isprintable()
 
 
 def optional_bool(payload: dict[str, Any], key: str, param: str | None = None) -> bool | None:
@@ -47,7 +63,8 @@ def optional_bool(payload: dict[str, Any], key: str, param: str | None = None) -
 
 
 def optional_count(payload: dict[str, Any], key: str, param: str | None = None) -> int | None:
-    """A non-negative integer such as ``max_tokens``; bools and integral floats are refused."""
+    """A non-negative integer such as ``max_tokens``, at most ``MAX_COUNT``; bools and integral floats are
+    refused."""
     value = payload.get(key)
     if value is None:
         return None
@@ -55,7 +72,9 @@ def optional_count(payload: dict[str, Any], key: str, param: str | None = None) 
     if type(value) is not int:  # exact check: bool is a subclass of int
         raise invalid(name, f"'{name}' must be an integer, got {json_type(value)}")
     if value < 0:
-        raise invalid(name, f"'{name}' must be >= 0, got {value}")
+        raise invalid(name, f"'{name}' must be >= 0")
+    if value > MAX_COUNT:
+        raise invalid(name, f"'{name}' must be <= {MAX_COUNT}")
     return value
 
 

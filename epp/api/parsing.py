@@ -18,6 +18,7 @@ from typing import Any
 
 from epp.api import anthropic, openai, vllm
 from epp.api.errors import EppError, bad_request
+from epp.api.fields import is_model_name
 from epp.api.types import ApiKind, ParsedBody
 
 DEFAULT_MAX_JSON_DEPTH = 64
@@ -191,7 +192,7 @@ def _parse_other(body: bytes, content_type: str | None, max_depth: int) -> Parse
         return parsed
     parsed.payload = payload
     model = payload.get("model")
-    if isinstance(model, str):
+    if is_model_name(model):
         parsed.model = model
     stream = payload.get("stream")
     if isinstance(stream, bool):
@@ -219,7 +220,7 @@ _WANTED_FORM_FIELDS = frozenset({"model", "stream"})
 def _multipart_fields(body: bytes, boundary: bytes, parsed: ParsedBody) -> None:
     """Pick ``model`` and ``stream`` form fields out of a multipart body without copying file parts."""
     fields = _small_form_fields(body, boundary, _WANTED_FORM_FIELDS)
-    if "model" in fields:
+    if is_model_name(fields.get("model")):
         parsed.model = fields["model"]
     if "stream" in fields:
         parsed.stream = fields["stream"].strip().lower() in ("true", "1")

@@ -23,6 +23,7 @@ from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import Proces
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from epp.api.errors import EppError, error_body, error_headers
+from epp.api.fields import MAX_MODEL_NAME_CHARS, is_model_name
 from epp.api.parsing import api_for_path, parse_request
 from epp.api.rewrite import ModelNameRestorer, rewrite_request_model
 from epp.api.types import ApiKind, ErrorStyle, InferenceRequest, ParsedBody
@@ -48,6 +49,35 @@ class StreamOptions:
     max_messages: int = 100_000  # chat/Anthropic messages, Responses input items
     max_prompt_chars: int = 16 << 20  # the rendered prompt text
     max_prompt_tokens: int = 4 << 20  # prompts sent as token ids (completions, embeddings, generate)
+    # Envoy sends a body in 16-64 KiB pieces; a direct client sending one-byte pieces must not hold the loop.
+    max_body_chunks: int = 16_384
+    budget: BodyBudget | None = None  # request-body bytes buffered across all streams
+    trust_rewrite_header: bool = False  # see Config.trust_model_rewrite_header
+    trust_objective_header: bool = False
+
+
+class BodyBudget:
+    """Request-body bytes held across every stream of the process, so many large bodies arriving at once
+    cannot exhaust memory: each stream reserves what it buffers and releases it once the body is parsed
+    (or the stream ends). Past the limit, new bytes are refused with 503."""
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def reserve(self, n: int) -> bool:
+        if self.limit and self.used + n > self.limit:
+            return False
+        self.used += n
+        return True
+
+    def release(self, n: int) -> None:
+        self.used = max(0, self.used - n)
+
+
+MAX_REQUEST_ID_CHARS = 128  # a UUID is 36
 
 
 class Phase(Enum):
@@ -82,6 +112,7 @@ class ExtProcStream:
         self.error: EppError | None = None
         self._chunks: list[bytes] = []
         self._size = 0
+        self._reserved = 0  # bytes of self._chunks counted in options.budget
         self._header_only = False
         self._has_trailers = False
         self._generated_id: str | None = None
@@ -140,10 +171,20 @@ class ExtProcStream:
     def _on_request_body(self, msg: pb.HttpBody) -> list[pb.ProcessingResponse]:
         if self.phase is not Phase.REQUEST_BODY:
             return []
+        o = self.options
+        if o.max_body_chunks and len(self._chunks) >= o.max_body_chunks:
+            raise EppError(413, "body-too-fragmented", f"request body arrived in more than {o.max_body_chunks} "
+                           "pieces")
         if msg.body:
-            self._size += len(msg.body)
-            if self._size > self.options.max_body_bytes:
+            n = len(msg.body)
+            self._size += n
+            if self._size > o.max_body_bytes:
                 raise self._too_large()
+            if o.budget is not None:
+                if not o.budget.reserve(n):
+                    raise EppError(503, "body-buffer-full", "the endpoint picker is holding too many request "
+                                   "bodies at once; retry shortly")
+                self._reserved += n
             self._chunks.append(msg.body)
         if msg.end_of_stream:
             self._finish_body()
@@ -213,9 +254,15 @@ class ExtProcStream:
         return EppError(413, "body-too-large",
                         f"request body exceeds the limit of {self.options.max_body_bytes} bytes")
 
+    def _release_body(self) -> None:
+        self._chunks = []
+        if self._reserved and self.options.budget is not None:
+            self.options.budget.release(self._reserved)
+        self._reserved = 0
+
     def _finish_body(self) -> None:
         raw = b"".join(self._chunks)
-        self._chunks = []
+        self._release_body()
         parsed = parse_request(self.path, raw, self.headers.get("content-type"), self.options.max_json_depth,
                                content_encoding=self.headers.get("content-encoding"))
         self._check_limits(parsed)
@@ -239,22 +286,25 @@ class ExtProcStream:
 
     def _build_request(self, parsed: ParsedBody, raw: bytes) -> None:
         headers = self.headers
-        request_id = headers.get(p.REQUEST_ID_HEADER)
+        # Kept in records, logs and spans: bounded (the header itself goes upstream untouched).
+        request_id = headers.get(p.REQUEST_ID_HEADER, "")[:MAX_REQUEST_ID_CHARS]
         if not request_id:
             request_id = self._generated_id = str(uuid.uuid4())
-        rewrite = (p.first_header(headers, p.REWRITE_HEADERS) or "").strip()
-        if not rewrite.isprintable():  # a control character is no model name: ignore the header
+        o = self.options
+        rewrite = (p.first_header(headers, p.REWRITE_HEADERS) or "").strip() if o.trust_rewrite_header else ""
+        if not is_model_name(rewrite):  # no model name (too long, control characters): ignore the header
             rewrite = ""
         target = self.director.target_model(parsed.model, rewrite or None)
         if target != parsed.model and parsed.payload is not None and parsed.model:
             raw = rewrite_request_model(parsed.payload, target)
             self._restorer = ModelNameRestorer(target, parsed.model)
-        objective = p.first_header(headers, p.OBJECTIVE_HEADERS)
+        objective = p.first_header(headers, p.OBJECTIVE_HEADERS) if o.trust_objective_header else None
         self.request = InferenceRequest(
             request_id=request_id, path=self.path, method=headers.get(":method", "POST"), headers=headers,
             body=parsed, raw_body=raw, target_model=target,
             objective=objective, priority=self.director.objectives.priority(objective),
-            fairness_id=p.first_header(headers, p.FAIRNESS_HEADERS) or "default-flow", received_at=self.started)
+            fairness_id=(p.first_header(headers, p.FAIRNESS_HEADERS) or "default-flow")[:MAX_MODEL_NAME_CHARS],
+            received_at=self.started)
         self.phase = Phase.ROUTING
 
     # -- routing ------------------------------------------------------------------------------
@@ -333,5 +383,6 @@ class ExtProcStream:
 
     def close(self) -> None:
         """The gRPC stream ended. Without response bodies that is how EPP learns the response ended."""
+        self._release_body()  # a stream that died mid-body
         if not self._completed:
             self._complete(normally=not self._response_bodies and self.response.status > 0)

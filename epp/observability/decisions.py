@@ -15,6 +15,13 @@ from epp.datalayer.endpoint import Endpoint
 from epp.datalayer.pool import EndpointPool
 
 DEFAULT_SIZE = 256
+MAX_RECORDED_PATH = 256
+
+
+def record_path(path: str) -> str:
+    """A request path as records, spans and logs keep it: without its query string (clients put API keys
+    there) and at most ``MAX_RECORDED_PATH`` characters."""
+    return path.partition("?")[0][:MAX_RECORDED_PATH]
 
 
 class DecisionLog:

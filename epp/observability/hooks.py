@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from epp.datalayer.pool import EndpointPool
-from epp.observability.decisions import DEFAULT_SIZE, DecisionLog
+from epp.observability.decisions import DEFAULT_SIZE, DecisionLog, record_path
 from epp.observability.explain import (
     DECISION_KEY,
     DECISION_RESPONSE_HEADER,
@@ -122,7 +122,7 @@ class RequestHooks:
         if pr is not None and pr.scores:
             explanation = explain(result, _weights(config, result.primary_profile), primary.name)
         record: dict[str, Any] = {
-            "t": DecisionLog.now(), "id": request.request_id, "model": request.model, "path": request.path,
+            "t": DecisionLog.now(), "id": request.request_id, "model": request.model, "path": record_path(request.path),
             "endpoint": primary.name, "dest": primary.hostport,
             "candidates": candidates or (explanation["candidates"] if explanation else None),
             "profile": result.primary_profile, "sched_us": round(schedule_seconds * 1e6, 1)}

@@ -1,7 +1,10 @@
 """EPP's Prometheus metrics, with GIE's names, types and labels, plus our own (``epp_*``).
 
-Label cardinality is bounded: request ids never become labels, model names (chosen by clients)
-are capped at ``MAX_MODEL_LABELS`` distinct values, the rest counted as ``other``, endpoint labels
+Label cardinality is bounded: request ids never become labels; model names (chosen by clients, at most
+256 characters) are labels once a model server answered one with success, and provisionally before that
+(``MAX_PROVISIONAL_MODEL_LABELS`` at a time): a name no server serves -- a typo, or a client flooding
+made-up names -- loses its series when its requests end, and ``other`` counts what finds no free slot;
+``MAX_MODEL_LABELS`` names in all. Endpoint labels
 follow the pool (a removed endpoint's series go away with it), and plugin labels come from the
 configuration.
 
@@ -29,6 +32,8 @@ from epp.datalayer.endpoint import Endpoint
 from epp.datalayer.pool import EndpointPool
 
 MAX_MODEL_LABELS = 100
+MAX_PROVISIONAL_MODEL_LABELS = 16
+_SERIES_KEY = "epp.metrics.series"  # request.attributes: the series a request was counted in when routed
 _M = ("model_name", "target_model_name")
 _TOKENS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32778, 65536, 131072, 262144)
 _SIZES = (64, 256, 1024, 4096, 16384, 65536, 262144, 1 << 20, 4 << 20, 16 << 20, 64 << 20)
@@ -114,7 +119,7 @@ def prefix_index_size(config: Any) -> int | None:
     if config is None:
         return None
     total, found = 0, False
-    for plugin in getattr(config, "plugins", {}).values():
+    for plugin in list(getattr(config, "plugins", {}).values()):
         sizer = getattr(plugin, "indexer_size", None)
         if callable(sizer):
             total += int(sizer())
@@ -279,7 +284,8 @@ class EppMetrics:
         self.config_loaded.set_to_current_time()
         r.register(_PoolCollector(pool, self.runtime))
         self.info.labels("dev", "main").set(1)
-        self._models: set[str] = set()
+        self._models: set[str] = set()  # model names a server answered with success
+        self._provisional: dict[str, int] = {}  # name -> requests in flight, until one succeeds
         self._series_cache: dict[tuple[str, str, int], _ModelSeries] = {}
         self._decisions: dict[str, Any] = {}
         self._attempts_success = self.scheduler_attempts.labels("success")
@@ -295,12 +301,41 @@ class EppMetrics:
                     self.decisions.remove(e.name)
 
     def _model(self, name: str) -> str:
-        if name in self._models:
+        """The label for a model name: the name once a server answered it with success; before that, the name
+        while a provisional slot is free (so a new model is counted under its own name from its first request);
+        else ``other``. A provisional name whose requests all failed loses its series again."""
+        if not name or name in self._models or name in self._provisional:
             return name
-        if len(self._models) < MAX_MODEL_LABELS:
-            self._models.add(name)
+        if (len(self._provisional) < MAX_PROVISIONAL_MODEL_LABELS
+                and len(self._models) + len(self._provisional) < MAX_MODEL_LABELS):
+            self._provisional[name] = 0
             return name
         return "other"
+
+    def _settle(self, request: InferenceRequest, success: bool) -> None:
+        """A request counted under provisional names ended: success makes them labels for good; a name left
+        with no request in flight and no success is removed, series and all."""
+        for name in {request.model, request.target_model}:
+            if name not in self._provisional:
+                continue
+            if success:
+                del self._provisional[name]
+                self._models.add(name)
+                continue
+            self._provisional[name] -= 1
+            if self._provisional[name] <= 0:
+                del self._provisional[name]
+                self._drop_series(name)
+
+    def _drop_series(self, name: str) -> None:
+        for key in [k for k in self._series_cache if name in (k[0], k[1])]:
+            del self._series_cache[key]
+        for family in (self.request_total, self.request_errors, self.request_duration, self.request_sizes,
+                       self.response_sizes, self.input_tokens, self.output_tokens, self.ntpot, self.cached_tokens,
+                       self.running):
+            for values in [v for v in list(family._metrics) if name in v]:  # no public listing of children
+                with contextlib.suppress(KeyError):
+                    family.remove(*values)
 
     def labels(self, request: InferenceRequest | None) -> tuple[str, str]:
         if request is None:
@@ -326,7 +361,10 @@ class EppMetrics:
         return series
 
     def routed(self, request: InferenceRequest, endpoint: Endpoint, schedule_seconds: float) -> None:
-        s = self._series(request)
+        s = request.attributes[_SERIES_KEY] = self._series(request)  # the end updates the same series
+        for name in {request.model, request.target_model}:
+            if name in self._provisional:
+                self._provisional[name] += 1
         s.total.inc()
         s.sizes.observe(len(request.raw_body))
         s.running.inc()
@@ -338,7 +376,10 @@ class EppMetrics:
         decisions.inc()
 
     def rejected(self, request: InferenceRequest | None, err: EppError) -> None:
-        m = self.labels(request)
+        # no provisional slot for a request that never reaches a server: nothing would settle it
+        m = ("", "") if request is None else tuple(
+            n if not n or n in self._models or n in self._provisional else "other"
+            for n in (request.model, request.target_model))
         self.request_errors.labels(*m, _ERROR_CODES.get(err.status, "Unknown")).inc()
         self.rejections.labels(err.reason, str(err.status)).inc()
         if err.reason == "scheduling-failed":
@@ -346,7 +387,7 @@ class EppMetrics:
 
     def completed(self, request: InferenceRequest, status: int, seconds: float, response_bytes: int,
                   prompt: int | None, output: int | None, cached: int | None) -> None:
-        s = self._series(request)
+        s = request.attributes.get(_SERIES_KEY) or self._series(request)
         s.running.dec()
         s.duration.observe(seconds)
         s.response_sizes.observe(response_bytes)
@@ -360,3 +401,5 @@ class EppMetrics:
                 s.ntpot.observe(seconds / output)
         if cached is not None:
             s.cached_tokens.observe(cached)
+        if self._provisional:
+            self._settle(request, 200 <= status < 400)

@@ -22,6 +22,8 @@ import os
 import time
 from typing import Any
 
+from epp.observability.decisions import record_path
+
 log = logging.getLogger(__name__)
 
 REQUEST_SPAN = "gateway.request"
@@ -93,7 +95,7 @@ class Tracing:
         parent = self.propagator.extract(request.headers)
         primary = decision.endpoints[0]
         attrs: dict[str, Any] = {
-            "http.request.method": request.method, "url.path": request.path,
+            "http.request.method": request.method, "url.path": record_path(request.path),
             "gen_ai.request.model": request.model, "epp.request_id": request.request_id,
             "epp.model.target": request.target_model, "epp.priority": request.priority,
             "epp.decision.endpoint": primary.hostport, "epp.decision.endpoint_name": primary.name,
@@ -143,7 +145,7 @@ class Tracing:
         parent = self.propagator.extract(request.headers) if request is not None else None
         attrs: dict[str, Any] = {"http.response.status_code": status, "error.type": reason}
         if request is not None:
-            attrs.update({"http.request.method": request.method, "url.path": request.path,
+            attrs.update({"http.request.method": request.method, "url.path": record_path(request.path),
                           "gen_ai.request.model": request.model, "epp.request_id": request.request_id})
         start = _epoch_ns(request.received_at) if request is not None and request.received_at else None
         span = self.tracer.start_span(REQUEST_SPAN, context=parent, kind=self._kind, attributes=attrs,

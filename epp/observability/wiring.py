@@ -60,12 +60,12 @@ class Observability:
                                 cfg.config_file)
                 server.director.set_config(instrument(config, metrics))
 
-            def load(text: str) -> Any:
-                from epp.scheduling.config import load_config
+            from epp.scheduling.config import load_config, parse_document
 
-                return load_config(text, server.pool, previous=server.director.config)
+            def load(text: str, doc: Any = None) -> Any:
+                return load_config(text, server.pool, previous=server.director.config, doc=doc)
 
-            reloader = ConfigReloader(cfg.config_file, load, apply, metrics)
+            reloader = ConfigReloader(cfg.config_file, load, apply, metrics, parse=parse_document)
             reloader.started_with(getattr(server, "config_file_text", None))
         server.reloader = reloader
         return cls(server, hooks, reloader)

@@ -7,6 +7,7 @@ Same format as GIE's EPP (apiVersion ``inference.networking.x-k8s.io/v1alpha1``)
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,18 +73,48 @@ def _check_fields(obj: Any, where: str, allowed: set[str], required: set[str] = 
     return obj
 
 
+MAX_CONFIG_BYTES = 1 << 20  # GIE's and llm-d's configurations are a few KiB
+_YAML_LOADER: type = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when PyYAML was built with it
+
+
+def parse_document(text: str | None) -> Any:
+    """The configuration text as plain data: YAML without aliases (an alias bomb expands a few hundred
+    bytes into billions of nodes), at most ``MAX_CONFIG_BYTES``, with every number finite. Pure work with
+    no event loop: a live reload runs it on a worker thread."""
+    if not text or not text.strip():
+        text = DEFAULT_CONFIG
+    _expect(len(text) <= MAX_CONFIG_BYTES, f"config is {len(text)} characters; the limit is {MAX_CONFIG_BYTES}")
+    try:
+        for event in yaml.parse(text, Loader=_YAML_LOADER):
+            _expect(not isinstance(event, yaml.AliasEvent), "config: YAML aliases (*name) are not accepted")
+        doc = yaml.load(text, Loader=_YAML_LOADER)  # a safe loader (CSafeLoader or SafeLoader)
+    except yaml.YAMLError as e:
+        raise PluginConfigError(f"config is not valid YAML: {e}") from None
+    _check_finite(doc, "config")
+    return doc
+
+
+def _check_finite(value: Any, where: str) -> None:
+    stack = [(value, where)]
+    while stack:
+        v, at = stack.pop()
+        if isinstance(v, float):
+            _expect(math.isfinite(v), f"{at}: numbers must be finite, got {v}")
+        elif isinstance(v, dict):
+            stack.extend((x, f"{at}.{k}") for k, x in v.items())
+        elif isinstance(v, list):
+            stack.extend((x, f"{at}[{i}]") for i, x in enumerate(v))
+
+
 def load_config(text: str | None, pool: EndpointPool | None = None,
-                previous: PickerConfig | None = None) -> PickerConfig:
-    """Parse, validate and instantiate. ``None`` or empty text gives the default config.
+                previous: PickerConfig | None = None, doc: Any = None) -> PickerConfig:
+    """Parse, validate and instantiate. ``None`` or empty text gives the default config; ``doc`` is the text
+    already parsed by ``parse_document``.
 
     With ``previous`` (a live reload), a plugin whose name, type and parameters are unchanged is kept,
     state included (e.g. the prefix-cache index), and previous plugins not kept are stopped."""
-    if not text or not text.strip():
-        text = DEFAULT_CONFIG
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise PluginConfigError(f"config is not valid YAML: {e}") from None
+    if doc is None:
+        doc = parse_document(text)
     doc = _check_fields(doc, "config", _TOP_FIELDS, {"apiVersion", "kind"})
     _expect(doc["apiVersion"] in API_VERSIONS, f"config: apiVersion must be one of {list(API_VERSIONS)}")
     _expect(doc["kind"] == KIND, f"config: kind must be {KIND}")

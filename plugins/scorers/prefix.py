@@ -251,7 +251,7 @@ class ApproxPrefixCacheProducer(RequestObserver):
         return self.capacity
 
     def indexer_size(self) -> int:
-        return sum(len(s.lru) for s in self._servers.values())
+        return sum(len(s.lru) for s in list(self._servers.values()))  # list: /metrics renders off the loop
 
     # -- hashing and matching --------------------------------------------------------------------
 

@@ -53,7 +53,7 @@ async def test_split_body_across_chunks_and_model_rewrite():
     body = json.dumps({**REQ, "model": "sql-lora-sheddable"}).encode()
     msgs = [headers_msg(headers={"x-gateway-model-name-rewrite": "sql-lora-1fdg3"}),
             body_msg(body[:30], eos=False), body_msg(body[30:], eos=False), body_msg(b"", eos=True)]
-    out = await drive(new_stream(make_director([("p1", 4, 0.2), ("p2", 4, 0.85)])), msgs)
+    out = await drive(new_stream(make_director([("p1", 4, 0.2), ("p2", 4, 0.85)]), trust_rewrite_header=True), msgs)
     assert pick_of(out) == "192.168.1.1:8000"
     forwarded = json.loads(body_of(out))
     assert forwarded["model"] == "sql-lora-1fdg3" and forwarded["prompt"] == "test prompt"
@@ -62,7 +62,7 @@ async def test_split_body_across_chunks_and_model_rewrite():
 
 async def test_rewritten_model_is_restored_in_the_response():
     body = json.dumps(REQ).encode()
-    stream = new_stream(make_director())
+    stream = new_stream(make_director(), trust_rewrite_header=True)
     await drive(stream, [headers_msg(headers={"x-gateway-model-name-rewrite": "target-x"}), body_msg(body)])
     out = await drive(stream, [response_headers_msg(), response_body_msg(b'{"id":"1","mod'),
                                response_body_msg(b'el":"target-x","usage":{}}', eos=True)])
@@ -224,3 +224,50 @@ async def test_out_of_order_messages_are_ignored_not_fatal():
     assert await drive(stream, [body_msg(b"{}")]) == []  # body before headers
     out = await drive(stream, [headers_msg(), body_msg(json.dumps(REQ).encode()), body_msg(b"again")])
     assert pick_of(out) == "192.168.1.1:8000"
+
+
+async def test_control_headers_from_an_untrusted_client_are_ignored():
+    """By default the rewrite and objective headers are the client's, not the gateway's: ignored."""
+    body = json.dumps(REQ).encode()
+    director = make_director()
+    director.objectives.priorities["critical"] = 10
+    stream = new_stream(director)
+    out = await drive(stream, [headers_msg(headers={"x-gateway-model-name-rewrite": "target-x",
+                                                    "x-gateway-inference-objective": "critical"}), body_msg(body)])
+    assert body_of(out) == body and stream.request.target_model == "my-model"
+    assert stream.request.objective is None and stream.request.priority == 0
+    trusted = new_stream(director, trust_objective_header=True, trust_rewrite_header=True)
+    out = await drive(trusted, [headers_msg(headers={"x-gateway-model-name-rewrite": "t" * 300,
+                                                     "x-gateway-inference-objective": "critical"}), body_msg(body)])
+    assert body_of(out) == body  # a rewrite that is no model name (too long) is ignored even when trusted
+    assert trusted.request.priority == 10
+
+
+async def test_request_body_in_too_many_pieces_is_refused():
+    msgs = [headers_msg()] + [body_msg(b" ", eos=False) for _ in range(20)]
+    out = await drive(new_stream(make_director(), max_body_chunks=10), msgs)
+    status, headers, _ = immediate(out[0])
+    assert status == 413 and headers["x-epp-error-reason"] == "body-too-fragmented"
+
+
+async def test_bodies_buffered_across_streams_share_one_budget():
+    from epp.extproc.stream import BodyBudget
+
+    budget = BodyBudget(100)
+    director = make_director()
+    first = new_stream(director, budget=budget)
+    await drive(first, [headers_msg(), body_msg(b"x" * 80, eos=False)])
+    assert budget.used == 80
+    out = await drive(new_stream(director, budget=budget), [headers_msg(), body_msg(b"y" * 40, eos=False)])
+    status, headers, doc = immediate(out[0])
+    assert status == 503 and headers["x-epp-error-reason"] == "body-buffer-full" and "error" in doc
+    first.close()  # a stream that ends mid-body gives its bytes back
+    assert budget.used == 0
+    out = await drive(new_stream(director, budget=budget), [headers_msg(), body_msg(json.dumps(REQ).encode())])
+    assert pick_of(out) and budget.used == 0  # parsed bodies are released
+
+
+async def test_request_id_is_bounded_where_epp_keeps_it():
+    stream = new_stream(make_director())
+    await drive(stream, [headers_msg(headers={"x-request-id": "r" * 5000}), body_msg(json.dumps(REQ).encode())])
+    assert stream.request.request_id == "r" * 128

@@ -128,7 +128,7 @@ async def test_watch_streams_each_change_and_ends_on_close(health):
 
 def make_cfg(**kw) -> Config:
     base = dict(host="127.0.0.1", grpc_port=0, grpc_health_port=0, metrics_port=0, secure_serving=False,
-                static_endpoints="127.0.0.1:9,127.0.0.1:10", config_text=CONFIG_A)
+                static_endpoints="127.0.0.1:9,127.0.0.1:10", config_text=CONFIG_A, debug_endpoints=True)
     base.update(kw)
     return Config(**base)
 
@@ -346,12 +346,12 @@ def test_operability_flags():
 
     cfg = parse_args(["--static-endpoints", "10.0.0.1:8000"])
     assert cfg.tracing is None and cfg.explain_decisions is False and cfg.explain_token == ""
-    assert cfg.drain_timeout == 30 and cfg.drain_quiet_period == 0 and cfg.debug_endpoints is True
+    assert cfg.drain_timeout == 30 and cfg.drain_quiet_period == 0 and cfg.debug_endpoints is False
     cfg = parse_args(["--static-endpoints", "10.0.0.1:8000", "--tracing=false", "--explain-decisions",
                       "--explain-token", "t" * 20, "--drain-timeout=1m", "--drain-quiet-period", "500ms",
-                      "--debug-endpoints=false"])
+                      "--debug-endpoints"])
     assert cfg.tracing is False and cfg.explain_decisions is True and cfg.explain_token == "t" * 20
-    assert cfg.drain_timeout == 60 and cfg.drain_quiet_period == pytest.approx(0.5) and cfg.debug_endpoints is False
+    assert cfg.drain_timeout == 60 and cfg.drain_quiet_period == pytest.approx(0.5) and cfg.debug_endpoints is True
     assert parse_args(["--static-endpoints", "10.0.0.1:8000", "--tracing"]).tracing is True
     with pytest.raises(SystemExit):
         parse_args(["--static-endpoints", "10.0.0.1:8000", "--drain-quiet-period=-1"])
@@ -359,9 +359,15 @@ def test_operability_flags():
 
 async def test_limit_flags_reach_every_stream(epp):
     cfg = parse_args(["--static-endpoints=127.0.0.1:9", "--max-request-body-bytes=1000", "--max-json-depth=5",
-                      "--max-request-messages=3", "--max-prompt-chars=40", "--max-prompt-tokens=7"])
-    server = await epp(max_request_body_bytes=cfg.max_request_body_bytes, max_json_depth=cfg.max_json_depth,
-                       max_request_messages=cfg.max_request_messages, max_prompt_chars=cfg.max_prompt_chars,
-                       max_prompt_tokens=cfg.max_prompt_tokens)
-    assert server.servicer.options == StreamOptions(max_body_bytes=1000, max_json_depth=5, max_messages=3,
-                                                    max_prompt_chars=40, max_prompt_tokens=7)
+                      "--max-request-messages=3", "--max-prompt-chars=40", "--max-prompt-tokens=7",
+                      "--max-request-body-chunks=9", "--max-buffered-body-bytes=5000", "--trust-objective-header",
+                      "--trust-model-rewrite-header"])
+    server = await epp(**{k: getattr(cfg, k) for k in (
+        "max_request_body_bytes", "max_json_depth", "max_request_messages", "max_prompt_chars", "max_prompt_tokens",
+        "max_request_body_chunks", "max_buffered_body_bytes", "trust_objective_header", "trust_model_rewrite_header")})
+    options = server.servicer.options
+    assert options.budget is not None and options.budget.limit == 5000
+    options.budget = None
+    assert options == StreamOptions(max_body_bytes=1000, max_json_depth=5, max_messages=3, max_prompt_chars=40,
+                                    max_prompt_tokens=7, max_body_chunks=9, trust_objective_header=True,
+                                    trust_rewrite_header=True)
