@@ -16,6 +16,7 @@ from epp.api.errors import EppError
 from epp.api.types import InferenceRequest
 from epp.datalayer.endpoint import Endpoint
 from epp.datalayer.pool import EndpointPool
+from epp.datalayer.tokens import TokenRatios
 from epp.objectives import Objectives
 from epp.observability.metrics import EppMetrics
 from epp.scheduling.config import PickerConfig
@@ -26,10 +27,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_CHARS_PER_TOKEN = 4
 # A request's output counts toward its endpoint's load up to this many tokens: ``max_tokens`` is a ceiling the
 # client chooses, not a size, and one absurd ceiling must not make an endpoint look full to everyone else.
 MAX_OUTPUT_ESTIMATE = 1 << 17
+_PRIOR = TokenRatios()  # no model learned: the default ratio
 
 
 @dataclass(slots=True)
@@ -64,14 +65,15 @@ def filter_subset(endpoints: Iterable[Endpoint], subset: Sequence[str]) -> list[
     return [e for e in endpoints if e.address in hosts or e.hostport in exact]
 
 
-def estimate_tokens(request: InferenceRequest) -> int:
+def estimate_tokens(request: InferenceRequest, ratios: TokenRatios | None = None) -> int:
+    """Prompt + expected output tokens of a request, the prompt's from the learned characters per token."""
     body = request.body
+    ratios = ratios or _PRIOR
     if body.prompt_token_ids is not None:
         prompt = len(body.prompt_token_ids)
-    elif body.prompt_text is not None:
-        prompt = len(body.prompt_text) // _CHARS_PER_TOKEN
     else:
-        prompt = len(request.raw_body) // _CHARS_PER_TOKEN
+        chars = len(body.prompt_text) if body.prompt_text is not None else len(request.raw_body)
+        prompt = ratios.tokens(request.target_model or body.model, chars)
     output = body.max_output_tokens if body.max_output_tokens is not None else prompt * 3 // 2
     return prompt + min(output, MAX_OUTPUT_ESTIMATE)
 
@@ -139,7 +141,7 @@ class Director:
         config = self.config
         t0 = time.perf_counter()
         result = config.scheduler.schedule(request, candidates, explain=explain)
-        decision = Decision(result.endpoints, result, estimate_tokens(request))
+        decision = Decision(result.endpoints, result, estimate_tokens(request, self.pool.tokens))
         primary = decision.primary
         elapsed = time.perf_counter() - t0
         if self.metrics:
@@ -181,6 +183,11 @@ class Director:
         primary = decision.primary
         primary.inflight_requests = max(0, primary.inflight_requests - 1)
         primary.inflight_tokens = max(0, primary.inflight_tokens - decision.tokens)
+        u = response.usage
+        text = request.body.prompt_text
+        if u is not None and u.prompt_tokens and text and request.body.prompt_token_ids is None \
+                and 200 <= response.status < 300:
+            self.pool.tokens.observe(request.target_model or request.model, len(text), u.prompt_tokens)
         if self.metrics:
             u = response.usage
             self.metrics.completed(request, response.status, time.monotonic() - request.received_at, response.bytes,

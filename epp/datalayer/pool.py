@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from epp.datalayer.endpoint import Endpoint
+from epp.datalayer.tokens import TokenRatios
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ class EndpointPool:
         self._snapshot: tuple[Endpoint, ...] = ()
         self._listeners: list[Listener] = []
         self.synced = False  # set once discovery has delivered a first full view
+        self.tokens = TokenRatios()  # characters per token, learned per model from the servers' usage
 
     @property
     def endpoints(self) -> tuple[Endpoint, ...]:

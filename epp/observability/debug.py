@@ -20,6 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
+from epp.observability.audit import plugin_audits
 from epp.observability.page import PAGE
 
 MAX_LIMIT = 256
@@ -66,7 +67,11 @@ def endpoints_view(server: Any) -> dict[str, Any]:
         "streams": servicer.active_streams if servicer is not None else 0,
         "decisions": hooks.decisions.total if hooks is not None else 0,
         "rejected": hooks.decisions.rejected if hooks is not None else 0,
-        "config": config, "endpoints": eps}
+        "config": config, "endpoints": eps,
+        # predictions against outcomes (epp.observability.audit), and the learned characters per token
+        "predictions": {k: a.summary() for k, a in
+                        plugin_audits(director.config if director is not None else None).items()},
+        "chars_per_token": pool.tokens.snapshot()}
 
 
 def decisions_view(server: Any, limit: int = 50) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from epp.api.errors import EppError
 from epp.api.types import InferenceRequest
 from epp.datalayer.endpoint import Endpoint
 from epp.datalayer.pool import EndpointPool
+from epp.observability.audit import PredictionAudit, plugin_audits
 
 MAX_MODEL_LABELS = 100
 MAX_PROVISIONAL_MODEL_LABELS = 16
@@ -208,10 +209,34 @@ class _PoolCollector(Collector):
                                 "Memory blocks held by Python's allocator: flat while the process grows means "
                                 "the growth is outside Python objects.", value=sys.getallocatedblocks())
         yield GaugeMetricFamily("epp_draining", "1 after SIGTERM, while EPP drains.", value=1 if rt.draining() else 0)
+        yield from _audit_families(plugin_audits(rt.config()))
         size = prefix_index_size(rt.config())
         if size is not None:
             yield GaugeMetricFamily("inference_extension_prefix_indexer_size",
                                     "Block hashes held by the approximate prefix-cache index.", value=size)
+
+
+def _audit_families(audits: dict[str, PredictionAudit]) -> Iterator[Any]:
+    """Predictions against outcomes (epp.observability.audit): prefix-cache hits in tokens, TTFT in seconds."""
+    if not audits:
+        return
+    outcome = CounterMetricFamily("epp_prefix_prediction", "Completed requests by predicted vs reported prefix-cache "
+                                  "hit (hit, miss, false_hit, false_miss).", labels=["source", "outcome"])
+    tokens = HistogramMetricFamily("epp_prefix_prediction_error_tokens", "Absolute error of the predicted cached "
+                                   "tokens against the cached_tokens the server reported.", labels=["source"])
+    ttft = HistogramMetricFamily("epp_ttft_prediction_error_seconds", "Absolute error of the predicted time to "
+                                 "first token against the time EPP saw the first response byte.", labels=["source"])
+    for source, audit in audits.items():
+        buckets, total = audit.histogram()
+        if audit.unit == "tokens":
+            tokens.add_metric([source], buckets, total)
+            for name, n in audit.confusion.items():
+                outcome.add_metric([source, name], n)
+        else:
+            ttft.add_metric([source], buckets, total)
+    yield outcome
+    yield tokens
+    yield ttft
 
 
 @dataclass(slots=True)

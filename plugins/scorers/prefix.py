@@ -41,6 +41,7 @@ own blocks stay indexed: the model server has just computed and cached them.
 from __future__ import annotations
 
 import logging
+import math
 from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -50,6 +51,7 @@ import xxhash
 
 from epp.api.types import InferenceRequest
 from epp.datalayer.endpoint import Endpoint
+from epp.observability.audit import TOKEN_ERROR_BUCKETS, PredictionAudit
 from epp.scheduling.plugins import CycleState, Plugin, RequestObserver, ResponseInfo, SchedulingResult, Scorer
 from epp.scheduling.registry import PluginConfigError, register_plugin
 from plugins.scorers.common import check_bool, check_float, check_int, check_str
@@ -59,8 +61,11 @@ log = logging.getLogger(__name__)
 CHARS_PER_TOKEN = 4  # GIE's estimate when hashing characters
 PREFILL_PROFILE = "prefill"
 _NO_HORIZON = 1 << 62
-# How far a reported cached-token count may be off from our block count, per kind of block.
-_SLACK = {"ids": 1.0, "tokenizer": 1.25, "chars": 1.5}
+# How far a reported cached-token count may be off from our block count, per kind of block ("chars" once the
+# model's characters per token is learned; before that "chars-prior").
+_SLACK = {"ids": 1.0, "tokenizer": 1.25, "chars": 1.25, "chars-prior": 1.5}
+LEARNED_AFTER = 3  # responses before a model's learned characters per token replaces the prior in feedback
+MISSES_TO_FORGET = 2  # consistent misses before an endpoint's horizon drops (one can be a race, not eviction)
 
 
 
@@ -145,6 +150,7 @@ class PrefixState:
     covered_tokens: int  # tokens (estimated for character blocks) the hashes cover
     prompt_tokens: int  # tokens (estimated) of the whole prompt
     kind: str  # "ids" | "tokenizer" | "chars"
+    unit: float = 0.0  # server tokens per block: block_tokens, or for character blocks the learned equivalent
     matches: dict[str, int] = field(default_factory=dict)  # endpoint name -> matched blocks
     credit: _Credit | None = None
     stamps: list[tuple[str, int]] = field(default_factory=list)  # (endpoint, stamp) inserted, to release
@@ -153,7 +159,7 @@ class PrefixState:
         return bool(self.hashes)
 
     def matched_tokens(self, blocks: int) -> int:
-        return min(blocks * self.block_tokens, self.covered_tokens)
+        return min(int(blocks * (self.unit or self.block_tokens)), self.covered_tokens)
 
     @property
     def hit_ratio(self) -> float:
@@ -166,13 +172,14 @@ class PrefixState:
 class _Server:
     """One endpoint's index: block hash -> stamp, least recently inserted first."""
 
-    __slots__ = ("horizon", "inflight", "lru", "seq")
+    __slots__ = ("horizon", "inflight", "lru", "seq", "suspect")
 
     def __init__(self) -> None:
         self.lru: OrderedDict[int, int] = OrderedDict()
         self.seq = 0  # blocks inserted so far; a stamp is the value of seq right after an insertion
         self.inflight: set[int] = set()  # stamps of insertions whose request has not completed
         self.horizon = _NO_HORIZON  # entries this old (in blocks inserted since) or older no longer match
+        self.suspect: list[int] = []  # ages of recent misses not yet confirmed by another (MISSES_TO_FORGET)
 
     def match(self, hashes: list[int]) -> int:
         lru = self.lru
@@ -219,6 +226,7 @@ class ApproxPrefixCacheProducer(RequestObserver):
         self._servers: dict[str, _Server] = {}
         self._key = ("approx-prefix-cache", id(self))
         self.stats = {"misses": 0, "surprise_hits": 0}
+        self.audit = PredictionAudit("tokens", TOKEN_ERROR_BUCKETS, threshold=16)
 
     def start(self) -> None:
         if self.handle and self.handle.pool:
@@ -242,12 +250,12 @@ class ApproxPrefixCacheProducer(RequestObserver):
                     return bs * -(-self.block_tokens // bs)
         return self.block_tokens
 
-    def _capacity(self, endpoint: Endpoint, block_tokens: int) -> int:
+    def _capacity(self, endpoint: Endpoint, block_tokens: float) -> int:
         if self.auto_tune:
             blocks = endpoint.metrics.num_gpu_blocks
             if blocks and blocks > 0:
                 bs = endpoint.metrics.block_size
-                return max(1, blocks * bs // block_tokens) if bs and bs > 0 else blocks
+                return max(1, int(blocks * bs // block_tokens)) if bs and bs > 0 else blocks
         return self.capacity
 
     def indexer_size(self) -> int:
@@ -263,7 +271,20 @@ class ApproxPrefixCacheProducer(RequestObserver):
             request.attributes[self._key] = st
         return st
 
+    def _chars_per_token(self, request: InferenceRequest) -> float:
+        pool = self.handle.pool if self.handle is not None else None
+        model = request.target_model or request.model
+        return pool.tokens.chars_per_token(model) if pool is not None else float(CHARS_PER_TOKEN)
+
+    def _slack(self, st: PrefixState, request: InferenceRequest) -> float:
+        if st.kind != "chars":
+            return _SLACK[st.kind]
+        pool = self.handle.pool if self.handle is not None else None
+        learned = pool is not None and pool.tokens.samples(request.target_model or request.model) >= LEARNED_AFTER
+        return _SLACK["chars" if learned else "chars-prior"]
+
     def _hash(self, request: InferenceRequest, block: int) -> PrefixState:
+        unit = float(block)
         max_blocks = max(1, self.max_tokens // block) if self.max_tokens else self.max_blocks
         max_tokens = block * max_blocks
         body = request.body
@@ -284,12 +305,15 @@ class ApproxPrefixCacheProducer(RequestObserver):
                 data, prompt = self.tokenizer.encode(text, max_tokens)
                 kind, covered, step = "tokenizer", len(data) // 4, block * 4
             else:
+                # Blocks of a fixed 4 * B characters (hashes must not move as the ratio is learned); counts in
+                # the server's tokens through the learned characters per token.
                 step = block * CHARS_PER_TOKEN
                 data = text[: step * max_blocks].encode("utf-8", "surrogatepass")[: step * max_blocks]
-                kind, prompt = "chars", len(text) // CHARS_PER_TOKEN
-                covered = -(-len(data) // CHARS_PER_TOKEN)
+                cpt = self._chars_per_token(request)
+                kind, prompt, unit = "chars", int(len(text) / cpt), step / cpt
+                covered = math.ceil(len(data) / cpt)
         if len(data) < step:
-            return PrefixState([], block, 0, prompt, kind)
+            return PrefixState([], block, 0, prompt, kind, unit)
         seed = xxhash.xxh64_intdigest(f"{request.target_model or body.model}\0{body.cache_salt or ''}".encode())
         h = xxhash.xxh64_intdigest
         mv = memoryview(data)
@@ -298,7 +322,7 @@ class ApproxPrefixCacheProducer(RequestObserver):
         for off in range(0, len(data), step):
             seed = h(mv[off: off + step], seed)
             append(seed)
-        return PrefixState(hashes, block, covered, prompt, kind)
+        return PrefixState(hashes, block, covered, prompt, kind, unit)
 
     def match(self, state: PrefixState, endpoint: Endpoint) -> int:
         """Blocks of the request's prefix the endpoint holds (memoised per request)."""
@@ -366,7 +390,7 @@ class ApproxPrefixCacheProducer(RequestObserver):
         for h in reversed(hashes):
             lru[h] = stamp
             move(h)
-        cap = self._capacity(endpoint, st.block_tokens)
+        cap = self._capacity(endpoint, st.unit or st.block_tokens)
         while len(lru) > cap:
             lru.popitem(last=False)
         srv.inflight.add(stamp)
@@ -383,6 +407,7 @@ class ApproxPrefixCacheProducer(RequestObserver):
             if srv is not None:
                 srv.inflight.discard(stamp)
         st.stamps = []
+        self._audit(st, endpoint, response)
         credit, st.credit = st.credit, None
         if credit is None or credit.endpoint != endpoint.name or not response.completed:
             return
@@ -395,19 +420,45 @@ class ApproxPrefixCacheProducer(RequestObserver):
             return
         srv = self._servers.get(credit.endpoint)
         if srv is not None:
-            self.apply_feedback(srv, credit, usage.cached_tokens, st.block_tokens, _SLACK[st.kind])
+            self.apply_feedback(srv, credit, usage.cached_tokens, st.unit or st.block_tokens, self._slack(st, request))
 
-    def apply_feedback(self, srv: _Server, credit: _Credit, cached_tokens: int, block_tokens: int,
-                       slack: float) -> None:
-        generous = int(cached_tokens * slack) // block_tokens  # at most this many of our blocks were cached
-        if credit.credited >= generous + 2:
-            # Missed: block generous+1 was credited but not cached, so entries that old are gone.
-            age = credit.ages[generous + 1]
-            if age < srv.horizon:
-                srv.horizon = age
-                self.stats["misses"] += 1
+    def _audit(self, st: PrefixState, endpoint: Endpoint, response: ResponseInfo) -> None:
+        """The match predicted at the pick against the cached tokens the server reported, in its terms: a server
+        never reuses a prompt's last token and caches whole blocks of its own size."""
+        usage = response.usage
+        if usage is None or usage.cached_tokens is None or not 200 <= response.status < 300:
             return
-        sure = int(cached_tokens / slack) // block_tokens  # at least this many of our blocks were cached
+        if response.served_endpoint and response.served_endpoint != endpoint.hostport:
+            return
+        engine_block = endpoint.metrics.block_size or 16
+        predicted = st.matched_tokens(st.matches.get(endpoint.name, 0)) if st.hashes else 0
+        if usage.prompt_tokens:
+            predicted = min(predicted, usage.prompt_tokens - 1)
+        predicted -= predicted % engine_block
+        self.audit.record(max(0, predicted), usage.cached_tokens)
+        self.audit.threshold = engine_block
+
+    def prediction_audits(self) -> dict[str, PredictionAudit]:
+        return {"cached_tokens": self.audit}
+
+    def apply_feedback(self, srv: _Server, credit: _Credit, cached_tokens: int, block_tokens: float,
+                       slack: float) -> None:
+        generous = int(cached_tokens * slack / block_tokens)  # at most this many of our blocks were cached
+        if credit.credited >= generous + 2:
+            # Missed: block generous+1 was credited but not cached. Entries that old are gone -- once a second
+            # miss agrees: a single one can be a race (the server evicted and recomputed under us, or another
+            # request's blocks were still being written), and forgetting costs every prefix on the endpoint.
+            srv.suspect.append(credit.ages[generous + 1])
+            if len(srv.suspect) >= MISSES_TO_FORGET:
+                age = max(srv.suspect)
+                srv.suspect.clear()
+                if age < srv.horizon:
+                    srv.horizon = age
+                    self.stats["misses"] += 1
+            return
+        if credit.credited:
+            srv.suspect.clear()  # a credited hit confirmed: the earlier miss was not eviction
+        sure = int(cached_tokens / slack / block_tokens)  # at least this many of our blocks were cached
         if sure > credit.credited + 1 and len(credit.ages) > credit.credited:
             # More was cached than credited: blocks that old are still there.
             proven = credit.ages[credit.credited: min(sure, len(credit.ages))]
@@ -512,6 +563,9 @@ class PrefixCacheScorer(Scorer, RequestObserver):
 
     def indexer_size(self) -> int:
         return self._own.indexer_size() if self.producer is self._own else 0
+
+    def prediction_audits(self) -> dict[str, PredictionAudit]:
+        return self._own.prediction_audits() if self.producer is self._own else {}
 
     def score(self, cycle: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> Sequence[float]:
         prod = self.producer

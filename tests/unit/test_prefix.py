@@ -296,18 +296,23 @@ def test_reported_miss_lowers_the_horizon_and_old_entries_stop_matching():
     s = plugin("prefix-cache-scorer", "{scoreMode: ratio}")
     prod = s.prefix_producer()
     a = ep("a")
-    old = words(640, 1)  # 10 blocks of 64 characters
-    r = req(old, rid="old")
-    route(s, r, [a], a)
-    complete(s, r, a, cached=0)
-    fill(s, a, 20, seed=2)  # 200 blocks inserted after `old`
+    old, old2 = words(640, 1), words(640, 11)  # 10 blocks of 64 characters each
+    for i, text in enumerate((old, old2)):
+        r = req(text, rid=f"old{i}")
+        route(s, r, [a], a)
+        complete(s, r, a, cached=0)
+    fill(s, a, 20, seed=2)  # 200 blocks inserted after them
     assert score(s, [a], req(old)) == [1.0]  # still in our LRU (capacity 31250)
     again = req(old, rid="again")
     route(s, again, [a], a)
     complete(s, again, a, cached=0)  # ...but the model server had evicted it
-    assert prod.horizon("a") == 200
+    assert prod.horizon("a") is None  # one miss can be a race: not yet evidence of eviction
+    again2 = req(old2, rid="again2")
+    route(s, again2, [a], a)
+    complete(s, again2, a, cached=0)  # a second, consistent miss: entries 210 blocks old are gone
+    assert prod.horizon("a") == 210
     assert prod.stats["misses"] == 1
-    # the prompt itself was just recomputed, so it matches again; things older than 200 blocks do not
+    # the prompt itself was just recomputed, so it matches again; things older than 210 blocks do not
     assert score(s, [a], req(old)) == [1.0]
     fill(s, a, 21, seed=3)
     assert score(s, [a], req(old)) == [0.0]
@@ -458,3 +463,50 @@ def test_hit_ratio_is_exposed_for_metrics_whatever_the_score_mode():
     r2 = req("tiny")
     s.score(None, r2, [a, b])
     assert not r2.attributes["prefix-cache-scorer"]
+
+
+def test_characters_per_token_is_learned_so_hits_are_not_taken_for_evictions():
+    """A server whose tokenizer packs ~7 characters per token reports about half the cached tokens that 4
+    characters per token would credit. Before the ratio is learned from prompt_tokens that looks like a miss
+    on every request; once learned, the same reports are hits and the index keeps what the endpoint holds."""
+    from epp.datalayer.pool import EndpointPool
+
+    pool = EndpointPool()
+    cfg = config("plugins:\n- type: prefix-cache-scorer\n")
+    cfg.handle.pool = pool
+    s = cfg.plugins["prefix-cache-scorer"]
+    prod = s.prefix_producer()
+    a, b = ep("a"), ep("b", index=1)
+    system = words(7000, 5)  # 1,000 server tokens at 7 characters each
+    for i in range(8):
+        text = system + words(700, 100 + i)  # + 100 tokens of question
+        r = req(text, rid=str(i))
+        route(s, r, [a, b], a)
+        cached = 0 if i == 0 else 992  # the server holds the system prompt (62 blocks of 16 tokens)
+        pool.tokens.observe("m", len(text), len(text) // 7)  # the director does this from usage.prompt_tokens
+        complete(s, r, a, cached=cached)
+    assert pool.tokens.chars_per_token("m") == pytest.approx(7.0, rel=0.05)
+    assert prod.horizon("a") is None and prod.stats["misses"] == 0
+    st = prod.state(req(system + words(700, 999), rid="probe"), [a, b])
+    assert st.matched_tokens(prod.match(st, a)) == pytest.approx(1000, rel=0.1)  # in the server's tokens
+    audit = prod.audit.summary()
+    assert audit["count"] == 8 and audit["confusion"]["false_hit"] == 0
+
+
+def test_the_audit_counts_predictions_against_reported_cached_tokens():
+    s = plugin("prefix-cache-scorer")
+    prod = s.prefix_producer()
+    a = ep("a")
+    text = words(640, 4)  # 10 blocks of 64 characters, 160 tokens at the prior
+    first = req(text, rid="1")
+    route(s, first, [a], a)
+    complete(s, first, a, cached=0)  # predicted 0, reported 0: a true miss
+    second = req(text, rid="2")
+    route(s, second, [a], a)
+    complete(s, second, a, cached=0)  # predicted 160, the server had nothing: a false hit
+    third = req(text, rid="3")
+    route(s, third, [a], a)
+    complete(s, third, a, cached=144)  # predicted 160: a hit, 16 tokens off
+    c = prod.audit.summary()["confusion"]
+    assert c == {"hit": 1, "miss": 1, "false_hit": 1, "false_miss": 0}
+    assert prod.audit.abs_error == 160 + 16
