@@ -1,0 +1,348 @@
+"""``predicted-latency-scorer``: one currency for every routing signal -- the predicted time to first token.
+
+Prefix affinity, queue depth, batch slots and KV pressure are different units; weighting them against each
+other (GIE's queue x2 + kv x2 + prefix x3) has no right answer across workloads: one waiting request on a
+min-max queue scorer outweighs a conversation's history, and nothing says "the pod holding this prefix is
+full; a cold prefill elsewhere is sooner than waiting there". This scorer predicts, per candidate, the
+seconds until the request's first token there and prefers the soonest::
+
+    ttft(e) = base(e) + per_token(e) * (queued_prefill(e) + uncached(e)) + admission_wait(e)
+
+* ``uncached(e)``: the request's prompt tokens endpoint ``e`` does not hold, from the prefix-cache producer's
+  match (in the server's tokens: see ``epp.datalayer.tokens``).
+* ``queued_prefill(e)``: uncached tokens of the requests EPP sent to ``e`` whose first byte has not come back
+  yet (prefill work ahead of this request). An entry also expires after a few predicted TTFTs, in case EPP
+  never sees a first byte (response bodies not sent to EPP).
+* ``admission_wait(e)``: with ``n`` requests in flight (EPP's count, or the server's running + waiting when
+  higher: other gateways share the pods) and ``S`` batch slots, ``max(0, n + 1 - S) * occupancy(e) / S``: a
+  slot frees every ``occupancy / S`` seconds on average. ``S`` is learned from the scraped metrics: the
+  running count whenever requests were waiting (the server's real cap, whether ``max_num_seqs`` or KV space),
+  never less than the most seen running. Unknown until a server first queues: no wait predicted before.
+* ``base``, ``per_token`` (prefill), ``occupancy`` (first byte to end) and, for ``objective: e2e`` and TPOT
+  SLOs, the time per output token as a function of the batch size, are learned per endpoint from what EPP
+  sees of each response (a decayed least-squares fit, starting from a prior worth a few requests), so a slow
+  endpoint, a faster GPU or a different model size are measured, not configured.
+
+SLO headers (llm-d's ``x-llm-d-slo-ttft-ms`` / ``x-llm-d-slo-tpot-ms``): endpoints predicted to meet them
+rank first (soonest first among them); when none does, the smallest relative violation wins.
+
+Every prediction is audited: the predicted TTFT of the picked endpoint against the time its first byte came
+(``epp_ttft_prediction_error_seconds``, ``/debug/endpoints``).
+
+Compared with NVIDIA Dynamo's KV-router cost (``overlap_weight * uncached prefill blocks + active prefill
+blocks + decode blocks``, in blocks, weights set by hand) this is in seconds, learned, and includes batch-slot
+admission; compared with llm-d's ``latency-scorer`` it needs no trained model or sidecar.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from epp.api.types import InferenceRequest
+from epp.datalayer.endpoint import Endpoint
+from epp.observability.audit import SECONDS_ERROR_BUCKETS, PredictionAudit
+from epp.scheduling.plugins import CycleState, RequestObserver, ResponseInfo, SchedulingResult, Scorer
+from epp.scheduling.registry import register_plugin
+from plugins.scorers.common import DEFAULT_SCORER_STALENESS, check_duration, check_str, fresh_mask
+from plugins.scorers.prefix import PrefixSource, resolve_prefix_source
+
+SLO_TTFT_HEADER = "x-llm-d-slo-ttft-ms"
+SLO_TPOT_HEADER = "x-llm-d-slo-tpot-ms"
+OBJECTIVES = ("ttft", "e2e")
+
+# Priors, before an endpoint has answered anything: a mid-range accelerator serving a small model. They only
+# rank endpoints that have no history yet; each response moves its endpoint's fit.
+PRIOR_BASE = 0.02  # s: one engine step and the round trip
+PRIOR_PER_TOKEN = 1e-4  # s per prefilled token (10k tokens/s)
+PRIOR_OCCUPANCY = 1.0  # s a request holds a batch slot after its first token
+PRIOR_TPOT = 0.02  # s per output token at batch size 1
+PRIOR_TPOT_PER_SEQ = 2e-4  # s per output token added by each other sequence in the batch
+PRIOR_OUTPUT_TOKENS = 128.0
+DECAY = 0.95  # per observation: the last ~20 responses of an endpoint carry most of its fit
+_MAX_SECONDS = 600.0  # observations past this are not latencies but stuck streams
+_PENDING_EXPIRY = 4.0  # x the predicted TTFT (+1 s): a pending prefill EPP never saw start stops counting
+
+
+class DecayedFit:
+    """Least-squares line ``y = a + b x`` over observations that fade geometrically (``DECAY`` each).
+
+    The line passes through the observations' mean, so predictions near what was seen are right from the
+    first sample; the slope is the observations' own, shrunk toward the prior slope by ``strength * span^2``
+    (in weight * x^2), so observations spread over a narrow range of ``x`` -- which cannot tell a slope --
+    keep the prior's. No observations: the prior line. ``b`` is kept within ``[b_min, b_max]``, ``a`` >= 0."""
+
+    __slots__ = ("a0", "b0", "b_max", "b_min", "k", "sw", "sx", "sxx", "sxy", "sy")
+
+    def __init__(self, a: float, b: float, span: float, b_min: float, b_max: float, strength: float = 0.1) -> None:
+        self.a0, self.b0, self.b_min, self.b_max = a, b, b_min, b_max
+        self.k = strength * span * span
+        self.sw = self.sx = self.sy = self.sxx = self.sxy = 0.0
+
+    def observe(self, x: float, y: float) -> None:
+        d = DECAY
+        self.sw = self.sw * d + 1.0
+        self.sx = self.sx * d + x
+        self.sy = self.sy * d + y
+        self.sxx = self.sxx * d + x * x
+        self.sxy = self.sxy * d + x * y
+
+    def line(self) -> tuple[float, float]:
+        w = self.sw
+        if w < 1e-9:
+            return self.a0, self.b0
+        mx, my = self.sx / w, self.sy / w
+        vxx = max(0.0, self.sxx - w * mx * mx)
+        vxy = self.sxy - w * mx * my
+        b = min(self.b_max, max(self.b_min, (vxy + self.k * self.b0) / (vxx + self.k)))
+        return max(0.0, my - b * mx), b
+
+    def predict(self, x: float) -> float:
+        a, b = self.line()
+        return a + b * x
+
+
+class EwmaValue:
+    __slots__ = ("value", "weight")
+
+    def __init__(self, prior: float, weight: float = 2.0) -> None:
+        self.value, self.weight = prior, weight
+
+    def observe(self, v: float) -> None:
+        self.weight = self.weight * DECAY + 1.0
+        self.value += (v - self.value) / self.weight
+
+
+@dataclass(slots=True)
+class _Pending:
+    tokens: int
+    expires: float
+
+
+@dataclass(slots=True)
+class EndpointRates:
+    """What one endpoint has shown of its speed."""
+
+    prefill: DecayedFit = field(default_factory=lambda: DecayedFit(PRIOR_BASE, PRIOR_PER_TOKEN, 4096, 1e-7, 0.1))
+    tpot: DecayedFit = field(default_factory=lambda: DecayedFit(PRIOR_TPOT, PRIOR_TPOT_PER_SEQ, 64, 0.0, 1.0))
+    occupancy: EwmaValue = field(default_factory=lambda: EwmaValue(PRIOR_OCCUPANCY))
+    slots: int = 0  # batch slots learned from the scrape; 0 = not known yet
+    scrape_seen: float = 0.0  # updated_at of the last scrape read
+    pending: dict[int, _Pending] = field(default_factory=dict)  # request key -> prefill not started yet
+
+    def queued_prefill(self, now: float) -> int:
+        if not self.pending:
+            return 0
+        expired = [k for k, p in self.pending.items() if p.expires < now]
+        for k in expired:
+            del self.pending[k]
+        return sum(p.tokens for p in self.pending.values())
+
+    def learn_slots(self, e: Endpoint) -> None:
+        m = e.metrics
+        if m.updated_at == self.scrape_seen:
+            return
+        self.scrape_seen = m.updated_at
+        if m.waiting_requests > 0 and m.running_requests > 0:
+            self.slots = m.running_requests  # queueing: this is how many it admits now
+        elif self.slots and m.running_requests > self.slots:
+            self.slots = m.running_requests  # it has since admitted more: the cap is higher
+
+
+@dataclass(slots=True)
+class _Pick:
+    endpoint: str
+    at: float
+    tokens_ahead: float  # queued prefill + own uncached tokens, when picked
+    wait: float  # predicted admission wait
+    predicted: float  # predicted TTFT
+    batch: int  # requests in flight there, this one included
+    first_byte: float | None = None
+
+
+@dataclass(slots=True)
+class Prediction:
+    """One candidate's predicted times (seconds), kept on the request for explanations and the audit."""
+
+    ttft: float
+    wait: float
+    uncached: int
+    queued: int
+    tpot: float
+
+
+@register_plugin("predicted-latency-scorer")
+class PredictedLatencyScorer(Scorer, RequestObserver):
+    category = "balance"
+    needs_response_body = True  # the first byte is when the prefill ended
+
+    def __init__(self, objective: str = "ttft", prefix_plugin_name: str | None = None,
+                 metrics_staleness_threshold: object = DEFAULT_SCORER_STALENESS) -> None:
+        self.objective = check_str(objective, "objective", OBJECTIVES)
+        self.prefix_name = check_str(prefix_plugin_name, "prefixPluginName") if prefix_plugin_name else None
+        self.staleness = check_duration(metrics_staleness_threshold, "metricsStalenessThreshold")
+        self._source: PrefixSource | None = None
+        self.rates: dict[str, EndpointRates] = {}
+        self.audit = PredictionAudit("seconds", SECONDS_ERROR_BUCKETS)
+        self._key = ("predicted-latency", id(self))
+
+    def start(self) -> None:
+        self._source = resolve_prefix_source(self, self.prefix_name, required=bool(self.prefix_name))
+        if self.handle is not None and self.handle.pool is not None:
+            self.handle.pool.add_listener(self._forget_removed)
+
+    def stop(self) -> None:
+        if self.handle is not None and self.handle.pool is not None:
+            self.handle.pool.remove_listener(self._forget_removed)
+
+    def _forget_removed(self, added: list[Endpoint], removed: list[Endpoint]) -> None:
+        for e in removed:  # a replaced endpoint (new address) starts from the priors: it may be another machine
+            self.rates.pop(e.name, None)
+
+    def prediction_audits(self) -> dict[str, PredictionAudit]:
+        return {"ttft": self.audit}
+
+    def _rates(self, e: Endpoint) -> EndpointRates:
+        r = self.rates.get(e.name)
+        if r is None:
+            r = self.rates[e.name] = EndpointRates()
+        return r
+
+    # -- prediction ------------------------------------------------------------------------------
+
+    def predict(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[Prediction]:
+        now = time.monotonic()
+        prompt, matched = self._prompt_and_matches(request, endpoints)
+        fresh = fresh_mask(endpoints, self.staleness)
+        out = []
+        for e, ok, hit in zip(endpoints, fresh, matched, strict=True):
+            r = self._rates(e)
+            m = e.metrics
+            if ok:
+                r.learn_slots(e)
+            inflight = e.inflight_requests
+            if ok:
+                inflight = max(inflight, m.running_requests + m.waiting_requests)
+            uncached = max(0, prompt - hit)
+            queued = r.queued_prefill(now)
+            wait = 0.0
+            if r.slots:
+                ahead = inflight + 1 - r.slots
+                if ahead > 0:
+                    wait = ahead * r.occupancy.value / r.slots
+            ttft = r.prefill.predict(queued + uncached) + wait
+            out.append(Prediction(ttft, wait, uncached, queued, r.tpot.predict(inflight + 1)))
+        return out
+
+    def _prompt_and_matches(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> tuple[int, list[int]]:
+        if self._source is None:
+            ids = request.body.prompt_token_ids
+            return (len(ids) if ids is not None else 0), [0] * len(endpoints)
+        prod = self._source.prefix_producer()
+        st = prod.state(request, endpoints)
+        return st.prompt_tokens, [st.matched_tokens(m) for m in prod.match_all(st, endpoints)]
+
+    def _output_tokens(self, request: InferenceRequest) -> float:
+        limit = request.body.max_output_tokens
+        return float(min(limit, 4096)) if limit is not None else PRIOR_OUTPUT_TOKENS
+
+    def score(self, cycle: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> Sequence[float]:
+        preds = self.predict(request, endpoints)
+        request.attributes[self._key] = dict(zip((e.name for e in endpoints), preds, strict=True))
+        costs = [p.ttft for p in preds]
+        if self.objective == "e2e":
+            out = self._output_tokens(request)
+            costs = [p.ttft + p.tpot * out for p in preds]
+        slo = _slo(request)
+        if slo is not None:
+            return _slo_scores(preds, costs, *slo)
+        return _relative(costs)
+
+    # -- learning --------------------------------------------------------------------------------
+
+    def pre_request(self, request: InferenceRequest, result: SchedulingResult) -> None:
+        preds: dict[str, Prediction] | None = request.attributes.get(self._key)
+        if not preds or not result.endpoints:
+            return
+        e = result.endpoints[0]
+        p = preds.get(e.name)
+        if p is None:
+            return
+        now = time.monotonic()
+        r = self._rates(e)
+        r.pending[id(request)] = _Pending(p.uncached, now + _PENDING_EXPIRY * p.ttft + 1.0)
+        request.attributes[self._key] = _Pick(e.name, now, p.queued + p.uncached, p.wait, p.ttft,
+                                              e.inflight_requests)  # the director has counted this one
+
+    def on_response_body(self, request: InferenceRequest, endpoint: Endpoint, chunk: bytes,
+                         end_of_stream: bool) -> None:
+        pick = request.attributes.get(self._key)
+        if not isinstance(pick, _Pick) or pick.first_byte is not None or not chunk:
+            return
+        pick.first_byte = now = time.monotonic()
+        r = self.rates.get(pick.endpoint)
+        if r is None:
+            return
+        r.pending.pop(id(request), None)
+        ttft = now - pick.at
+        self.audit.record(pick.predicted, ttft)
+        if ttft < _MAX_SECONDS:
+            # the prefill line is fitted on what was not admission wait (that has its own model)
+            r.prefill.observe(pick.tokens_ahead, max(0.0, ttft - pick.wait))
+
+    def on_response_complete(self, request: InferenceRequest, endpoint: Endpoint, response: ResponseInfo) -> None:
+        pick = request.attributes.get(self._key)
+        if not isinstance(pick, _Pick):
+            return
+        r = self.rates.get(pick.endpoint)
+        if r is None:
+            return
+        r.pending.pop(id(request), None)
+        if pick.first_byte is None or not response.completed or not 200 <= response.status < 300:
+            return
+        decode = time.monotonic() - pick.first_byte
+        if decode >= _MAX_SECONDS:
+            return
+        r.occupancy.observe(decode)
+        u = response.usage
+        if u is not None and u.completion_tokens and u.completion_tokens > 1 and request.body.stream:
+            r.tpot.observe(pick.batch, decode / (u.completion_tokens - 1))
+
+
+def _relative(costs: Sequence[float]) -> list[float]:
+    """Soonest -> 1; an endpoint twice as slow -> about 0.5 (1 ms floor, so near-zero costs do not explode)."""
+    best = min(costs, default=0.0)
+    return [(best + 1e-3) / (c + 1e-3) for c in costs]
+
+
+def _slo(request: InferenceRequest) -> tuple[float | None, float | None] | None:
+    ttft = _header_ms(request.headers.get(SLO_TTFT_HEADER))
+    tpot = _header_ms(request.headers.get(SLO_TPOT_HEADER))
+    return None if ttft is None and tpot is None else (ttft, tpot)
+
+
+def _header_ms(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        ms = float(value)
+    except ValueError:
+        return None
+    return ms / 1000.0 if math.isfinite(ms) and ms > 0 else None
+
+
+def _slo_scores(preds: Sequence[Prediction], costs: Sequence[float], ttft: float | None,
+                tpot: float | None) -> list[float]:
+    """Endpoints meeting the SLOs score in (0.5, 1] (soonest highest); the others in (0, 0.5], by how far they
+    miss (relative violation, summed over the SLOs given)."""
+    miss = [(max(0.0, p.ttft - ttft) / ttft if ttft else 0.0) + (max(0.0, p.tpot - tpot) / tpot if tpot else 0.0)
+            for p in preds]
+    meeting = [c for c, v in zip(costs, miss, strict=True) if v == 0.0]
+    if meeting:
+        best = min(meeting)
+        return [0.5 + 0.5 * (best + 1e-3) / (c + 1e-3) if v == 0.0 else 0.5 * 0.01 / (0.01 + v)
+                for c, v in zip(costs, miss, strict=True)]
+    least = min(miss)
+    return [0.5 * (least + 0.01) / (v + 0.01) for v in miss]

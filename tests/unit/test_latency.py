@@ -1,0 +1,203 @@
+"""predicted-latency-scorer: the cost formula, what it learns online, and SLO headers."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from epp.api.types import Usage
+from epp.datalayer.pool import EndpointPool
+from epp.scheduling.plugins import ProfileResult, ResponseInfo, SchedulingResult
+from plugins.scorers.latency import (
+    PRIOR_BASE,
+    PRIOR_PER_TOKEN,
+    DecayedFit,
+    EndpointRates,
+    PredictedLatencyScorer,
+    _Pending,
+)
+from tests.unit.test_prefix import words
+from tests.unit.test_scorers_helpers import config, ep, req
+
+CONFIG = """plugins:
+- type: prefix-cache-scorer
+- type: predicted-latency-scorer
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: predicted-latency-scorer
+"""
+
+
+def setup(pool: EndpointPool | None = None):
+    cfg = config(CONFIG)
+    if pool is not None:
+        cfg.handle.pool = pool
+    return cfg.plugins["predicted-latency-scorer"], cfg.plugins["prefix-cache-scorer"]
+
+
+def pick(scorer, prefix, request, endpoints, target=None):
+    """Score (both plugins), then report the pick to both, as the director does; ``target`` None takes the
+    best score (the first of equals)."""
+    prefix.score(None, request, endpoints)
+    scores = scorer.score(None, request, endpoints)
+    if target is None:
+        target = endpoints[max(range(len(endpoints)), key=lambda k: (scores[k], -k))]
+    target.inflight_requests += 1
+    result = SchedulingResult({"default": ProfileResult([target])}, "default")
+    prefix.pre_request(request, result)
+    scorer.pre_request(request, result)
+    return scores
+
+
+def answer(scorer, prefix, request, target, ttft, decode=0.0, cached=0, tokens=10):
+    """The response: first byte ``ttft`` seconds after the pick (the clock is moved, not waited for)."""
+    pick_ = request.attributes[scorer._key]
+    pick_.at -= ttft  # as if picked ttft seconds ago
+    scorer.on_response_body(request, target, b"data: x", False)
+    pick_.first_byte -= decode
+    target.inflight_requests -= 1
+    info = ResponseInfo(status=200, completed=True, usage=Usage(prompt_tokens=100, completion_tokens=tokens,
+                                                                cached_tokens=cached))
+    scorer.on_response_complete(request, target, info)
+    prefix.on_response_complete(request, target, info)
+
+
+def test_the_formula_prefill_queue_and_admission_wait():
+    scorer, _ = setup()
+    a, b = ep("a"), ep("b", index=1)
+    r = scorer._rates(b)
+    r.slots = 4
+    r.occupancy.value = 2.0
+    b.inflight_requests = 5  # two ahead of the next request for a slot: 2 * 2.0 / 4 = 1 s
+    text = words(4000, 1)  # 1,000 tokens at the prior 4 characters per token
+    preds = scorer.predict(req(text), [a, b])
+    assert preds[0].uncached == 1000 and preds[0].wait == 0.0
+    assert preds[0].ttft == pytest.approx(PRIOR_BASE + PRIOR_PER_TOKEN * 1000, rel=0.01)
+    assert preds[1].wait == pytest.approx(1.0)
+    assert preds[1].ttft == pytest.approx(preds[0].ttft + 1.0, rel=0.01)
+    scores = scorer.score(None, req(text), [a, b])
+    assert scores[0] == 1.0 and scores[1] < 0.2
+
+
+def test_a_cached_prefix_is_worth_its_prefill_and_no_more():
+    scorer, prefix = setup()
+    a, b = ep("a"), ep("b", index=1)
+    system = words(8000, 2)  # 2,000 tokens
+    first = req(system + words(400, 3), rid="1")
+    pick(scorer, prefix, first, [a, b], a)
+    answer(scorer, prefix, first, a, ttft=0.22)
+    # a holds the system prompt: it wins while its queue costs less than the 2,000-token prefill it saves
+    follow = req(system + words(400, 4), rid="2")
+    assert scorer.score(None, follow, [a, b])[0] == 1.0
+    scorer._rates(a).pending[1] = _Pending(5000, time.monotonic() + 60)  # 5,000 tokens of prefill ahead on a
+    follow = req(system + words(400, 5), rid="3")
+    scores = scorer.score(None, follow, [a, b])
+    assert scores[1] == 1.0 and scores[0] < 1.0  # a cold prefill on b is sooner than waiting on a
+
+
+def test_cold_start_spreads_by_load_alone():
+    scorer, prefix = setup()
+    endpoints = [ep(f"e{i}", index=i) for i in range(4)]
+    held = []
+    for i in range(8):  # unrelated prompts, nothing answered yet
+        r = req(words(2000, 100 + i), rid=str(i))
+        pick(scorer, prefix, r, endpoints)
+        held.append(r)
+    assert [e.inflight_requests for e in endpoints] == [2, 2, 2, 2]  # queued prefill makes busy ones later
+
+
+def test_a_slow_endpoint_is_learned():
+    scorer, prefix = setup()
+    fast, slow = ep("fast"), ep("slow", index=1)
+    for i in range(30):  # the same prompt sizes on both (250 to 2,250 tokens); slow takes 5x as long per token
+        for target, per_token in ((fast, 1e-4), (slow, 5e-4)):
+            r = req(words(1000 + 2000 * (i % 5), 200 + i), rid=f"{target.name}{i}")
+            pick(scorer, prefix, r, [target], target)
+            tokens = request_tokens(scorer, r)
+            answer(scorer, prefix, r, target, ttft=0.02 + per_token * tokens)
+    _, b_fast = scorer.rates["fast"].prefill.line()
+    _, b_slow = scorer.rates["slow"].prefill.line()
+    assert b_fast == pytest.approx(1e-4, rel=0.15) and b_slow == pytest.approx(5e-4, rel=0.2)
+    assert scorer.rates["slow"].prefill.predict(1000) == pytest.approx(0.52, rel=0.1)
+    scores = scorer.score(None, req(words(4000, 999)), [fast, slow])
+    assert scores[0] == 1.0 and scores[1] < 0.4
+    audit = scorer.audit.summary()
+    assert audit["count"] == 60
+
+
+def request_tokens(scorer, request) -> float:
+    return request.attributes[scorer._key].tokens_ahead
+
+
+def test_an_endpoint_restarting_with_an_empty_cache_loses_its_affinity():
+    """The index says `a` holds the prompt; `a` restarted and reports nothing cached. After two consistent
+    misses the prefix index stops believing it, and the predicted TTFT on `a` includes the full prefill."""
+    pool = EndpointPool()
+    scorer, prefix = setup(pool)
+    a, b = ep("a"), ep("b", index=1)
+    system = words(8000, 7)
+    for i in range(3):
+        r = req(system + words(400, 300 + i), rid=f"warm{i}")
+        pick(scorer, prefix, r, [a, b], a)
+        answer(scorer, prefix, r, a, ttft=0.05, cached=0 if i == 0 else 1984)
+    assert scorer.predict(req(system + words(400, 9)), [a, b])[0].uncached < 200
+    # restart: requests find nothing cached on a; other traffic went there meanwhile
+    for i in range(2):
+        other = req(words(8000, 500 + i), rid=f"other{i}")
+        pick(scorer, prefix, other, [a], a)
+        answer(scorer, prefix, other, a, ttft=0.25, cached=0)
+        r = req(system + words(400, 400 + i), rid=f"after{i}")
+        pick(scorer, prefix, r, [a, b], a)
+        answer(scorer, prefix, r, a, ttft=0.25, cached=0)
+    assert prefix.prefix_producer().horizon("a") is not None
+    for i in range(3):  # what went there before the restart no longer counts as cached
+        other = req(words(8000, 600 + i), rid=f"more{i}")
+        pick(scorer, prefix, other, [a], a)
+        answer(scorer, prefix, other, a, ttft=0.25, cached=0)
+    fresh = scorer.predict(req(words(8000, 2) + words(400, 999)), [a, b])
+    assert fresh[0].uncached > 1900
+
+
+def test_slots_are_learned_from_the_scrape():
+    r = EndpointRates()
+    e = ep("a", running=16, waiting=0)
+    r.learn_slots(e)
+    assert r.slots == 0  # never seen queueing: no cap known
+    e.metrics.waiting_requests, e.metrics.updated_at = 3, time.monotonic() + 1
+    r.learn_slots(e)
+    assert r.slots == 16
+    e.metrics.running_requests, e.metrics.waiting_requests, e.metrics.updated_at = 20, 0, time.monotonic() + 2
+    r.learn_slots(e)
+    assert r.slots == 20
+
+
+def test_slo_headers_prefer_endpoints_that_meet_them():
+    scorer, _ = setup()
+    a, b = ep("a"), ep("b", index=1)
+    scorer._rates(a).tpot = DecayedFit(0.08, 0.0, 64, 0.0, 1.0)  # a answers first sooner but decodes slowly
+    scorer._rates(b).prefill = DecayedFit(0.2, PRIOR_PER_TOKEN, 4096, 1e-7, 0.1)
+    text = words(400, 5)
+    assert scorer.score(None, req(text), [a, b])[0] == 1.0  # by TTFT alone, a
+    scores = scorer.score(None, req(text, headers={"x-llm-d-slo-tpot-ms": "40"}), [a, b])
+    assert scores[1] > 0.5 > scores[0]  # only b meets 40 ms per token
+    scores = scorer.score(None, req(text, headers={"x-llm-d-slo-ttft-ms": "1", "x-llm-d-slo-tpot-ms": "x"}), [a, b])
+    assert scores[0] > scores[1]  # none meets 1 ms; a misses by least
+
+
+def test_decayed_fit_prior_and_learning():
+    f = DecayedFit(0.02, 1e-4, 4096, 1e-7, 0.1)
+    assert f.predict(1000) == pytest.approx(0.12)
+    f.observe(1000, 0.5)
+    assert f.predict(1000) == pytest.approx(0.5)  # one observation: the line goes through it
+    for _ in range(50):
+        f.observe(1000, 0.05 + 2e-4 * 1000)
+        f.observe(3000, 0.05 + 2e-4 * 3000)
+    a, b = f.line()
+    assert a == pytest.approx(0.05, abs=0.02) and b == pytest.approx(2e-4, rel=0.1)
+    narrow = DecayedFit(0.02, 1e-4, 4096, 1e-7, 0.1)
+    for i in range(50):  # a narrow range cannot tell a slope: the prior's stays, the level is learned
+        narrow.observe(1000 + i % 3, 0.3 + (i % 2) * 0.01)
+    assert narrow.line()[1] == pytest.approx(1e-4, rel=0.2) and narrow.predict(1000) == pytest.approx(0.305, abs=0.01)
+    assert isinstance(PredictedLatencyScorer, type)
