@@ -50,13 +50,19 @@ def bad_request(reason: str, message: str, param: str | None = None) -> EppError
     return EppError(400, reason, message, param)
 
 
-def error_body(err: EppError, style: ErrorStyle) -> bytes:
+def error_body(err: EppError, style: ErrorStyle, request_id: str | None = None) -> bytes:
+    """The error in the API's envelope, with the request's id beside it (Anthropic's ``request_id``; for the
+    OpenAI style ``requestId``, as OpenAI-compatible gateways put it) so a client can quote it."""
     if style is ErrorStyle.ANTHROPIC:
         doc: dict = {"type": "error", "error": {"type": _ANTHROPIC_TYPES.get(err.status, "api_error"),
                                                 "message": err.message}}
+        if request_id:
+            doc["request_id"] = request_id
     else:
         doc = {"error": {"message": err.message, "type": _OPENAI_TYPES.get(err.status, "internal_error"),
                          "param": err.param, "code": err.reason}}
+        if request_id:
+            doc["requestId"] = request_id
     return json.dumps(doc).encode()
 
 

@@ -40,6 +40,7 @@ schedulingProfiles:
     weight: 3
 """
 
+_NOT_YET = ("flowControl", "saturationDetector", "parser", "requestHandler")
 _TOP_FIELDS = {"apiVersion", "kind", "plugins", "schedulingProfiles", "featureGates", "saturationDetector",
                "dataLayer", "flowControl", "parser", "requestHandler"}
 
@@ -116,6 +117,10 @@ def load_config(text: str | None, pool: EndpointPool | None = None,
     if doc is None:
         doc = parse_document(text)
     doc = _check_fields(doc, "config", _TOP_FIELDS, {"apiVersion", "kind"})
+    for section in _NOT_YET:
+        # GIE/llm-d sections EPP does not implement yet are refused, not accepted and silently ignored
+        _expect(not doc.get(section), f"config: {section} is not supported by this EPP yet; remove the section "
+                "(requests are routed as they arrive, never held)")
     _expect(doc["apiVersion"] in API_VERSIONS, f"config: apiVersion must be one of {list(API_VERSIONS)}")
     _expect(doc["kind"] == KIND, f"config: kind must be {KIND}")
     gates = doc.get("featureGates") or []

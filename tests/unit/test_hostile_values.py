@@ -97,3 +97,11 @@ async def test_model_names_no_server_serves_do_not_stay_labels():
     assert samples(metrics)[("inference_objective_request_total", labels)] == 1
     # once served with success a name stays; made-up names never crowd real ones out of the label budget
     assert len(metrics._models) <= MAX_MODEL_LABELS and "real" in metrics._models
+
+
+@pytest.mark.parametrize("section", ["flowControl", "saturationDetector"])
+def test_sections_epp_does_not_implement_are_refused_not_ignored(section):
+    text = "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\n" \
+           f"{section}:\n  queueDepthThreshold: 5\n"
+    with pytest.raises(PluginConfigError, match=section):
+        load_config(text)
