@@ -1,5 +1,7 @@
 """Server certificates for the ext_proc port: from ``--cert-path`` or self-signed at start-up, and reloaded
-when the files change with ``--enable-cert-reload``."""
+when the files change with ``--enable-cert-reload``. With ``--client-ca-path`` the port also requires a
+client certificate signed by that CA (mutual TLS: only the gateway may open ext_proc streams); the CA is
+reloaded with the pair."""
 
 from __future__ import annotations
 
@@ -40,6 +42,21 @@ def load_pair(cert_dir: str) -> tuple[bytes, bytes]:
     return (d / "tls.key").read_bytes(), (d / "tls.crt").read_bytes()
 
 
+def load_client_ca(path: str) -> bytes:
+    """PEM CA certificate(s) clients must chain to: the file ``path``, or ``ca.crt`` in the directory ``path``
+    (as a Kubernetes TLS Secret from cert-manager mounts it). ValueError if it holds no certificate."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "ca.crt"
+    pem = p.read_bytes()
+    try:
+        if not x509.load_pem_x509_certificates(pem):
+            raise ValueError("no certificate")
+    except ValueError as e:
+        raise ValueError(f"{p}: not a PEM CA certificate ({e})") from None
+    return pem
+
+
 def _check_pair(key_pem: bytes, cert_pem: bytes) -> None:
     """Raise ValueError unless the key and the certificate parse and belong together."""
     key = serialization.load_pem_private_key(key_pem, password=None)
@@ -60,22 +77,28 @@ class CertReloader:
     Connections already open keep the certificate they were set up with.
     """
 
-    def __init__(self, cert_dir: str, min_interval: float = 1.0) -> None:
+    def __init__(self, cert_dir: str, min_interval: float = 1.0, client_ca_path: str = "") -> None:
         self.dir = Path(cert_dir)
+        self.client_ca_path = client_ca_path
         self.min_interval = min_interval
         self._checked = 0.0
         self._stamp = self._file_stamp()
         key, cert = load_pair(cert_dir)
         _check_pair(key, cert)
         self.cert_pem = cert
-        self.initial = grpc.ssl_server_certificate_configuration([(key, cert)])
+        self.client_ca = load_client_ca(client_ca_path) if client_ca_path else None
+        self.initial = grpc.ssl_server_certificate_configuration([(key, cert)], self.client_ca)
         self.reloads = 0
 
     def _file_stamp(self) -> tuple[tuple[int, int], ...]:
         out = []
-        for name in ("tls.crt", "tls.key"):
+        files = [self.dir / "tls.crt", self.dir / "tls.key"]
+        if self.client_ca_path:
+            ca = Path(self.client_ca_path)
+            files.append(ca / "ca.crt" if ca.is_dir() else ca)
+        for path in files:
             try:
-                st = (self.dir / name).stat()  # follows the symlinks Kubernetes swaps on secret updates
+                st = path.stat()  # follows the symlinks Kubernetes swaps on secret updates
                 out.append((st.st_mtime_ns, st.st_size))
             except OSError:
                 out.append((0, 0))
@@ -92,25 +115,33 @@ class CertReloader:
         try:
             key, cert = load_pair(str(self.dir))
             _check_pair(key, cert)
+            client_ca = load_client_ca(self.client_ca_path) if self.client_ca_path else None
         except (OSError, ValueError) as e:  # half-written rotation: try again on a later handshake
             log.warning("certificate in %s not reloaded yet: %s", self.dir, e)
             return None
         self._stamp = stamp
         self.cert_pem = cert
+        self.client_ca = client_ca
         self.reloads += 1
         log.info("certificate reloaded from %s", self.dir)
-        return grpc.ssl_server_certificate_configuration([(key, cert)])
+        return grpc.ssl_server_certificate_configuration([(key, cert)], client_ca)
 
     def credentials(self) -> grpc.ServerCredentials:
-        return grpc.dynamic_ssl_server_credentials(self.initial, self.fetch)
+        return grpc.dynamic_ssl_server_credentials(self.initial, self.fetch,
+                                                   require_client_authentication=self.client_ca is not None)
 
 
-def server_credentials(cert_path: str = "", reload: bool = False) -> tuple[grpc.ServerCredentials, CertReloader | None]:
+def server_credentials(cert_path: str = "", reload: bool = False,
+                       client_ca_path: str = "") -> tuple[grpc.ServerCredentials, CertReloader | None]:
     """Credentials for the ext_proc port: self-signed when ``cert_path`` is empty, the pair in ``cert_path``
-    otherwise, reloaded on change when ``reload`` (``--enable-cert-reload``). The reloader is returned
-    so the caller can keep a reference (and tests can look at it)."""
+    otherwise, reloaded on change when ``reload`` (``--enable-cert-reload``). With ``client_ca_path``
+    (``--client-ca-path``) a client must present a certificate that CA signed, or the handshake fails.
+    The reloader is returned so the caller can keep a reference (and tests can look at it)."""
     if reload and cert_path:
-        reloader = CertReloader(cert_path)
+        reloader = CertReloader(cert_path, client_ca_path=client_ca_path)
         return reloader.credentials(), reloader
     key, cert = load_pair(cert_path) if cert_path else self_signed()
+    if client_ca_path:
+        return grpc.ssl_server_credentials([(key, cert)], root_certificates=load_client_ca(client_ca_path),
+                                           require_client_auth=True), None
     return grpc.ssl_server_credentials([(key, cert)]), None

@@ -2,7 +2,9 @@
 
 Every path is matched by suffix, so `/<gateway-prefix>/v1/chat/completions` works. Every response,
 errors and SSE included, carries `x-served-by: host:port`, `x-sim-body-sha256` / `x-sim-body-len` of the
-request body as received, and `x-sim-request-id` echoing the request's `x-request-id`.
+request body as received, and `x-sim-request-id` echoing the request's `x-request-id`. A request carrying
+`x-sim-echo-request` also gets `x-sim-request-headers` (the names of the headers the pod received) and
+`x-sim-request-model` (the `model` of the body it received).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import random
 import socket
@@ -33,6 +36,7 @@ log = logging.getLogger("sim")
 POD_KEY = web.AppKey("sim_pod", Pod)
 EVENTS_KEY = web.AppKey("sim_kv_events", KVEventLog)
 MAX_BODY = 256 * 1024 * 1024
+ECHO_HEADER = "x-sim-echo-request"  # a request carrying it gets what the pod received back in headers
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +216,19 @@ async def _add_headers(request: web.Request, response: web.StreamResponse) -> No
     rid = request.headers.get("x-request-id")
     if rid is not None:
         h["x-sim-request-id"] = rid
+    if ECHO_HEADER in request.headers:  # what the pod received, for tests of what a gateway lets through
+        h["x-sim-request-headers"] = ",".join(sorted({k.lower() for k in request.headers}))
+        model = _body_model(body)
+        if model is not None:
+            h["x-sim-request-model"] = model
+
+
+def _body_model(body: bytes) -> str | None:
+    with contextlib.suppress(ValueError, UnicodeDecodeError):
+        doc = json.loads(body)
+        if isinstance(doc, dict) and isinstance(doc.get("model"), str):
+            return doc["model"].encode("ascii", "backslashreplace").decode()
+    return None
 
 
 def build_app(pod: Pod, events: KVEventLog | None = None) -> web.Application:

@@ -13,13 +13,22 @@ Choices a deployment makes, as parameters:
 * ``failure_mode_allow``: fail-open. Only meaningful with ``override_host`` and active health checks
   on the ext_proc cluster (both set here), see pitfalls 4-6 of the rig notes.
 
-Client-sent pick headers are stripped before ext_proc, so neither fail-open nor a forged header can
-steer a request (the SSRF of pitfall 6).
+Headers only the gateway or EPP may set are stripped from client requests before ext_proc
+(``STRIPPED_REQUEST_HEADERS``): the pick headers, so neither fail-open nor a forged header can steer a
+request (the SSRF of pitfall 6); llm-d's ``x-prefiller-host-port`` (which prefill pod a decode sidecar
+calls); and the model-rewrite and objective headers, which a gateway policy may set (``route_headers``),
+after the strip, never a client.
+
+TLS to EPP: encrypted by default; with ``extproc_tls_dir`` Envoy also verifies EPP's certificate (a CA and
+a DNS name) and can present its own (``extproc_client_cert``, for EPP's ``--client-ca-path``). The files
+are read through SDS with watched directories, so a renewed Kubernetes Secret is picked up without a
+restart; ``sds_files`` gives the SDS files to write beside the configuration.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -33,12 +42,26 @@ from typing import Any
 
 import yaml
 
-from epp.extproc.protocol import DESTINATION_HEADER, LB_NAMESPACE, SERVED_KEY, SUBSET_KEY
+from epp.extproc.protocol import DESTINATION_HEADER, LB_NAMESPACE, OBJECTIVE_HEADERS, PROTECTED_HEADERS, REWRITE_HEADERS
 
 _HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 _EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
 _ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 _HEADER_MUTATION = "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation"
+_HEADER_MUTATION_ROUTE = ("type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3."
+                          "HeaderMutationPerRoute")
+_UPSTREAM_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+_SECRET = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+
+PREFILLER_HEADER = "x-prefiller-host-port"  # llm-d P/D: the prefill pod a decode pod's sidecar calls
+# Removed from every client request before ext_proc sees it: where a request goes (the pick, the subset
+# hint, the served endpoint, the prefill pod) and what EPP does with it (model rewrite, objective). A
+# gateway policy that sets the rewrite or objective headers must set them after this strip.
+STRIPPED_REQUEST_HEADERS = (*PROTECTED_HEADERS, PREFILLER_HEADER, *REWRITE_HEADERS, *OBJECTIVE_HEADERS)
+STRIP_FILTER = "envoy.filters.http.header_mutation"
+POLICY_FILTER = "gateway-policy"  # header_mutation filter setting route_headers, after the strip
+# SDS files (beside envoy.yaml) naming the files of extproc_tls_dir.
+SDS_CA_FILE, SDS_CLIENT_CERT_FILE = "sds-epp-ca.yaml", "sds-epp-client-cert.yaml"
 
 
 @dataclass
@@ -55,6 +78,19 @@ class EnvoySpec:
     access_log: str | None = None
     host: str = "127.0.0.1"
     route_timeout: float = 300.0  # seconds until the whole response is in; bounds a hung model server
+    # Verify EPP: the directory (a mounted Kubernetes TLS Secret, e.g. cert-manager's) holds ca.crt, the CA
+    # EPP's certificate must chain to; the certificate must carry extproc_san (also sent as SNI). Without
+    # it Envoy encrypts but does not check who answers (EPP's self-signed default). extproc_client_cert:
+    # Envoy also presents the directory's tls.crt / tls.key (mutual TLS, EPP's --client-ca-path).
+    extproc_tls_dir: str | None = None
+    extproc_san: str = "epp"
+    extproc_client_cert: bool = False
+    config_dir: str | None = None  # where the sds_files are written (EnvoyProcess: its own directory)
+    # Gateway policies: path prefix -> request headers Envoy sets on requests under it (after the strip,
+    # before ext_proc); the prefix is removed before the request goes upstream. This is how a deployment
+    # gives EPP an objective or a model rewrite, e.g. {"/interactive/": {"x-gateway-inference-objective":
+    # "interactive"}}; a client cannot.
+    route_headers: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 def _address(host: str, port: int) -> dict[str, Any]:
@@ -70,7 +106,16 @@ def _lb_endpoints(endpoints: list[str]) -> list[dict[str, Any]]:
 
 
 def _hcm(name: str, cluster: str, filters: list[dict[str, Any]], access_log: str | None,
-         route_timeout: float = 300.0) -> dict[str, Any]:
+         route_timeout: float = 300.0, route_headers: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
+    route = {"cluster": cluster, "timeout": f"{route_timeout:g}s"}
+    routes: list[dict[str, Any]] = []
+    for prefix, headers in (route_headers or {}).items():
+        mutations = [{"append": {"header": {"key": k, "value": v}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}}
+                     for k, v in headers.items()]
+        routes.append({"match": {"prefix": prefix}, "route": {**route, "prefix_rewrite": "/"},
+                       "typed_per_filter_config": {POLICY_FILTER: {
+                           "@type": _HEADER_MUTATION_ROUTE, "mutations": {"request_mutations": mutations}}}})
+    routes.append({"match": {"prefix": "/"}, "route": route})
     cfg: dict[str, Any] = {
         "@type": _HCM,
         "stat_prefix": name,
@@ -81,8 +126,7 @@ def _hcm(name: str, cluster: str, filters: list[dict[str, Any]], access_log: str
         "route_config": {"name": name, "virtual_hosts": [{
             "name": "all", "domains": ["*"],
             # Finite timeouts: a hung EPP or model server must not hold a request forever (pitfall 4).
-            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": cluster,
-                                                            "timeout": f"{route_timeout:g}s"}}]}]},
+            "routes": routes}]},
         "http_filters": [*filters, {"name": "envoy.filters.http.router",
                                     "typed_config": {"@type": _ROUTER, "suppress_envoy_headers": True}}],
     }
@@ -112,14 +156,18 @@ def envoy_config(spec: EnvoySpec) -> dict[str, Any]:
         # Without receiving_namespaces Envoy silently drops EPP's envoy.lb metadata (pitfall 7).
         "metadata_options": {"forwarding_namespaces": {"untyped": [LB_NAMESPACE]},
                              "receiving_namespaces": {"untyped": [LB_NAMESPACE]}}}}
-    strip = {"name": "envoy.filters.http.header_mutation", "typed_config": {
+    # Before ext_proc, so EPP (and the upstream) never see a client's copy of these headers.
+    strip = {"name": STRIP_FILTER, "typed_config": {
         "@type": _HEADER_MUTATION,
-        "mutations": {"request_mutations": [{"remove": h} for h in (DESTINATION_HEADER, SUBSET_KEY, SERVED_KEY)]}}}
+        "mutations": {"request_mutations": [{"remove": h} for h in STRIPPED_REQUEST_HEADERS]}}}
+    filters = [strip, ext_proc]
+    if spec.route_headers:  # after the strip: what the gateway sets is what EPP sees
+        filters.insert(1, {"name": POLICY_FILTER, "typed_config": {"@type": _HEADER_MUTATION}})
 
     listeners = [{"name": "gateway", "address": _address(spec.host, spec.listen_port),
                   "per_connection_buffer_limit_bytes": 32768,
-                  "filter_chains": [{"filters": [_hcm("gateway", "pool", [strip, ext_proc], spec.access_log,
-                                                                spec.route_timeout)]}]}]
+                  "filter_chains": [{"filters": [_hcm("gateway", "pool", filters, spec.access_log,
+                                                      spec.route_timeout, spec.route_headers)]}]}]
     breakers = {"thresholds": [{"max_connections": 40000, "max_pending_requests": 40000,
                                 "max_requests": 40000, "max_retries": 1024}]}
     epp_cluster: dict[str, Any] = {
@@ -139,9 +187,7 @@ def envoy_config(spec: EnvoySpec) -> dict[str, Any]:
             [f"{spec.host}:{spec.extproc_port}"])}]},
     }
     if spec.extproc_tls:
-        epp_cluster["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-            "common_tls_context": {"alpn_protocols": ["h2"], "validation_context": {}}}}
+        epp_cluster["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": _extproc_tls(spec)}
     if spec.upstream == "original_dst":
         pool: dict[str, Any] = {
             "name": "pool", "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED", "connect_timeout": "2s",
@@ -171,8 +217,49 @@ def envoy_config(spec: EnvoySpec) -> dict[str, Any]:
             "name": "baseline_rr", "type": "STATIC", "connect_timeout": "2s", "lb_policy": "ROUND_ROBIN",
             "circuit_breakers": breakers, "load_assignment": {
                 "cluster_name": "baseline_rr", "endpoints": [{"lb_endpoints": _lb_endpoints(spec.endpoints)}]}})
-    return {"admin": {"address": _address(spec.host, spec.admin_port)},
+    return {"node": {"id": "epp-gateway", "cluster": "epp-gateway"},  # SDS from files wants a node identity
+            "admin": {"address": _address(spec.host, spec.admin_port)},
             "static_resources": {"listeners": listeners, "clusters": clusters}}
+
+
+def _sds(spec: EnvoySpec, name: str, file: str) -> dict[str, Any]:
+    """An SDS secret read from a file beside the configuration, reloaded when that directory changes."""
+    config_dir = spec.config_dir or "."
+    return {"name": name, "sds_config": {"resource_api_version": "V3", "path_config_source": {
+        "path": f"{config_dir}/{file}", "watched_directory": {"path": config_dir}}}}
+
+
+def _extproc_tls(spec: EnvoySpec) -> dict[str, Any]:
+    ctx: dict[str, Any] = {"alpn_protocols": ["h2"]}
+    tls: dict[str, Any] = {"@type": _UPSTREAM_TLS, "common_tls_context": ctx}
+    if not spec.extproc_tls_dir:
+        ctx["validation_context"] = {}  # encrypted, not verified: only for EPP's self-signed default
+        return tls
+    tls["sni"] = spec.extproc_san
+    ctx["combined_validation_context"] = {
+        "default_validation_context": {"match_typed_subject_alt_names": [
+            {"san_type": "DNS", "matcher": {"exact": spec.extproc_san}}]},
+        "validation_context_sds_secret_config": _sds(spec, "epp-ca", SDS_CA_FILE)}
+    if spec.extproc_client_cert:
+        ctx["tls_certificate_sds_secret_configs"] = [_sds(spec, "epp-client-cert", SDS_CLIENT_CERT_FILE)]
+    return tls
+
+
+def sds_files(spec: EnvoySpec) -> dict[str, dict[str, Any]]:
+    """The SDS files ``envoy_config(spec)`` refers to (file name -> content), to write in ``config_dir``:
+    the CA that verifies EPP (``trusted_ca``) and Envoy's client certificate, both from ``extproc_tls_dir``,
+    reloaded when a file there is replaced (Kubernetes swaps a Secret's files by renaming a symlink)."""
+    d = spec.extproc_tls_dir
+    if not (spec.extproc_tls and d):
+        return {}
+    watch = {"path": d}
+    out = {SDS_CA_FILE: {"resources": [{"@type": _SECRET, "name": "epp-ca", "validation_context": {
+        "trusted_ca": {"filename": f"{d}/ca.crt"}, "watched_directory": watch}}]}}
+    if spec.extproc_client_cert:
+        out[SDS_CLIENT_CERT_FILE] = {"resources": [{"@type": _SECRET, "name": "epp-client-cert", "tls_certificate": {
+            "certificate_chain": {"filename": f"{d}/tls.crt"}, "private_key": {"filename": f"{d}/tls.key"},
+            "watched_directory": watch}}]}
+    return out
 
 
 def envoy_binary() -> str:
@@ -186,10 +273,10 @@ class EnvoyProcess:
     """Runs Envoy with ``spec``; Envoy dies with its parent (it sets PR_SET_PDEATHSIG), which suits tests."""
 
     def __init__(self, spec: EnvoySpec, log_level: str = "warning") -> None:
-        self.spec = spec
         self.log_level = log_level
         self.proc: subprocess.Popen[bytes] | None = None
         self.dir = Path(tempfile.mkdtemp(prefix="epp-envoy-"))
+        self.spec = spec if spec.config_dir else dataclasses.replace(spec, config_dir=str(self.dir))
 
     @property
     def url(self) -> str:
@@ -197,6 +284,8 @@ class EnvoyProcess:
 
     def start(self, timeout: float = 20.0) -> None:
         config = self.dir / "envoy.yaml"
+        for name, doc in sds_files(self.spec).items():
+            (self.dir / name).write_text(yaml.safe_dump(doc, sort_keys=False))
         config.write_text(yaml.safe_dump(envoy_config(self.spec), sort_keys=False))
         self.log_path = self.dir / "envoy.log"
         self.proc = subprocess.Popen(

@@ -150,6 +150,12 @@ class LocalStack:
     # start() then runs only EPP and Envoy in front of them.
     sim_endpoints: list[str] | None = None
     route_timeout: float = 300.0  # Envoy's route timeout (seconds): bounds a request to a hung model server
+    # Envoy verifies EPP against ca.crt in this directory (and presents its tls.crt / tls.key with
+    # envoy_client_cert); see EnvoySpec. EPP's own certificate comes from epp_args (--cert-path).
+    extproc_tls_dir: str | None = None
+    extproc_san: str = "epp"
+    envoy_client_cert: bool = False
+    route_headers: dict[str, dict[str, str]] = field(default_factory=dict)  # gateway policies, see EnvoySpec
 
     def __post_init__(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="epp-stack-"))
@@ -194,14 +200,18 @@ class LocalStack:
         except TimeoutError as e:
             raise TimeoutError(f"{e}; EPP log:\n{self.epp.tail()}") from None
 
-    def start_envoy(self) -> None:
+    def start_envoy(self, wait_healthy: bool = True) -> None:
         self.envoy = EnvoyProcess(EnvoySpec(
             listen_port=self.envoy_port, admin_port=self.admin_port, extproc_port=self.grpc_port,
             endpoints=self.endpoints, upstream=self.upstream, response_body_mode=self.response_body_mode,
             failure_mode_allow=self.failure_mode_allow, extproc_tls=self.tls, baseline_port=self.baseline_port,
-            access_log=str(self.dir / "access.log"), route_timeout=self.route_timeout), log_level=self.envoy_log_level)
+            access_log=str(self.dir / "access.log"), route_timeout=self.route_timeout,
+            extproc_tls_dir=self.extproc_tls_dir, extproc_san=self.extproc_san,
+            extproc_client_cert=self.envoy_client_cert, route_headers=self.route_headers),
+            log_level=self.envoy_log_level)
         self.envoy.start()
-        self.envoy.wait_extproc_healthy()
+        if wait_healthy:
+            self.envoy.wait_extproc_healthy()
 
     def kill_epp(self, sig: int = signal.SIGKILL) -> None:
         """Stop EPP abruptly (SIGKILL: a crash) or by ``sig``; Envoy and the pods keep running."""

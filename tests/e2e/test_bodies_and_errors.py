@@ -84,15 +84,15 @@ def test_gateway_prefixed_path_and_query_string(stack):
         assert r.status_code == 200 and r.headers["x-served-by"] == r.headers["x-epp-endpoint"]
 
 
-def test_model_rewrite_header_is_applied_and_reversed(stack):
-    """The pod sees the rewritten model; the client sees its own model name back, with a valid framing."""
-    with httpx.Client(base_url=stack.url, timeout=30) as c:
-        r = c.post("/v1/chat/completions", json={**CHAT, "model": "client-alias"},
-                   headers={"x-gateway-model-name-rewrite": MODEL})
+def test_model_rewrite_header_is_applied_and_reversed(policy_stack):
+    """The pod sees the rewritten model; the client sees its own model name back, with a valid framing. The
+    rewrite header is the gateway's (a route policy of policy_stack): a client's own is stripped."""
+    with httpx.Client(base_url=policy_stack.url, timeout=30) as c:
+        r = c.post("/rewrite-to-model/v1/chat/completions", json={**CHAT, "model": "client-alias"},
+                   headers={"x-sim-echo-request": "1"})
         assert r.status_code == 200, r.text[:300]
-        assert r.json()["model"] == "client-alias"
-        r = c.post("/v1/chat/completions", json={**CHAT, "model": "client-alias", "stream": True},
-                   headers={"x-gateway-model-name-rewrite": MODEL})
+        assert r.json()["model"] == "client-alias" and r.headers["x-sim-request-model"] == MODEL
+        r = c.post("/rewrite-to-model/v1/chat/completions", json={**CHAT, "model": "client-alias", "stream": True})
         lines = [line[5:] for line in r.text.splitlines() if line.startswith("data:")]
         events = [json.loads(line) for line in lines if "[DONE]" not in line]
         assert events and all(e["model"] == "client-alias" for e in events)

@@ -1,7 +1,9 @@
 """Every manifest is valid: built-in kinds against the Kubernetes schemas (offline, strict), our custom
-resources against the openAPIV3Schema of our own CRDs, Gateway API / Istio objects against the fields we
-use; each overlay builds with kustomize and holds together (names, labels, ports, RBAC); the EPP flags
-parse; the generated files (EPP config, Envoy configs, llm-d CRDs) are current and Envoy accepts them."""
+resources against the openAPIV3Schema of our own CRDs, Gateway API / Istio / Envoy Gateway / kgateway /
+cert-manager objects against the fields we use; each overlay builds with kustomize and holds together
+(names, labels, ports, RBAC, certificates, network policy, header stripping, a locked-down container);
+the EPP flags parse; the generated files (EPP config, Envoy configs, llm-d CRDs) are current and Envoy
+accepts them."""
 
 from __future__ import annotations
 
@@ -17,9 +19,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from epp import tls
 from epp.cli import parse_args
 from epp.scheduling.config import load_config
-from epp.stack.envoy import envoy_binary
+from epp.stack.envoy import STRIP_FILTER, STRIPPED_REQUEST_HEADERS, envoy_binary
 
 ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = ROOT / "manifests"
@@ -48,7 +51,37 @@ def _strict(required: list[str], **props: Obj) -> Obj:
     return {"type": "object", "required": required, "properties": props, "additionalProperties": False}
 
 
+def _list(items: Obj, min_items: int = 0) -> Obj:
+    return {"type": "array", "items": items, "minItems": min_items}
+
+
 _PORT = {"type": "integer", "minimum": 1, "maximum": 65535}
+_HEADER_NAME = {"type": "string", "pattern": r"^[A-Za-z0-9!#$%&'*+\-.^_\x60|~]+$", "maxLength": 256}
+_HEADER_FILTER = _strict([], remove=_list(_HEADER_NAME, 1), set=_list(_strict(["name", "value"], name=_HEADER_NAME,
+                                                                              value={"type": "string"})),
+                         add=_list(_strict(["name", "value"], name=_HEADER_NAME, value={"type": "string"})))
+_GATEWAY_TARGETS = _list(_strict(["group", "kind", "name"], group={"const": "gateway.networking.k8s.io"},
+                                 kind={"const": "Gateway"}, name=_NAME, sectionName=_NAME), 1)
+_DURATION = {"type": "string", "pattern": r"^([0-9]+(\.[0-9]+)?(h|m|s|ms))+$"}
+# cert-manager's CRD schemas are large (the Certificate's alone is ~60 KB): not vendored. Instead the
+# fields we use, strictly, with the enums of cert-manager.io/v1 (KeyUsage, PrivateKeyAlgorithm, ...).
+_CM_USAGES = ["signing", "digital signature", "content commitment", "key encipherment", "key agreement",
+              "data encipherment", "cert sign", "crl sign", "encipher only", "decipher only", "any", "server auth",
+              "client auth", "code signing", "email protection", "s/mime", "ipsec end system", "ipsec tunnel",
+              "ipsec user", "timestamping", "ocsp signing", "microsoft sgc", "netscape sgc"]
+CERT_MANAGER = {
+    ("cert-manager.io/v1", "Issuer"): {
+        **_strict([], selfSigned=_strict([]), ca=_strict(["secretName"], secretName=_NAME)),
+        "minProperties": 1, "maxProperties": 1},  # exactly one issuer type
+    ("cert-manager.io/v1", "Certificate"): _strict(
+        ["secretName", "issuerRef"], secretName=_NAME, isCA={"type": "boolean"},
+        commonName={"type": "string", "minLength": 1, "maxLength": 64}, dnsNames=_list(_NAME, 1),
+        usages=_list({"enum": _CM_USAGES}, 1), duration=_DURATION, renewBefore=_DURATION,
+        privateKey=_strict([], algorithm={"enum": ["RSA", "ECDSA", "Ed25519"]}, size={"type": "integer"},
+                           encoding={"enum": ["PKCS1", "PKCS8"]}, rotationPolicy={"enum": ["Never", "Always"]}),
+        issuerRef=_strict(["name"], name=_NAME, kind={"enum": ["Issuer", "ClusterIssuer"]},
+                          group={"const": "cert-manager.io"})),
+}
 GATEWAY_API = {
     ("gateway.networking.k8s.io/v1", "GatewayClass"): _strict(["controllerName"], controllerName=_NAME),
     ("gateway.networking.k8s.io/v1", "Gateway"): _strict(
@@ -69,10 +102,25 @@ GATEWAY_API = {
                                                             weight={"type": "integer", "minimum": 0})},
             timeouts=_strict([], request={"type": "string", "pattern": r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"},
                              backendRequest={"type": "string"}))}),
+    # No insecureSkipVerify: EPP's certificate is verified.
     ("networking.istio.io/v1", "DestinationRule"): _strict(
         ["host"], host=_NAME, trafficPolicy=_strict([], tls=_strict(
             ["mode"], mode={"enum": ["DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL"]},
-            insecureSkipVerify={"type": "boolean"}, caCertificates={"type": "string"}, sni=_NAME))),
+            caCertificates={"type": "string"}, credentialName=_NAME, subjectAltNames=_list(_NAME, 1), sni=_NAME))),
+    ("networking.istio.io/v1alpha3", "EnvoyFilter"): _strict(
+        ["configPatches"], workloadSelector=_strict(["labels"], labels={"type": "object", "minProperties": 1}),
+        configPatches=_list(_strict(
+            ["applyTo", "patch"], applyTo={"enum": ["HTTP_FILTER", "NETWORK_FILTER", "LISTENER", "CLUSTER"]},
+            match=_strict([], context={"enum": ["ANY", "SIDECAR_INBOUND", "SIDECAR_OUTBOUND", "GATEWAY"]},
+                          listener={"type": "object"}),
+            patch=_strict(["operation", "value"], value={"type": "object"}, operation={"enum": [
+                "MERGE", "ADD", "REMOVE", "INSERT_BEFORE", "INSERT_AFTER", "INSERT_FIRST", "REPLACE"]})), 1)),
+    ("gateway.envoyproxy.io/v1alpha1", "ClientTrafficPolicy"): _strict(
+        ["targetRefs"], targetRefs=_GATEWAY_TARGETS, headers=_strict([], earlyRequestHeaders=_HEADER_FILTER)),
+    ("gateway.kgateway.dev/v1alpha1", "ListenerPolicy"): _strict(
+        ["targetRefs"], targetRefs=_GATEWAY_TARGETS,
+        default=_strict([], httpSettings=_strict([], earlyRequestHeaderModifier=_HEADER_FILTER))),
+    **CERT_MANAGER,
 }
 
 
@@ -99,7 +147,7 @@ def validate(doc: Obj, where: str) -> str:
         return "crd"
     if key in GATEWAY_API:
         jsonschema.validate(doc, _kind(*key, GATEWAY_API[key]))
-        return "gateway-api"
+        return "cert-manager" if key in CERT_MANAGER else "gateway-api"
     for version in K8S_VERSIONS:
         try:
             kubernetes_validate.validate(doc, version, strict=True)
@@ -132,6 +180,27 @@ def test_schemas_catch_mistakes():
     route["spec"]["rules"][0]["backendRef"] = route["spec"]["rules"][0].pop("backendRefs")  # a typo
     with pytest.raises(jsonschema.ValidationError):
         validate(route, "bad route")
+    rule = yaml.safe_load((MANIFESTS / "gateways/istio/destinationrule.yaml").read_text())
+    rule["spec"]["trafficPolicy"]["tls"]["insecureSkipVerify"] = True
+    with pytest.raises(jsonschema.ValidationError):
+        validate(rule, "unverified DestinationRule")
+    certs = list(yaml.safe_load_all((MANIFESTS / "cert-manager/certificates.yaml").read_text()))
+    for mistake in ({"usages": ["server-auth"]}, {"secretNmae": "x"}, {"duration": "90d"},
+                    {"issuerRef": {"name": "epp-ca", "kind": "Issuers"}}):
+        with pytest.raises(jsonschema.ValidationError):
+            validate({**certs[0], "spec": {**certs[0]["spec"], **mistake}}, "bad Certificate")
+    issuer = {"apiVersion": "cert-manager.io/v1", "kind": "Issuer", "metadata": {"name": "x"},
+              "spec": {"selfSigned": {}, "ca": {"secretName": "y"}}}
+    with pytest.raises(jsonschema.ValidationError):
+        validate(issuer, "two issuer types")
+    policy = yaml.safe_load((MANIFESTS / "gateways/envoy-gateway/clienttrafficpolicy.yaml").read_text())
+    policy["spec"]["headers"]["earlyRequestHeaders"]["remove"].append("bad header")
+    with pytest.raises(jsonschema.ValidationError):
+        validate(policy, "bad ClientTrafficPolicy")
+    netpol = yaml.safe_load((MANIFESTS / "base/epp/networkpolicy.yaml").read_text())
+    netpol["spec"]["ingress"][0]["form"] = netpol["spec"]["ingress"][0].pop("from")  # a typo: open to all
+    with pytest.raises(pytest.fail.Exception):
+        validate(netpol, "bad NetworkPolicy")
 
 
 def test_crd_files_are_valid_crds():
@@ -160,16 +229,45 @@ def test_generated_files_are_current():
 
 @pytest.mark.parametrize("variant", ["fail-closed", "fail-open"])
 def test_envoy_accepts_the_rendered_configs(tmp_path, variant):
+    render = _render_module()
     cm = yaml.safe_load((MANIFESTS / f"gateways/envoy/{variant}/envoy.yaml").read_text())
-    path = tmp_path / "envoy.yaml"
-    path.write_text(cm["data"]["envoy.yaml"])
-    out = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(path), "--disable-hot-restart"],
-                         capture_output=True, text=True, timeout=60)
+    # The ConfigMap's files and the certificate Secret's, where the paths in the configuration say, but
+    # under tmp_path (Envoy checks that the files exist).
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    key, cert = tls.self_signed("epp")
+    for name, data in (("ca.crt", cert), ("tls.crt", cert), ("tls.key", key)):
+        (secret / name).write_bytes(data)
+    config_dir = tmp_path / "config"
+    config_dir.mkdir()
+    for name, text in cm["data"].items():
+        text = text.replace(render.EPP_TLS_DIR, str(secret)).replace(render.CONFIG_DIR, str(config_dir))
+        (config_dir / name).write_text(text)
+    out = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(config_dir / "envoy.yaml"),
+                          "--disable-hot-restart"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+
     config = yaml.safe_load(cm["data"]["envoy.yaml"])
-    ext_proc = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"][
-        "http_filters"][1]["typed_config"]
-    assert ext_proc["failure_mode_allow"] is (variant == "fail-open")
+    filters = {f["name"]: f["typed_config"] for f in config["static_resources"]["listeners"][0]["filter_chains"][0][
+        "filters"][0]["typed_config"]["http_filters"]}
+    assert filters["envoy.filters.http.ext_proc"]["failure_mode_allow"] is (variant == "fail-open")
+    # Clients' control headers stripped, first thing (before ext_proc).
+    assert next(iter(filters)) == STRIP_FILTER
+    assert [m["remove"] for m in filters[STRIP_FILTER]["mutations"]["request_mutations"]] == list(
+        STRIPPED_REQUEST_HEADERS)
+    # EPP verified: its certificate must chain to the Secret's CA and name the Service; Envoy presents its own.
+    epp = next(c for c in config["static_resources"]["clusters"] if c["name"] == "epp")
+    tls_ctx = epp["transport_socket"]["typed_config"]
+    common = tls_ctx["common_tls_context"]
+    assert "validation_context" not in common
+    validation = common["combined_validation_context"]
+    assert validation["default_validation_context"]["match_typed_subject_alt_names"] == [
+        {"san_type": "DNS", "matcher": {"exact": render.EPP_SERVICE}}]
+    assert tls_ctx["sni"] == render.EPP_SERVICE
+    ca_file = validation["validation_context_sds_secret_config"]["sds_config"]["path_config_source"]["path"]
+    ca_sds = yaml.safe_load(cm["data"][Path(ca_file).name])["resources"][0]["validation_context"]
+    assert ca_sds["trusted_ca"] == {"filename": f"{render.EPP_TLS_DIR}/ca.crt"}
+    assert common["tls_certificate_sds_secret_configs"]
 
 
 def kustomize(path: Path) -> list[Obj]:
@@ -231,18 +329,147 @@ def test_overlay_builds_and_holds_together(overlay):
         for rule in route["spec"]["rules"]:
             assert [b["name"] for b in rule["backendRefs"] if b["kind"] == "InferencePool"] == ["vllm"]
 
-    # RBAC: namespaced, read-only but for the Lease, bound to EPP's service account.
+    # RBAC: namespaced, read-only but for the Lease, bound to EPP's service account. The Lease: create
+    # (which RBAC cannot limit by name), then get / update of EPP's own Lease only (leader.py's verbs).
     assert not by_kind(docs, "ClusterRole") and not by_kind(docs, "ClusterRoleBinding")
     roles = by_kind(docs, "Role")
+    lease = f"epp-default-{cfg.pool_name}.gateway-api-inference-extension.sigs.k8s.io"  # discovery.py's name
     for role in roles.values():
         for rule in role["rules"]:
-            allowed = {"get", "create", "update"} if rule["resources"] == ["leases"] else {"get", "list", "watch"}
-            assert set(rule["verbs"]) <= allowed, rule
+            if rule["resources"] != ["leases"]:
+                assert set(rule["verbs"]) <= {"get", "list", "watch"} and "resourceNames" not in rule, rule
+            elif "resourceNames" in rule:
+                assert rule["resourceNames"] == [lease] and set(rule["verbs"]) == {"get", "update"}, rule
+            else:
+                assert rule["verbs"] == ["create"], rule
     for binding in by_kind(docs, "RoleBinding").values():
         assert binding["roleRef"]["name"] in roles
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": epp["serviceAccountName"]}]
     assert any(r["resources"] == ["leases"] for role in roles.values() for r in role["rules"]) \
         == cfg.ha_enable_leader_election
+
+    check_locked_down(epp, container)
+    certificates = check_certificates(docs, epp, container, cfg)
+    check_network_policy(docs, epp, cfg)
+    check_headers_stripped(docs)
+    # Every gateway that talks to EPP verifies it (CA + name): our Envoy, Istio's DestinationRule.
+    if "envoy" in deployments:
+        check_envoy_verifies_epp(deployments["envoy"], configmaps["envoy-config"], certificates, cfg)
+    for rule in by_kind(docs, "DestinationRule").values():
+        policy = rule["spec"]["trafficPolicy"]["tls"]
+        assert policy["mode"] in ("SIMPLE", "MUTUAL") and "insecureSkipVerify" not in policy
+        assert policy["credentialName"] in certificates
+        assert set(policy["subjectAltNames"]) <= set(certificates["epp-tls"]["spec"]["dnsNames"])
+
+
+def check_locked_down(pod: Obj, container: Obj) -> None:
+    """EPP's container: non-root, no privilege escalation, no capability, read-only root filesystem with
+    an emptyDir for /tmp."""
+    ctx = container["securityContext"]
+    assert ctx["readOnlyRootFilesystem"] is True and ctx["allowPrivilegeEscalation"] is False
+    assert ctx["capabilities"] == {"drop": ["ALL"]}
+    assert ctx.get("runAsNonRoot", pod.get("securityContext", {}).get("runAsNonRoot")) is True
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
+    assert "emptyDir" in mounts["/tmp"]
+    assert all(m.get("readOnly") for m in container["volumeMounts"] if "emptyDir" not in volumes[m["name"]])
+
+
+def _secret_mounts(pod: Obj, container: Obj) -> dict[str, str]:
+    """mount path -> Secret name."""
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    return {m["mountPath"]: volumes[m["name"]]["secret"]["secretName"] for m in container.get("volumeMounts", [])
+            if "secret" in volumes[m["name"]]}
+
+
+def check_certificates(docs: list[Obj], epp: Obj, container: Obj, cfg: Any) -> dict[str, Obj]:
+    """EPP serves a certificate cert-manager issues for the Service's name, from a CA Issuer rooted in a
+    self-signed one; --client-ca-path (if set) is that Secret's CA. Returns secret name -> Certificate."""
+    issuers = by_kind(docs, "Issuer")
+    certificates = {c["spec"]["secretName"]: c for c in by_kind(docs, "Certificate").values()}
+    mounts = _secret_mounts(epp, container)
+    assert cfg.secure_serving and cfg.enable_cert_reload and cfg.cert_path in mounts
+    serving = certificates[mounts[cfg.cert_path]]
+    assert serving["metadata"]["name"] == "epp" and "epp" in serving["spec"]["dnsNames"]  # the Service
+    assert "server auth" in serving["spec"]["usages"] and not serving["spec"].get("isCA")
+    ca_issuer = issuers[serving["spec"]["issuerRef"]["name"]]["spec"]["ca"]
+    ca = certificates[ca_issuer["secretName"]]
+    assert ca["spec"]["isCA"] is True and "selfSigned" in issuers[ca["spec"]["issuerRef"]["name"]]["spec"]
+    for cert in certificates.values():  # everything else this CA signs is trusted by --client-ca-path
+        assert cert is ca or cert["spec"]["issuerRef"]["name"] == serving["spec"]["issuerRef"]["name"]
+    if cfg.client_ca_path:
+        assert str(Path(cfg.client_ca_path).parent) == cfg.cert_path  # the CA in EPP's own Secret
+    return certificates
+
+
+def check_network_policy(docs: list[Obj], epp: Obj, cfg: Any) -> None:
+    """A policy selects EPP's pods; ext_proc is open to the gateway's pods only, metrics to a namespace
+    only; only the health port is open to every source."""
+    policies = [p for p in by_kind(docs, "NetworkPolicy").values()
+                if p["spec"]["podSelector"]["matchLabels"].items() <= epp_labels(docs).items()]
+    assert len(policies) == 1 and policies[0]["spec"]["policyTypes"] == ["Ingress"]
+    rules = policies[0]["spec"]["ingress"]
+    by_port = {p["port"]: rule for rule in rules for p in rule["ports"]}
+    assert set(by_port) == {cfg.grpc_port, cfg.grpc_health_port, cfg.metrics_port}
+    assert "from" not in by_port[cfg.grpc_health_port]
+    assert [list(peer) for peer in by_port[cfg.metrics_port]["from"]] == [["namespaceSelector"]]
+    gateway_peers = by_port[cfg.grpc_port]["from"]
+    assert gateway_peers and all(peer.get("podSelector", {}).get("matchLabels") for peer in gateway_peers)
+    envoy = by_kind(docs, "Deployment").get("envoy")
+    if envoy:  # our standalone Envoy carries the label the policy admits
+        labels = envoy["spec"]["template"]["metadata"]["labels"]
+        assert any(peer["podSelector"]["matchLabels"].items() <= labels.items() and "namespaceSelector" not in peer
+                   for peer in gateway_peers)
+
+
+def epp_labels(docs: list[Obj]) -> dict[str, str]:
+    return by_kind(docs, "Deployment")["epp"]["spec"]["template"]["metadata"]["labels"]
+
+
+def check_headers_stripped(docs: list[Obj]) -> None:
+    """The gateway removes clients' copies of STRIPPED_REQUEST_HEADERS before ext_proc, by its own means."""
+    removed: list[set[str]] = []
+    for cm in by_kind(docs, "ConfigMap").values():
+        if "envoy.yaml" in cm["data"]:
+            hcm = yaml.safe_load(cm["data"]["envoy.yaml"])["static_resources"]["listeners"][0]["filter_chains"][0][
+                "filters"][0]["typed_config"]
+            first = hcm["http_filters"][0]
+            assert first["name"] == STRIP_FILTER
+            removed.append({m["remove"] for m in first["typed_config"]["mutations"]["request_mutations"]})
+    for policy in by_kind(docs, "ClientTrafficPolicy").values():  # Envoy Gateway
+        removed.append(set(policy["spec"]["headers"]["earlyRequestHeaders"]["remove"]))
+    for policy in by_kind(docs, "ListenerPolicy").values():  # kgateway
+        removed.append(set(policy["spec"]["default"]["httpSettings"]["earlyRequestHeaderModifier"]["remove"]))
+    for envoy_filter in by_kind(docs, "EnvoyFilter").values():  # Istio
+        for patch in envoy_filter["spec"]["configPatches"]:
+            assert patch["applyTo"] == "HTTP_FILTER" and patch["patch"]["operation"] == "INSERT_FIRST"
+            mutations = patch["patch"]["value"]["typed_config"]["mutations"]["request_mutations"]
+            removed.append({m["remove"] for m in mutations})
+    for gateway in by_kind(docs, "Gateway").values():
+        name = gateway["metadata"]["name"]
+        policies = [*by_kind(docs, "ClientTrafficPolicy").values(), *by_kind(docs, "ListenerPolicy").values()]
+        targets = [p for p in policies if any(t["name"] == name for t in p["spec"]["targetRefs"])]
+        selected = [f for f in by_kind(docs, "EnvoyFilter").values()
+                    if f["spec"]["workloadSelector"]["labels"] == {"gateway.networking.k8s.io/gateway-name": name}]
+        assert len(targets) + len(selected) == 1, f"Gateway {gateway['metadata']['name']}: no strip policy"
+    assert removed and all(r == set(STRIPPED_REQUEST_HEADERS) for r in removed), removed
+
+
+def check_envoy_verifies_epp(envoy: Obj, cm: Obj, certificates: dict[str, Obj], cfg: Any) -> None:
+    """Our Envoy mounts the gateway's client certificate Secret where its SDS files read the CA and its
+    client certificate, and checks a name EPP's certificate has."""
+    pod = envoy["spec"]["template"]["spec"]
+    mounts = _secret_mounts(pod, pod["containers"][0])
+    ca_sds = yaml.safe_load(cm["data"]["sds-epp-ca.yaml"])["resources"][0]["validation_context"]
+    tls_dir = str(Path(ca_sds["trusted_ca"]["filename"]).parent)
+    client = certificates[mounts[tls_dir]]
+    assert "client auth" in client["spec"]["usages"]
+    assert client["spec"]["issuerRef"] == certificates["epp-tls"]["spec"]["issuerRef"]  # the CA EPP trusts
+    config = yaml.safe_load(cm["data"]["envoy.yaml"])
+    epp = next(c for c in config["static_resources"]["clusters"] if c["name"] == "epp")
+    sans = epp["transport_socket"]["typed_config"]["common_tls_context"]["combined_validation_context"][
+        "default_validation_context"]["match_typed_subject_alt_names"]
+    assert {s["matcher"]["exact"] for s in sans} <= set(certificates["epp-tls"]["spec"]["dnsNames"])
 
 
 def test_crds_build():

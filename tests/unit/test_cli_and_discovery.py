@@ -22,7 +22,8 @@ def test_gie_defaults_and_go_style_flags():
 
 @pytest.mark.parametrize("argv", [[], ["--static-endpoints", "a:1", "--pool-name", "p"],
                                   ["--static-endpoints", "a:1", "--secure-serving=maybe"],
-                                  ["--static-endpoints", "a:1", "--config-file", "x", "--config-text", "y"]])
+                                  ["--static-endpoints", "a:1", "--config-file", "x", "--config-text", "y"],
+                                  ["--static-endpoints", "a:1", "--secure-serving=false", "--client-ca-path", "ca"]])
 def test_bad_flags_exit_with_usage(argv):
     with pytest.raises(SystemExit) as e:
         parse_args(argv)

@@ -66,6 +66,20 @@ async def test_gateway_prefix_and_errors_carry_headers(cluster, http) -> None:
     assert headers["x-sim-body-len"] == "9"
 
 
+async def test_echo_request_reports_what_the_pod_received(cluster, http) -> None:
+    url = cluster.urls[0] + "/v1/chat/completions"
+    status, headers, _ = await post(http, url, chat_body("hi"))
+    assert status == 200 and "x-sim-request-headers" not in headers and "x-sim-request-model" not in headers
+    body = chat_body("hi", model="m\u00e9")  # a model name the pod does not serve is still echoed
+    status, headers, _ = await post(http, url, body, headers={"x-sim-echo-request": "1", "X-Custom": "v"})
+    assert headers["x-sim-request-model"] == "m\\xe9"  # non-ASCII escaped: a header value is Latin-1 at best
+    names = headers["x-sim-request-headers"].split(",")
+    assert status in (200, 404) and names == sorted(names)
+    assert {"x-custom", "x-sim-echo-request", "content-type"} <= set(names)
+    status, headers, _ = await post(http, url, b"{not json", headers={"x-sim-echo-request": "1"})
+    assert status == 400 and "x-sim-request-model" not in headers and headers["x-sim-request-headers"]
+
+
 # -- chat ------------------------------------------------------------------------------------------------
 async def test_chat_non_streaming_shape(cluster, http) -> None:
     status, _, text = await post(http, cluster.urls[0] + "/v1/chat/completions", chat_body(LONG, max_tokens=5))
