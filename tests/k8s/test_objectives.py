@@ -86,7 +86,8 @@ async def test_live_routing_follows_pods_objectives_and_rewrites(kube, start_dis
         if objective_name:
             headers["x-gateway-inference-objective"] = objective_name
         body = json.dumps({"model": model, "prompt": "hello", "max_tokens": 4}).encode()
-        out = await drive(new_stream(director), [headers_msg("/v1/completions", headers), body_msg(body)])
+        out = await drive(new_stream(director, trust_objective_header=True),  # the gateway sets it
+                          [headers_msg("/v1/completions", headers), body_msg(body)])
         return set_headers(out[0]).get("x-gateway-destination-endpoint", ""), json.loads(body_of(out))
 
     set_queues()
