@@ -23,6 +23,9 @@ class Faults:
     health: str = "ok"  # ok | error (GET /health answers 503)
     delay_ms: float = 0.0  # extra latency before an inference request reaches the engine
     abort_after_tokens: int | None = None  # streaming: cut the connection after this many token events
+    # streaming: the end of the response (HTTP/1.1's terminating chunk) follows the last event this much later,
+    # as from a server whose event loop is busy between the two writes
+    eof_delay_ms: float = 0.0
 
     def update(self, doc: Any) -> None:
         if not isinstance(doc, dict):
@@ -63,7 +66,7 @@ def _check(key: str, value: Any) -> Any:
     elif key == "abort_after_tokens":
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
             raise bad("must be null or a non-negative integer")
-    elif key in ("metrics_delay_s", "delay_ms", "fail_rate"):
+    elif key in ("metrics_delay_s", "delay_ms", "fail_rate", "eof_delay_ms"):
         if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
             raise bad("must be a non-negative number")
         if key == "fail_rate" and value > 1:

@@ -6,6 +6,7 @@ Usage::
     for chunk in body_chunks:
         extractor.feed(chunk, response_content_type)   # the same header value each time is fine
     usage = extractor.finish()                          # Usage, or None when the body reported none
+    extractor.finished, extractor.outcome               # the API's final event seen? ("completed", ...)
 
 The body framing is decided on the first ``feed`` with a non-empty chunk: ``text/event-stream`` in the
 content type means SSE, any other content type means one JSON document; with no content type the
@@ -17,6 +18,15 @@ cached = ``prompt_tokens_details.cached_tokens``, ``input_tokens_details.cached_
 ``cache_read_input_tokens``. Anthropic's ``input_tokens`` excludes cache reads and writes, so when a
 usage object carries ``cache_read_input_tokens``/``cache_creation_input_tokens`` they are added to the
 prompt count (vLLM's Anthropic endpoint sends neither, so its ``input_tokens`` is taken as is).
+
+The end of a response as its API defines it (``finished``; ``outcome`` says how): SSE ``data: [DONE]``
+(OpenAI chat/completions, vLLM generate), Anthropic ``message_stop``, Responses ``response.completed``,
+``response.failed`` or ``response.incomplete``; a JSON body once ``content_length`` bytes arrived or, at
+``finish``, when it decodes whole. EPP asks when the ext_proc stream closes before the body's end-of-stream
+reached it: a client that stops reading at the final event and drops the connection (the OpenAI SDK does)
+makes Envoy reset the stream before the model server's end-of-stream (the chunked terminator) arrives, yet
+the response was complete. Nothing is searched per chunk for this: the last few KiB of the stream are kept
+and read when asked, and a final event that carries usage is recognised when its usage is decoded.
 
 Nothing here raises on bad input: garbage, truncated JSON or an oversized body yield ``None``.
 """
@@ -35,6 +45,12 @@ _FULL_PARSE_LIMIT = 256 << 10  # above this, find the usage object instead of de
 _MAX_USAGE_CANDIDATES = 8
 _WHITESPACE = b" \t\r\n"
 _DECODER = json.JSONDecoder()
+_TAIL = 4096  # bytes of an SSE stream's end kept to recognise its final event
+_DONE = b"[DONE]"
+_FINAL_EVENTS = {"message_stop": "completed", "response.completed": "completed", "response.failed": "failed",
+                 "response.incomplete": "incomplete"}
+_FINAL_EVENT_NAMES = {name.encode(): outcome for name, outcome in _FINAL_EVENTS.items()}
+_JSON_OUTCOMES = {"failed": "failed", "incomplete": "incomplete"}  # a Responses object's status
 
 
 class _Framing(Enum):
@@ -45,19 +61,25 @@ class _Framing(Enum):
 class UsageExtractor:
     """Collects the token usage a response reports. Feed every body chunk, then call ``finish`` once."""
 
-    def __init__(self, api: ApiKind, max_buffer: int = 8 << 20) -> None:
+    def __init__(self, api: ApiKind, max_buffer: int = 8 << 20, content_length: int | None = None) -> None:
         self.api = api
         self._max_buffer = max_buffer
+        self._content_length = content_length  # the response's, when it declared one
+        self._outcome: str | None = None
+        self._last = self._prev = b""  # SSE: the last two runs of whole lines fed (at most _TAIL bytes each)
         self._framing: _Framing | None = None
         self._pieces: list[bytes] = []  # JSON: the body so far; SSE: the unfinished last line
         self._size = 0
         self._gave_up = False  # JSON body over the cap
         self._skip_line = False  # SSE line over the cap: ignore it up to its end
         self._usage = Usage()
-        self._finished = False
+        self._closed = False  # finish() was called
 
     def feed(self, chunk: bytes, content_type: str | None = None) -> None:
-        if not chunk or self._finished or self._gave_up:
+        if not chunk or self._closed:
+            return
+        if self._gave_up:
+            self._size += len(chunk)  # still counted against content_length
             return
         if self._framing is None:
             self._framing = _choose_framing(content_type, chunk)
@@ -69,14 +91,33 @@ class UsageExtractor:
             self._feed_json(chunk)
 
     def finish(self) -> Usage | None:
-        if not self._finished:
-            self._finished = True
+        if not self._closed:
+            self._closed = True
             if self._framing is _Framing.JSON and not self._gave_up:
-                self._merge_from(_usage_from_document(b"".join(self._pieces)))
+                usages, document = _usage_from_document(b"".join(self._pieces))
+                self._merge_from(usages)
+                if document is not None and self._outcome is None:  # decoded whole: the body is complete
+                    self._outcome = _json_outcome(document) if self.api is ApiKind.RESPONSES else "completed"
             elif self._framing is _Framing.SSE and self._pieces and not self._skip_line:
                 self._sse_line(b"".join(self._pieces))  # a last line without a newline
             self._pieces = []
         return None if self._usage.empty else self._usage
+
+    @property
+    def finished(self) -> bool:
+        """Whether the response reached its API's final event (a JSON body: complete); see the module doc."""
+        return self.outcome is not None
+
+    @property
+    def outcome(self) -> str | None:
+        """With ``finished``: ``completed``, or Responses' ``failed`` / ``incomplete``; else None."""
+        if self._outcome is None:
+            if self._framing is _Framing.SSE:
+                self._outcome = _final_event(self._prev, self._last)
+            elif (self._framing is _Framing.JSON and self._content_length is not None
+                  and self._size >= self._content_length):
+                self._outcome = "completed"
+        return self._outcome
 
     # ---------------------------------------------------------------------------------------- JSON
 
@@ -106,6 +147,9 @@ class UsageExtractor:
         self._size = 0
         if end + 1 < len(chunk):
             self._hold(chunk[end + 1:])
+        if len(complete) > 4:  # whole lines, not just line breaks: the stream's tail, for ``outcome``
+            self._prev = self._last
+            self._last = complete if len(complete) <= _TAIL else complete[-_TAIL:]
         # Ordinary token events never mention usage: one C-speed scan and we are done with them.
         if _USAGE_KEY in complete:
             for line in complete.splitlines():
@@ -137,6 +181,10 @@ class UsageExtractor:
             return
         if isinstance(event, dict):
             self._merge_from(_event_usages(event))
+            if self._outcome is None:  # Responses' final events carry the usage: recognised here, for free
+                kind = event.get("type")
+                if isinstance(kind, str) and kind in _FINAL_EVENTS:
+                    self._outcome = _FINAL_EVENTS[kind]
 
     def _merge_from(self, usages: list[Usage]) -> None:
         for usage in usages:
@@ -150,6 +198,36 @@ def _choose_framing(content_type: str | None, chunk: bytes) -> _Framing | None:
     if not first:
         return None
     return _Framing.JSON if first in (b"{", b"[") else _Framing.SSE
+
+
+def _final_event(prev: bytes, last: bytes) -> str | None:
+    """The outcome when the last event of an SSE stream's tail is its API's final event, else None."""
+    tail = prev[len(last) - _TAIL:] + last if len(last) < _TAIL else last
+    lines = tail.rstrip().splitlines()
+    if len(tail) >= _TAIL and lines:
+        lines = lines[1:]  # the first line may be cut: never read a fragment as a line
+    seen_data = False  # an event is seen once its data is: an ``event:`` line alone is not enough
+    for line in reversed(lines):  # the last event: its lines up to the blank line before it
+        if not line.strip():
+            break
+        if line.startswith(b"event:"):
+            outcome = _FINAL_EVENT_NAMES.get(line[6:].strip()) if seen_data else None
+            if outcome is not None:
+                return outcome
+        elif line.startswith(b"data:"):
+            seen_data = True
+            data = line[5:].strip()
+            if data == _DONE:
+                return "completed"
+            if data[:1] == b"{":
+                try:
+                    event = json.loads(data)
+                except (ValueError, RecursionError):
+                    continue
+                kind = event.get("type") if isinstance(event, dict) else None
+                if isinstance(kind, str) and kind in _FINAL_EVENTS:
+                    return _FINAL_EVENTS[kind]
+    return None
 
 
 def _after_first_line_break(data: bytes) -> bytes:
@@ -228,18 +306,24 @@ def _nested_count(raw: dict[str, Any], outer: str, key: str) -> int | None:
     return _count(inner, key) if isinstance(inner, dict) else None
 
 
-def _usage_from_document(body: bytes) -> list[Usage]:
-    """The usage of a non-streaming JSON body.
+def _json_outcome(document: Any) -> str:
+    status = document.get("status") if isinstance(document, dict) else None
+    return _JSON_OUTCOMES.get(status, "completed") if isinstance(status, str) else "completed"
+
+
+def _usage_from_document(body: bytes) -> tuple[list[Usage], Any]:
+    """The usage of a non-streaming JSON body, and the document when it was decoded whole (else None).
 
     Small bodies are decoded whole. Large ones (embeddings: megabytes of floats) are not: the usage
-    object is located by its key, searching from the end where servers put it, and decoded alone.
+    object is located by its key, searching from the end where servers put it, and decoded alone (such a
+    body is known complete only by its content-length).
     """
     if len(body) <= _FULL_PARSE_LIMIT:
         try:
             document = json.loads(body)
         except (ValueError, RecursionError):
-            return []
-        return _event_usages(document) if isinstance(document, dict) else []
+            return [], None
+        return (_event_usages(document) if isinstance(document, dict) else []), document
     end = len(body)
     for _ in range(_MAX_USAGE_CANDIDATES):
         position = body.rfind(_USAGE_KEY, 0, end)
@@ -249,9 +333,9 @@ def _usage_from_document(body: bytes) -> list[Usage]:
         if start >= 0:
             usage = _decode_object_at(body, start)
             if usage is not None:
-                return [usage]
+                return [usage], None
         end = position
-    return []
+    return [], None
 
 
 def _decode_object_at(body: bytes, start: int) -> Usage | None:

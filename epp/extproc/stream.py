@@ -208,7 +208,8 @@ class ExtProcStream:
         self.response.status = _header_int(status) or 0
         self.response.content_type = headers.get("content-type", "")
         if not self.request.body.skip_response and self._response_bodies:
-            self._usage = UsageExtractor(self.request.api)
+            self._usage = UsageExtractor(self.request.api,
+                                         content_length=_header_int(headers.get("content-length", "")))
         self.director.response_headers(self.request, self.decision, self.response)
         add = {p.DECISION_HEADER: self.decision.primary.hostport} if self.options.decision_header else {}
         if self.decision.extras is not None:
@@ -371,18 +372,28 @@ class ExtProcStream:
 
     # -- end ----------------------------------------------------------------------------------
 
-    def _complete(self, normally: bool) -> None:
+    def _complete(self, normally: bool | None) -> None:
+        """``normally`` None: the stream closed before the response's end-of-stream reached EPP; the response
+        still completed if EPP saw its API's final event (see ``close``)."""
         if self._completed or self.request is None or self.decision is None:
             return
         self._completed = True
         self.phase = Phase.DONE
-        self.response.completed = normally
         if self._usage is not None:
             self.response.usage = self._usage.finish()
+            self.response.outcome = self._usage.outcome
+        self.response.completed = self.response.outcome is not None if normally is None else normally
         self.director.complete(self.request, self.decision, self.response)
 
     def close(self) -> None:
-        """The gRPC stream ended. Without response bodies that is how EPP learns the response ended."""
+        """The gRPC stream ended. Without response bodies that is how EPP learns the response ended.
+
+        With response bodies, a stream that closes before the body's end-of-stream (or trailers) still ends
+        a complete response when EPP saw the API's final event (``[DONE]``, ``message_stop``,
+        ``response.completed``, a whole JSON body): clients stop reading there and drop the connection
+        (the OpenAI SDK does), and Envoy then resets this stream before the model server's end-of-stream,
+        which often trails the last event, reaches EPP. EPP answered that event before the client could
+        read it, so it did see it."""
         self._release_body()  # a stream that died mid-body
         if not self._completed:
-            self._complete(normally=not self._response_bodies and self.response.status > 0)
+            self._complete(None if self._response_bodies else self.response.status > 0)

@@ -189,6 +189,10 @@ class RequestHooks:
         if response.usage is not None:
             rec["tokens_in"] = response.usage.prompt_tokens
             rec["tokens_out"] = response.usage.completion_tokens
+            if response.usage.cached_tokens is not None:
+                rec["tokens_cached"] = response.usage.cached_tokens
+        if response.outcome not in (None, "completed"):  # Responses API: "failed" or "incomplete"
+            rec["outcome"] = response.outcome
         if not response.completed or response.status >= 500 or response.status == 0:
             rec["failed"] = True
             held = self.throttle(f"upstream:{decision.endpoints[0].name}")

@@ -118,6 +118,9 @@ class ResponseInfo:
     usage: Usage | None = None
     bytes: int = 0
     completed: bool = False  # the response ended normally (False: reset, client gone, error)
+    # The API's final event EPP saw: "completed" ([DONE], message_stop, response.completed, a whole JSON body),
+    # or Responses' "failed" / "incomplete" (which also count as completed); None when it saw none.
+    outcome: str | None = None
     first_byte_at: float | None = None  # time.monotonic() of the first body chunk, when seen
 
 

@@ -72,6 +72,9 @@ class EnvoySpec:
     endpoints: list[str] = field(default_factory=list)  # host:port, for override_host and the baseline
     upstream: str = "original_dst"  # or "override_host"
     response_body_mode: str = "FULL_DUPLEX_STREAMED"  # or "NONE"
+    # "rig": the configuration below. "gie": GIE's standard standalone Envoy as it ships (see
+    # gie_envoy_config), to check EPP behind it; only the ports, the access log and TLS to EPP come from here.
+    profile: str = "rig"
     failure_mode_allow: bool = False
     extproc_tls: bool = True
     baseline_port: int | None = None  # a listener without ext_proc, round robin, for benchmarks
@@ -142,6 +145,8 @@ def _hcm(name: str, cluster: str, filters: list[dict[str, Any]], access_log: str
 
 
 def envoy_config(spec: EnvoySpec) -> dict[str, Any]:
+    if spec.profile == "gie":
+        return gie_envoy_config(spec)
     body_mode = spec.response_body_mode
     ext_proc = {"name": "envoy.filters.http.ext_proc", "typed_config": {
         "@type": _EXT_PROC,
@@ -262,6 +267,77 @@ def sds_files(spec: EnvoySpec) -> dict[str, dict[str, Any]]:
     return out
 
 
+def gie_envoy_config(spec: EnvoySpec) -> dict[str, Any]:
+    """GIE's standard Envoy in front of an EPP (the standalone chart's ``envoy.yaml``, GIE's e2e setup): ext_proc
+    with both body modes FULL_DUPLEX_STREAMED and both trailer modes SEND, fail-closed, message_timeout 1000s,
+    no metadata namespaces; an ORIGINAL_DST cluster reading ``x-gateway-destination-endpoint``; an ext_proc
+    cluster over h2 + TLS (not verified) with LEAST_REQUEST and gRPC health checks every 10 s; 86400 s route
+    and idle timeouts; no client header strip. Its admin/readiness listener and stdout access logs are left out."""
+    ext_proc = {"name": "envoy.filters.http.ext_proc", "typed_config": {
+        "@type": _EXT_PROC,
+        "grpc_service": {"envoy_grpc": {"cluster_name": "ext_proc", "authority": f"localhost:{spec.extproc_port}"},
+                         "timeout": "10s"},
+        "processing_mode": {"request_header_mode": "SEND", "response_header_mode": "SEND",
+                            "request_body_mode": "FULL_DUPLEX_STREAMED", "response_body_mode": "FULL_DUPLEX_STREAMED",
+                            "request_trailer_mode": "SEND", "response_trailer_mode": "SEND"},
+        "message_timeout": "1000s"}}
+    hcm: dict[str, Any] = {
+        "@type": _HCM, "stat_prefix": "http-8081",
+        "route_config": {"name": "vllm", "virtual_hosts": [{"name": "vllm-default", "domains": ["*"], "routes": [{
+            "match": {"prefix": "/"},
+            "route": {"cluster": "original_destination_cluster", "timeout": "86400s", "idle_timeout": "86400s",
+                      "upgrade_configs": [{"upgrade_type": "websocket"}]},
+            "typed_per_filter_config": {"envoy.filters.http.ext_proc": {
+                "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "config": {}}}}]}]},
+        "http_filters": [ext_proc, {"name": "envoy.filters.http.router",
+                                    "typed_config": {"@type": _ROUTER, "suppress_envoy_headers": True}}],
+        "http2_protocol_options": {"max_concurrent_streams": 100, "initial_stream_window_size": 65536,
+                                   "initial_connection_window_size": 1048576},
+        "use_remote_address": True, "normalize_path": True, "merge_slashes": True,
+        "server_header_transformation": "PASS_THROUGH",
+        "common_http_protocol_options": {"headers_with_underscores_action": "REJECT_REQUEST"},
+        "path_with_escaped_slashes_action": "UNESCAPE_AND_REDIRECT"}
+    if spec.access_log:
+        hcm["access_log"] = [{"name": "envoy.access_loggers.file", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+            "path": spec.access_log, "log_format": {"text_format_source": {"inline_string":
+                "%START_TIME% \"%REQ(:METHOD)% %REQ(:PATH)%\" %RESPONSE_CODE% %RESPONSE_FLAGS% "
+                "%RESPONSE_CODE_DETAILS% upstream=%UPSTREAM_HOST% dur=%DURATION%ms\n"}}}}]
+    health_check: dict[str, Any] = {
+        "timeout": "2s", "interval": "10s", "unhealthy_threshold": 3, "healthy_threshold": 2,
+        "reuse_connection": True, "grpc_health_check": {"service_name": "envoy.service.ext_proc.v3.ExternalProcessor"}}
+    ext_proc_cluster: dict[str, Any] = {
+        "name": "ext_proc", "type": "STATIC", "connect_timeout": "86400s", "lb_policy": "LEAST_REQUEST",
+        "circuit_breakers": {"thresholds": [{"max_connections": 40000, "max_pending_requests": 40000,
+                                             "max_requests": 40000, "max_retries": 1024}]},
+        "health_checks": [health_check],
+        "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {
+                "initial_stream_window_size": 65536, "initial_connection_window_size": 1048576}}}},
+        "load_assignment": {"cluster_name": "ext_proc", "endpoints": [{
+            "locality": {"region": "ext_proc/e2e/0"},
+            "lb_endpoints": [{"endpoint": {"address": _address(spec.host, spec.extproc_port)},
+                              "load_balancing_weight": 1}]}]}}
+    if spec.extproc_tls:
+        health_check["tls_options"] = {"alpn_protocols": ["h2"]}
+        ext_proc_cluster["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "common_tls_context": {"validation_context": {}}}}
+    original_dst = {
+        "name": "original_destination_cluster", "type": "ORIGINAL_DST", "connect_timeout": "1000s",
+        "lb_policy": "CLUSTER_PROVIDED",
+        "circuit_breakers": {"thresholds": [{"max_connections": 40000, "max_pending_requests": 40000,
+                                             "max_requests": 40000}]},
+        "original_dst_lb_config": {"use_http_header": True, "http_header_name": DESTINATION_HEADER}}
+    listener = {"name": "vllm", "address": _address(spec.host, spec.listen_port),
+                "per_connection_buffer_limit_bytes": 32768,
+                "filter_chains": [{"name": "vllm", "filters": [
+                    {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}]}
+    return {"admin": {"address": _address(spec.host, spec.admin_port)},
+            "static_resources": {"listeners": [listener], "clusters": [original_dst, ext_proc_cluster]}}
+
+
 def envoy_binary() -> str:
     found = shutil.which("envoy") or shutil.which("envoy", path=str(Path(sys.executable).parent))
     if not found:
@@ -313,7 +389,8 @@ class EnvoyProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             clusters = self.admin_get("/clusters") or ""
-            if any(line.startswith("epp::") and "health_flags::healthy" in line for line in clusters.splitlines()):
+            if any(line.startswith(("epp::", "ext_proc::")) and "health_flags::healthy" in line
+                   for line in clusters.splitlines()):
                 return
             time.sleep(0.1)
         raise TimeoutError("envoy never saw EPP healthy")
@@ -324,7 +401,7 @@ class EnvoyProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             clusters = self.admin_get("/clusters") or ""
-            if any(line.startswith("epp::") and "health_flags::" in line and "failed_active_hc" in line
+            if any(line.startswith(("epp::", "ext_proc::")) and "health_flags::" in line and "failed_active_hc" in line
                    for line in clusters.splitlines()):
                 return
             time.sleep(0.1)

@@ -142,6 +142,7 @@ class LocalStack:
     epp_args: list[str] = field(default_factory=list)
     upstream: str = "original_dst"
     response_body_mode: str = "FULL_DUPLEX_STREAMED"
+    envoy_profile: str = "rig"  # "gie": GIE's standard Envoy configuration as it ships (EnvoySpec.profile)
     failure_mode_allow: bool = False
     tls: bool = True
     baseline: bool = False
@@ -204,6 +205,7 @@ class LocalStack:
         self.envoy = EnvoyProcess(EnvoySpec(
             listen_port=self.envoy_port, admin_port=self.admin_port, extproc_port=self.grpc_port,
             endpoints=self.endpoints, upstream=self.upstream, response_body_mode=self.response_body_mode,
+            profile=self.envoy_profile,
             failure_mode_allow=self.failure_mode_allow, extproc_tls=self.tls, baseline_port=self.baseline_port,
             access_log=str(self.dir / "access.log"), route_timeout=self.route_timeout,
             extproc_tls_dir=self.extproc_tls_dir, extproc_san=self.extproc_san,

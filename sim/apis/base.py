@@ -283,6 +283,9 @@ class SseWriter:
         await self.resp.write(data)
 
     async def close(self) -> web.StreamResponse:
+        delay = self.pod.faults.eof_delay_ms
+        if delay:
+            await asyncio.sleep(delay / 1000)
         await self.resp.write_eof()
         return self.resp
 

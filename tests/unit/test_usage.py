@@ -305,3 +305,105 @@ def test_usage_from_object_shapes() -> None:
     assert usage_from_object({"prompt_tokens_details": {"cached_tokens": 1}}) == Usage(None, None, 1)
     assert usage_from_object({"prompt_tokens_details": None, "input_tokens_details": {"cached_tokens": 4}}) \
         == Usage(None, None, 4)
+
+
+# ------------------------------------------------------------------------------ the final event (finished)
+
+
+def final(chunks: list[bytes], content_type: str | None, api: ApiKind = ApiKind.CHAT_COMPLETIONS,
+          finish: bool = True, **kwargs: Any) -> str | None:
+    extractor = UsageExtractor(api, **kwargs)
+    for chunk in chunks:
+        extractor.feed(chunk, content_type)
+    if finish:
+        extractor.finish()
+    assert extractor.finished is (extractor.outcome is not None)
+    return extractor.outcome
+
+
+FINAL_STREAMS = [
+    (OPENAI_STREAM, ApiKind.CHAT_COMPLETIONS, "completed"),
+    (OPENAI_STREAM.replace(b"\n", b"\r\n"), ApiKind.CHAT_COMPLETIONS, "completed"),
+    (RESPONSES_STREAM, ApiKind.RESPONSES, "completed"),
+    (RESPONSES_STREAM.replace(b"response.completed", b"response.failed"), ApiKind.RESPONSES, "failed"),
+    (RESPONSES_STREAM.replace(b"response.completed", b"response.incomplete"), ApiKind.RESPONSES, "incomplete"),
+    (ANTHROPIC_STREAM, ApiKind.MESSAGES, "completed"),
+    (sse({"type": "message_start"}, {"type": "message_stop"}), ApiKind.MESSAGES, "completed"),  # no event: lines
+    (b"event: message_stop\ndata: {}\n\n", ApiKind.MESSAGES, "completed"),  # the event name alone
+    (sse({"request_id": "g", "choices": [{"token_ids": [1]}]}, "[DONE]", space=False), ApiKind.GENERATE, "completed"),
+]
+
+
+@pytest.mark.parametrize(("body", "api", "outcome"), FINAL_STREAMS)
+def test_final_event_is_seen_at_every_split(body: bytes, api: ApiKind, outcome: str) -> None:
+    for chunks in splits(body):
+        assert final(chunks, SSE, api) == outcome
+        assert final(chunks, SSE, api, finish=False) == outcome  # known while feeding, before finish()
+
+
+def test_final_event_byte_by_byte() -> None:
+    for body, api, outcome in FINAL_STREAMS:
+        assert final([bytes([b]) for b in body], SSE, api) == outcome
+
+
+def test_responses_final_event_without_usage_is_seen() -> None:
+    body = sse({"type": "response.output_text.delta", "delta": "x"},
+               {"type": "response.failed", "response": {"id": "r", "status": "failed", "usage": None}},
+               event_names=True)
+    assert final([body], SSE, ApiKind.RESPONSES) == "failed"
+
+
+def test_final_event_after_a_long_last_line_is_seen() -> None:
+    text = "y" * 20_000
+    body = sse(_chat_chunk(text), {"type": "response.completed", "response": {"usage": {"input_tokens": 1},
+                                                                         "output": text}}, event_names=True)
+    assert final([body], SSE, ApiKind.RESPONSES) == "completed"  # recognised where its usage is decoded
+    assert final([sse(_chat_chunk(text), "[DONE]")], SSE) == "completed"
+
+
+@pytest.mark.parametrize(("body", "api"), [
+    (OPENAI_STREAM[:OPENAI_STREAM.rindex(b"data: [DONE]")], ApiKind.CHAT_COMPLETIONS),
+    (ANTHROPIC_STREAM[:ANTHROPIC_STREAM.rindex(b"event: message_stop")], ApiKind.MESSAGES),
+    (RESPONSES_STREAM[:RESPONSES_STREAM.rindex(b"event: response.completed")], ApiKind.RESPONSES),
+    (b"data: [DONE", ApiKind.CHAT_COMPLETIONS),  # the line never ended
+    # Tokens that spell final events are not events.
+    (sse(_chat_chunk("data: [DONE]"), _chat_chunk("\n\ndata: [DONE]\n\n")), ApiKind.CHAT_COMPLETIONS),
+    (sse({"type": "content_block_delta", "delta": {"text": "message_stop"}}), ApiKind.MESSAGES),
+    (sse({"type": "response.output_text.delta", "delta": "response.completed"}), ApiKind.RESPONSES),
+    (sse({"type": "response.created", "response": {"status": "in_progress"}}), ApiKind.RESPONSES),
+    (b"data: [DONE]\n\ndata: {}\n\n", ApiKind.CHAT_COMPLETIONS),  # something after it: not the end after all
+    (b"", ApiKind.CHAT_COMPLETIONS),
+])
+def test_no_final_event_is_not_finished(body: bytes, api: ApiKind) -> None:
+    for chunks in [*splits(body[:300]), [body]]:
+        assert final(chunks, SSE, api) is None
+
+
+def test_json_body_is_finished_when_whole_or_at_its_content_length() -> None:
+    for chunks in splits(OPENAI_JSON):
+        assert final(chunks, JSON) == "completed"
+        assert final(chunks, JSON, finish=False, content_length=len(OPENAI_JSON)) == "completed"
+    assert final([OPENAI_JSON[:-1]], JSON) is None
+    assert final([OPENAI_JSON[:-1]], JSON, content_length=len(OPENAI_JSON)) is None
+    assert final([b"[1, 2]"], JSON) == "completed"
+    assert final([b"not json"], JSON) is None
+    # Too large to decode whole, or over the buffer cap: only the content-length tells.
+    assert final([OPENAI_JSON], JSON, max_buffer=10) is None
+    assert final([OPENAI_JSON[:20], OPENAI_JSON[20:]], JSON, max_buffer=10, content_length=len(OPENAI_JSON)) \
+        == "completed"
+
+
+def test_responses_json_outcome_is_its_status() -> None:
+    for status, outcome in (("completed", "completed"), ("incomplete", "incomplete"), ("failed", "failed"),
+                            (None, "completed")):
+        body = json.dumps({"id": "r", "object": "response", "status": status, "usage": None}).encode()
+        assert final([body], JSON, ApiKind.RESPONSES) == outcome
+
+
+@settings(max_examples=200)
+@given(data=st.data())
+def test_any_chunking_gives_the_same_outcome(data: st.DataObject) -> None:
+    body, api, outcome = data.draw(st.sampled_from(FINAL_STREAMS))
+    cuts = data.draw(st.lists(st.integers(0, len(body)), max_size=40))
+    assert final(chunked(body, cuts), SSE, api) == outcome
+    assert final(chunked(body[:-len(body) // 3], cuts), SSE, api) is None
