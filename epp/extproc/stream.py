@@ -22,7 +22,7 @@ from enum import Enum, auto
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-from epp.api.errors import EppError, error_body, error_headers
+from epp.api.errors import EppError, bad_request, error_body, error_headers
 from epp.api.fields import MAX_MODEL_NAME_CHARS, is_model_name
 from epp.api.parsing import api_for_path, parse_request
 from epp.api.rewrite import ModelNameRestorer, rewrite_request_model
@@ -162,6 +162,8 @@ class ExtProcStream:
         if declared is not None and declared > self.options.max_body_bytes:
             raise self._too_large()
         if msg.end_of_stream:  # no body (e.g. GET /v1/models): route by load at once
+            if self.headers.get(":method", "POST") == "POST" and api_for_path(self.path) is not ApiKind.OTHER:
+                raise bad_request("empty-body", "request body is empty; expected a JSON object")
             self._header_only = True
             self._build_request(ParsedBody(ApiKind.OTHER), b"")
             return []
@@ -251,6 +253,14 @@ class ExtProcStream:
 
     # -- request assembly ---------------------------------------------------------------------
 
+    def _request_id(self) -> str:
+        """The client's ``x-request-id``, bounded where EPP keeps it (records, logs, spans, error bodies; the
+        header itself goes upstream untouched), or one generated now and sent upstream and back."""
+        request_id = self.headers.get(p.REQUEST_ID_HEADER, "")[:MAX_REQUEST_ID_CHARS]
+        if not request_id:
+            request_id = self._generated_id = self._generated_id or str(uuid.uuid4())
+        return request_id
+
     def _too_large(self) -> EppError:
         return EppError(413, "body-too-large",
                         f"request body exceeds the limit of {self.options.max_body_bytes} bytes")
@@ -287,10 +297,7 @@ class ExtProcStream:
 
     def _build_request(self, parsed: ParsedBody, raw: bytes) -> None:
         headers = self.headers
-        # Kept in records, logs and spans: bounded (the header itself goes upstream untouched).
-        request_id = headers.get(p.REQUEST_ID_HEADER, "")[:MAX_REQUEST_ID_CHARS]
-        if not request_id:
-            request_id = self._generated_id = str(uuid.uuid4())
+        request_id = self._request_id()
         o = self.options
         rewrite = (p.first_header(headers, p.REWRITE_HEADERS) or "").strip() if o.trust_rewrite_header else ""
         if not is_model_name(rewrite):  # no model name (too long, control characters): ignore the header
@@ -352,8 +359,10 @@ class ExtProcStream:
         self.phase = Phase.DONE
         self.director.rejected(self.request, err)
         style = _style_for_path(self.path)  # not the parsed body's: a header-only request parses as OTHER
-        log.debug("request %s rejected: %r", self.request.request_id if self.request else "-", err)
-        return [p.immediate_response(err.status, error_headers(err), error_body(err, style), err.reason)]
+        request_id = self.request.request_id if self.request else self._request_id()
+        log.debug("request %s rejected: %r", request_id, err)
+        headers = {**error_headers(err), p.REQUEST_ID_HEADER: request_id}
+        return [p.immediate_response(err.status, headers, error_body(err, style, request_id), err.reason)]
 
     def passthrough(self, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
         """After an internal error: let a response message through untouched, reject a request."""

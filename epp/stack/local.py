@@ -187,6 +187,7 @@ class LocalStack:
         return [sys.executable, "-m", "epp", "--host", HOST, "--grpc-port", str(self.grpc_port),
                 "--grpc-health-port", str(self.health_port), "--metrics-port", str(self.metrics_port),
                 f"--secure-serving={str(self.tls).lower()}", "--decision-header",
+                "--debug-endpoints",  # loopback-only rig: the tests and the demo read /debug
                 *(() if any(a.startswith(("--static-endpoints", "--pool-name", "--endpoint-selector"))
                             for a in self.epp_args)
                   else ("--static-endpoints", ",".join(self.endpoints))),

@@ -91,3 +91,11 @@ def test_decision_records_keep_no_query_strings(stack, client):
     assert r.status_code in (200, 404)
     decisions = httpx.get(f"http://127.0.0.1:{stack.metrics_port}/debug/decisions", timeout=30).text
     assert "/v1/chat/completions" in decisions and "secret" not in decisions
+
+
+def test_errors_epp_answers_carry_the_request_id(client):
+    r = client.post("/v1/chat/completions", content=b"", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.headers["x-epp-error-reason"] == "empty-body"
+    assert r.json()["requestId"] == r.headers["x-request-id"]
+    r = client.post("/v1/messages", json={**CHAT, "model": "m" * 300}, headers={"x-request-id": "client-id-1"})
+    assert r.status_code == 400 and r.json()["request_id"] == "client-id-1"

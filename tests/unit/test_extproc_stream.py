@@ -271,3 +271,16 @@ async def test_request_id_is_bounded_where_epp_keeps_it():
     stream = new_stream(make_director())
     await drive(stream, [headers_msg(headers={"x-request-id": "r" * 5000}), body_msg(json.dumps(REQ).encode())])
     assert stream.request.request_id == "r" * 128
+
+
+async def test_empty_post_to_a_json_api_is_refused_with_the_request_id():
+    out = await drive(new_stream(make_director()), [headers_msg(path="/v1/messages", eos=True,
+                                                                headers={"x-request-id": "req-7"})])
+    status, headers, doc = immediate(out[0])
+    assert status == 400 and headers["x-epp-error-reason"] == "empty-body"
+    assert doc["type"] == "error" and doc["request_id"] == "req-7" and headers["x-request-id"] == "req-7"
+    out = await drive(new_stream(make_director()), [headers_msg(path="/v1/chat/completions"), body_msg(b"{x")])
+    status, headers, doc = immediate(out[0])
+    assert status == 400 and doc["requestId"] == headers["x-request-id"] and len(doc["requestId"]) == 36
+    out = await drive(new_stream(make_director()), [headers_msg(path="/v1/models", method="GET", eos=True)])
+    assert pick_of(out)  # a GET without a body is routed
