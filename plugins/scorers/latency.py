@@ -18,7 +18,7 @@ seconds until the request's first token there and prefers the soonest::
   slot frees every ``occupancy / S`` seconds on average. ``S`` is learned from the scraped metrics: the
   running count whenever requests were waiting (the server's real cap, whether ``max_num_seqs`` or KV space),
   never less than the most seen running. Unknown until a server first queues: no wait predicted before.
-* ``base``, ``per_token`` (prefill), ``occupancy`` (first byte to end) and, for ``objective: e2e`` and TPOT
+* ``base``, ``per_token`` (prefill), ``occupancy`` (admission to end: pick to end less the predicted wait) and, for ``objective: e2e`` and TPOT
   SLOs, the time per output token as a function of the batch size, are learned per endpoint from what EPP
   sees of each response (a decayed least-squares fit, starting from a prior worth a few requests), so a slow
   endpoint, a faster GPU or a different model size are measured, not configured.
@@ -300,15 +300,17 @@ class PredictedLatencyScorer(Scorer, RequestObserver):
         if r is None:
             return
         r.pending.pop(id(request), None)
-        if pick.first_byte is None or not response.completed or not 200 <= response.status < 300:
+        if not response.completed or not 200 <= response.status < 300:
             return
-        decode = time.monotonic() - pick.first_byte
-        if decode >= _MAX_SECONDS:
+        now = time.monotonic()
+        held = now - pick.at - pick.wait  # a batch slot is held from admission (after the wait) to the end
+        if held >= _MAX_SECONDS:
             return
-        r.occupancy.observe(decode)
+        r.occupancy.observe(max(0.0, held))
         u = response.usage
-        if u is not None and u.completion_tokens and u.completion_tokens > 1 and request.body.stream:
-            r.tpot.observe(pick.batch, decode / (u.completion_tokens - 1))
+        if pick.first_byte is not None and u is not None and u.completion_tokens and u.completion_tokens > 1 \
+                and request.body.stream:
+            r.tpot.observe(pick.batch, (now - pick.first_byte) / (u.completion_tokens - 1))
 
 
 def _relative(costs: Sequence[float]) -> list[float]:
