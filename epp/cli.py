@@ -22,6 +22,18 @@ def _typed(fn, name: str):  # argparse shows the function name in errors
     return fn
 
 
+def _objectives(text: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        name, sep, priority = part.partition("=")
+        if not sep or not name.strip():
+            raise ValueError("name=priority,...")
+        out[name.strip()] = int(priority)
+    return out
+
+
 _bool = _typed(parse_bool, "boolean")
 _duration = _typed(parse_duration, "duration")
 
@@ -86,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
               "which must strip clients' copies)")
     flag("--trust-objective-header", type=_bool, default=d.trust_objective_header,
          help="honour x-gateway-inference-objective / x-llm-d-inference-objective (gateway-set, as above)")
+
+    flag("--static-objectives", type=_typed(_objectives, "objectives"), default=d.static_objectives,
+         help="objective name -> priority without Kubernetes, e.g. interactive=10,batch=-1 (priority < 0: "
+              "sheddable); the objective comes from x-gateway-inference-objective (--trust-objective-header)")
 
     flag("-v", "--v", dest="verbosity", type=int, default=d.verbosity, help="log verbosity like GIE: 2 info, 4 debug")
     flag("--decision-header", type=_bool, default=d.decision_header,

@@ -80,6 +80,8 @@ class Config:
     # gateway sets them (and strips clients' copies: see manifests/gateways)
     trust_model_rewrite_header: bool = False
     trust_objective_header: bool = False
+    # objective name -> priority without Kubernetes (--static-objectives); InferenceObjectives replace it
+    static_objectives: dict[str, int] = field(default_factory=dict)
     # observability
     decision_header: bool = False
     verbosity: int = 2
@@ -107,5 +109,7 @@ class Config:
             raise ValueError("--enable-cert-reload needs --cert-path")
         if self.client_ca_path and not self.secure_serving:
             raise ValueError("--client-ca-path needs --secure-serving")
+        if self.static_objectives and (self.pool_name or self.endpoint_selector):
+            raise ValueError("--static-objectives is for static endpoints; on Kubernetes use InferenceObjectives")
         if self.endpoint_selector and not self.endpoint_target_ports:
             raise ValueError("--endpoint-selector needs --endpoint-target-ports")

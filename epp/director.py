@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from epp.admission.controller import Admission
 from epp.api.errors import EppError
 from epp.api.types import InferenceRequest
 from epp.datalayer.endpoint import Endpoint
@@ -88,11 +89,13 @@ class Director:
         self.objectives = objectives or Objectives()
         self.disable_subset_filter = disable_subset_filter
         self.explain = explain
+        self.admission = Admission(self, metrics)  # saturation, priority, flow control (epp.admission)
         self.set_config(config)
 
     def set_config(self, config: PickerConfig) -> None:
         """Swap the scheduling configuration (live reload); requests in flight keep their hooks."""
         self.config = config
+        self.admission.configure(getattr(config, "admission", None))
         self.observers: list[RequestObserver] = config.plugins_of(RequestObserver)
         self.body_observers = [o for o in self.observers if o.needs_response_body]
         self._warned_no_bodies = False
@@ -136,6 +139,13 @@ class Director:
         return answering or list(found)
 
     async def route(self, request: InferenceRequest, subset: Sequence[str] | None) -> Decision:
+        """Admission first (it may hold the request, or refuse it), then the pick. No await between the two: a
+        request flow control releases is counted in flight before the next saturation check."""
+        if self.admission.applies(request):
+            await self.admission.admit(request, subset)
+        return self.schedule(request, subset)
+
+    def schedule(self, request: InferenceRequest, subset: Sequence[str] | None) -> Decision:
         candidates = self.candidates(subset)
         explain = self.explain or (self.hooks is not None and self.hooks.wants_explain(request))
         config = self.config
@@ -183,6 +193,7 @@ class Director:
         primary = decision.primary
         primary.inflight_requests = max(0, primary.inflight_requests - 1)
         primary.inflight_tokens = max(0, primary.inflight_tokens - decision.tokens)
+        self.admission.completed()
         u = response.usage
         text = request.body.prompt_text
         if u is not None and u.prompt_tokens and text and request.body.prompt_token_ids is None \

@@ -50,7 +50,7 @@ class EppServer:
         cfg = self.cfg
         picker_config = load_config(self._config_text(), self.pool)
         self.metrics = EppMetrics(self.pool)
-        self.objectives = Objectives()
+        self.objectives = Objectives(priorities=dict(cfg.static_objectives))
         self.director = Director(self.pool, picker_config, cfg.disable_endpoint_subset_filter, metrics=self.metrics,
                                  objectives=self.objectives)
         self.observability = Observability.attach(self)  # decision log, tracing, plugin timings, config reload
@@ -71,6 +71,7 @@ class EppServer:
                                budget=BodyBudget(cfg.max_buffered_body_bytes),
                                trust_rewrite_header=cfg.trust_model_rewrite_header,
                                trust_objective_header=cfg.trust_objective_header)
+        self.director.admission.budget = limits.budget  # bodies held by flow control count against it too
         self.servicer = ExtProcServicer(self.director, limits)
         self.grpc_server = grpc.aio.server(options=options)
         pb_grpc.add_ExternalProcessorServicer_to_server(self.servicer, self.grpc_server)

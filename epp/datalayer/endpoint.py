@@ -21,6 +21,7 @@ class EndpointMetrics:
     updated_at: float = 0.0
     last_error: str | None = None
     inflight_tokens_at_scrape: int = 0  # Endpoint.inflight_tokens when these values were scraped
+    inflight_requests_at_scrape: int = 0  # Endpoint.inflight_requests when these values were scraped
     unreachable: bool = False  # the server stopped answering scrapes (see datalayer.scraper.UNREACHABLE_AFTER)
 
     def age(self, now: float | None = None) -> float:
@@ -46,6 +47,13 @@ class Endpoint:
     metrics_port: int | None = None
     inflight_requests: int = 0
     inflight_tokens: int = 0
+
+    def waiting_now(self) -> int:
+        """Waiting requests as scraped, moved by the requests EPP routed there (or saw end) since: each one
+        routed since the scrape is counted as waiting (free batch slots are not known), each one ended frees a
+        slot for a waiting request."""
+        m = self.metrics
+        return max(0, m.waiting_requests + self.inflight_requests - m.inflight_requests_at_scrape)
 
     def kv_usage_now(self) -> float:
         """KV-cache usage as scraped, moved by the tokens EPP routed there (or saw finish) since: a scrape is

@@ -278,6 +278,7 @@ class MetricsScraper:
             return str(e)
         values.apply(ep.metrics)
         ep.metrics.inflight_tokens_at_scrape = ep.inflight_tokens
+        ep.metrics.inflight_requests_at_scrape = ep.inflight_requests
         missing = tuple(values.missing)
         if missing != stats.last_missing and missing:
             log.info("%s (engine %s): optional metric(s) not exposed: %s",

@@ -2,7 +2,7 @@
 
 * ``GET /debug/endpoints``: the pool and each endpoint's latest signals (waiting, running, KV-cache
   use, EPP's in-flight counts, metrics age and last scrape error, picks), EPP's state (starting,
-  serving, draining), open streams and the configuration in force.
+  serving, draining), open streams, the configuration in force and what flow control holds.
 * ``GET /debug/decisions?limit=N``: the most recent decisions, newest first (a bounded ring buffer;
   explained decisions carry their per-scorer breakdown).
 * ``GET /debug`` (and ``/``): a page that shows both, refreshed every second (plain HTML and JS).
@@ -68,6 +68,7 @@ def endpoints_view(server: Any) -> dict[str, Any]:
         "decisions": hooks.decisions.total if hooks is not None else 0,
         "rejected": hooks.decisions.rejected if hooks is not None else 0,
         "config": config, "endpoints": eps,
+        "flow_control": director.admission.describe() if director is not None else None,
         # predictions against outcomes (epp.observability.audit), and the learned characters per token
         "predictions": {k: a.summary() for k, a in
                         plugin_audits(director.config if director is not None else None).items()},

@@ -400,11 +400,15 @@ class EppMetrics:
             decisions = self._decisions[endpoint.name] = self.decisions.labels(endpoint.name)
         decisions.inc()
 
+    def known_model_label(self, name: str) -> str:
+        """The label for a model name without taking a provisional slot (for requests that may never reach a
+        server, so that nothing would settle the slot): the name when it already has series, else ``other``."""
+        return name if not name or name in self._models or name in self._provisional else "other"
+
     def rejected(self, request: InferenceRequest | None, err: EppError) -> None:
         # no provisional slot for a request that never reaches a server: nothing would settle it
-        m = ("", "") if request is None else tuple(
-            n if not n or n in self._models or n in self._provisional else "other"
-            for n in (request.model, request.target_model))
+        m = ("", "") if request is None else (self.known_model_label(request.model),
+                                              self.known_model_label(request.target_model))
         self.request_errors.labels(*m, _ERROR_CODES.get(err.status, "Unknown")).inc()
         self.rejections.labels(err.reason, str(err.status)).inc()
         if err.reason == "scheduling-failed":

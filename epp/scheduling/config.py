@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from epp.admission.config import AdmissionConfig, build_admission_config
 from epp.datalayer.pool import EndpointPool
 from epp.scheduling.plugins import Filter, Picker, Plugin, ProfileHandler, Scorer
 from epp.scheduling.registry import PluginConfigError, PluginHandle, instantiate, registered_types
@@ -40,7 +41,7 @@ schedulingProfiles:
     weight: 3
 """
 
-_NOT_YET = ("flowControl", "saturationDetector", "parser", "requestHandler")
+_NOT_YET = ("parser", "requestHandler")
 _TOP_FIELDS = {"apiVersion", "kind", "plugins", "schedulingProfiles", "featureGates", "saturationDetector",
                "dataLayer", "flowControl", "parser", "requestHandler"}
 
@@ -55,6 +56,7 @@ class PickerConfig:
     feature_gates: list[str] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict)
     specs: dict[str, str] = field(default_factory=dict)  # plugin name -> its type and parameters, canonical
+    admission: AdmissionConfig | None = None  # saturation detector and flow control (epp.admission)
 
     def plugins_of(self, kind: type[Any]) -> list[Any]:
         return [p for p in self.plugins.values() if isinstance(p, kind)]
@@ -119,8 +121,7 @@ def load_config(text: str | None, pool: EndpointPool | None = None,
     doc = _check_fields(doc, "config", _TOP_FIELDS, {"apiVersion", "kind"})
     for section in _NOT_YET:
         # GIE/llm-d sections EPP does not implement yet are refused, not accepted and silently ignored
-        _expect(not doc.get(section), f"config: {section} is not supported by this EPP yet; remove the section "
-                "(requests are routed as they arrive, never held)")
+        _expect(not doc.get(section), f"config: {section} is not supported by this EPP yet; remove the section")
     _expect(doc["apiVersion"] in API_VERSIONS, f"config: apiVersion must be one of {list(API_VERSIONS)}")
     _expect(doc["kind"] == KIND, f"config: kind must be {KIND}")
     gates = doc.get("featureGates") or []
@@ -182,6 +183,7 @@ def load_config(text: str | None, pool: EndpointPool | None = None,
         _expect(len(profiles) == 1, "config: several scheduling profiles need a profile handler plugin")
         handler = _default(plugins, "single-profile-handler", handle)
     assert isinstance(handler, ProfileHandler)
+    admission = build_admission_config(doc, plugins, handle, gates)  # saturation detector, flow control
 
     for plugin in plugins.values():
         plugin.start()
@@ -190,7 +192,7 @@ def load_config(text: str | None, pool: EndpointPool | None = None,
         for old in previous.plugins.values():
             if id(old) not in kept_ids:
                 old.stop()
-    return PickerConfig(Scheduler(profiles, handler), plugins, handle, gates, doc, specs)
+    return PickerConfig(Scheduler(profiles, handler), plugins, handle, gates, doc, specs, admission)
 
 
 def _default(plugins: dict[str, Plugin], type_name: str, handle: PluginHandle) -> Any:

@@ -8,6 +8,7 @@ accepts them."""
 from __future__ import annotations
 
 import importlib.util
+import re
 import shutil
 import subprocess
 import sys
@@ -82,6 +83,25 @@ CERT_MANAGER = {
         issuerRef=_strict(["name"], name=_NAME, kind={"enum": ["Issuer", "ClusterIssuer"]},
                           group={"const": "cert-manager.io"})),
 }
+# KEDA's ScaledObject (keda.sh/v1alpha1), the fields we use, with KEDA's types: trigger metadata is a map of
+# strings (a number there is refused by KEDA's CRD), replica counts and periods are integers.
+_COUNT = {"type": "integer", "minimum": 0}
+_STRINGS = {"type": "object", "additionalProperties": {"type": "string"}}
+KEDA = {
+    ("keda.sh/v1alpha1", "ScaledObject"): _strict(
+        ["scaleTargetRef", "triggers"],
+        scaleTargetRef=_strict(["name"], name=_NAME, apiVersion={"type": "string"}, kind={"type": "string"},
+                               envSourceContainerName={"type": "string"}),
+        pollingInterval=_COUNT, cooldownPeriod=_COUNT, initialCooldownPeriod=_COUNT, idleReplicaCount=_COUNT,
+        minReplicaCount=_COUNT, maxReplicaCount={"type": "integer", "minimum": 1},
+        triggers=_list({"allOf": [
+            _strict(["type", "metadata"], type={"type": "string", "minLength": 1}, name=_NAME, metadata=_STRINGS,
+                    metricType={"enum": ["AverageValue", "Value", "Utilization"]},
+                    authenticationRef=_strict(["name"], name=_NAME, kind={"enum": ["TriggerAuthentication",
+                                                                               "ClusterTriggerAuthentication"]})),
+            {"if": {"properties": {"type": {"const": "prometheus"}}},
+             "then": {"properties": {"metadata": {"required": ["serverAddress", "query", "threshold"]}}}}]}, 1)),
+}
 GATEWAY_API = {
     ("gateway.networking.k8s.io/v1", "GatewayClass"): _strict(["controllerName"], controllerName=_NAME),
     ("gateway.networking.k8s.io/v1", "Gateway"): _strict(
@@ -121,6 +141,7 @@ GATEWAY_API = {
         ["targetRefs"], targetRefs=_GATEWAY_TARGETS,
         default=_strict([], httpSettings=_strict([], earlyRequestHeaderModifier=_HEADER_FILTER))),
     **CERT_MANAGER,
+    **KEDA,
 }
 
 
@@ -470,6 +491,51 @@ def check_envoy_verifies_epp(envoy: Obj, cm: Obj, certificates: dict[str, Obj], 
     sans = epp["transport_socket"]["typed_config"]["common_tls_context"]["combined_validation_context"][
         "default_validation_context"]["match_typed_subject_alt_names"]
     assert {s["matcher"]["exact"] for s in sans} <= set(certificates["epp-tls"]["spec"]["dnsNames"])
+
+
+def test_scale_from_zero_with_keda():
+    """The KEDA example scales the Deployment the pool selects from zero, on metrics EPP exports, and EPP holds
+    requests while there is no pod (flow control, noEndpointRequestTTL) for less than the gateway's timeout."""
+    from epp.datalayer.pool import EndpointPool
+    from epp.director import Director
+    from epp.observability.metrics import EppMetrics
+
+    docs = kustomize(MANIFESTS / "overlays" / "envoy-scale-from-zero")
+    scaled = by_kind(docs, "ScaledObject")["vllm"]["spec"]
+    target = by_kind(docs, "Deployment")[scaled["scaleTargetRef"]["name"]]
+    pool = by_kind(docs, "InferencePool")["vllm"]["spec"]
+    assert pool["selector"]["matchLabels"].items() <= target["spec"]["template"]["metadata"]["labels"].items()
+    assert scaled["minReplicaCount"] == 0 and scaled["maxReplicaCount"] >= 1
+    trigger = scaled["triggers"][0]
+    assert trigger["type"] == "prometheus" and trigger["metadata"]["activationThreshold"] == "0"
+    epp = by_kind(docs, "Deployment")["epp"]["spec"]["template"]["spec"]["containers"][0]
+    cfg = parse_args(epp["args"])
+    picker = load_config(by_kind(docs, "ConfigMap")["epp-config"]["data"][Path(cfg.config_file).name])
+    fc = picker.admission.flow_control
+    assert fc is not None and fc.no_endpoint_ttl > 0
+    envoy = yaml.safe_load(by_kind(docs, "ConfigMap")["envoy-config"]["data"]["envoy.yaml"])
+    hcm = envoy["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    timeouts = [float(r["route"]["timeout"].rstrip("s")) for vh in hcm["route_config"]["virtual_hosts"]
+                for r in vh["routes"] if "timeout" in r.get("route", {})]
+    assert timeouts and fc.no_endpoint_ttl < min(timeouts)  # the client gets EPP's answer, not a gateway timeout
+    # Every metric the query names is one EPP exports (with flow control configured).
+    pool_ = EndpointPool()
+    metrics = EppMetrics(pool_)
+    Director(pool_, picker, metrics=metrics)
+    exported = {s.name for fam in metrics.registry.collect() for s in fam.samples} | \
+        {fam.name for fam in metrics.registry.collect()}
+    named = set(re.findall(r"[a-z_]+(?=[{)\s])", trigger["metadata"]["query"])) - {"sum", "or", "vector"}
+    assert named == {"inference_extension_flow_control_queue_size", "inference_objective_running_requests"}
+    assert named <= exported, named - exported
+    # The schema catches what KEDA would refuse.
+    doc = by_kind(docs, "ScaledObject")["vllm"]
+    for mistake in ({"threshold": 8}, {"query": None}):
+        bad = yaml.safe_load(yaml.safe_dump(doc))
+        bad["spec"]["triggers"][0]["metadata"].update(mistake)
+        bad["spec"]["triggers"][0]["metadata"] = {k: v for k, v in bad["spec"]["triggers"][0]["metadata"].items()
+                                                  if v is not None}
+        with pytest.raises(jsonschema.ValidationError):
+            validate(bad, "bad ScaledObject")
 
 
 def test_crds_build():

@@ -99,8 +99,9 @@ async def test_model_names_no_server_serves_do_not_stay_labels():
     assert len(metrics._models) <= MAX_MODEL_LABELS and "real" in metrics._models
 
 
-@pytest.mark.parametrize("section", ["flowControl", "saturationDetector"])
+@pytest.mark.parametrize("section", ["flowControl", "saturationDetector", "parser", "requestHandler"])
 def test_sections_epp_does_not_implement_are_refused_not_ignored(section):
+    """Sections EPP does not implement, and ones it does with fields it does not know, are refused by name."""
     text = "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\n" \
            f"{section}:\n  queueDepthThreshold: 5\n"
     with pytest.raises(PluginConfigError, match=section):

@@ -1,0 +1,90 @@
+"""Flow-control policies (llm-d / GIE names): fairness between the flows of a band, order within a flow, usage
+limits.
+
+Fairness:
+
+* ``global-strict-fairness-policy`` (the default): one order across the whole band, whatever the flow (the
+  band's ordering policy decides; with FCFS, first come first served across tenants).
+* ``round-robin-fairness-policy``: the flows (fairness ids, ``x-gateway-inference-fairness-id``) of a band
+  take turns, one dispatch each, so a flow that sends a burst cannot starve one that sends little.
+
+Ordering within a flow:
+
+* ``fcfs-ordering-policy`` (the default): arrival order.
+* ``edf-ordering-policy``: earliest deadline first, the deadline being when the request's queue-wait budget
+  (its TTL) runs out; requests without a TTL last.
+* ``slo-deadline-ordering-policy``: earliest SLO deadline first: when the request arrived plus its
+  ``x-llm-d-slo-ttft-ms`` header; requests without a valid header after those with one, FCFS among them.
+
+Usage limit: ``static-usage-limit-policy`` (the default): every band dispatches while saturation < 1.0.
+"""
+
+from __future__ import annotations
+
+import math
+
+from epp.admission.interfaces import FairnessPolicy, OrderingPolicy, UsageLimitPolicy
+from epp.admission.queue import BandQueue, QueueItem
+from epp.scheduling.registry import register_plugin
+
+SLO_TTFT_HEADER = "x-llm-d-slo-ttft-ms"
+_INF = math.inf
+
+
+@register_plugin("global-strict-fairness-policy")
+class GlobalStrictFairness(FairnessPolicy):
+    def select(self, band: BandQueue) -> QueueItem | None:
+        return band.head()
+
+
+@register_plugin("round-robin-fairness-policy")
+class RoundRobinFairness(FairnessPolicy):
+    def select(self, band: BandQueue) -> QueueItem | None:
+        for fairness_id in band.rotation:  # the flow whose turn it is is first
+            head = band.flows[fairness_id].head()
+            if head is not None:
+                return head
+        return None
+
+    def dispatched(self, band: BandQueue, item: QueueItem) -> None:
+        rotation = band.rotation
+        if rotation and rotation[0] == item.fairness_id:
+            rotation.rotate(-1)  # its turn is over
+        elif item.fairness_id in band.flows and item.fairness_id in rotation:
+            rotation.remove(item.fairness_id)
+            rotation.append(item.fairness_id)
+
+
+@register_plugin("fcfs-ordering-policy")
+class FcfsOrdering(OrderingPolicy):
+    def key(self, item: QueueItem) -> tuple[float, ...]:
+        return (item.enqueued_at,)
+
+
+@register_plugin("edf-ordering-policy")
+class EdfOrdering(OrderingPolicy):
+    def key(self, item: QueueItem) -> tuple[float, ...]:
+        return (item.enqueued_at + item.ttl if item.ttl > 0 else _INF, item.enqueued_at)
+
+
+def slo_ttft_seconds(headers: dict[str, str]) -> float | None:
+    text = headers.get(SLO_TTFT_HEADER, "").strip()
+    try:
+        ms = float(text)
+    except ValueError:
+        return None
+    return ms / 1000.0 if math.isfinite(ms) and ms > 0 else None
+
+
+@register_plugin("slo-deadline-ordering-policy")
+class SloDeadlineOrdering(OrderingPolicy):
+    def key(self, item: QueueItem) -> tuple[float, ...]:
+        slo = slo_ttft_seconds(item.request.headers)
+        received = item.request.received_at or item.enqueued_at
+        return (received + slo if slo is not None else _INF, item.enqueued_at)
+
+
+@register_plugin("static-usage-limit-policy")
+class StaticUsageLimit(UsageLimitPolicy):
+    def ceiling(self, priority: int) -> float:
+        return 1.0
