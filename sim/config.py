@@ -37,6 +37,8 @@ class SimConfig:
     legacy_metrics: bool = False  # also expose the deprecated vllm:gpu_* aliases
     kv_events: str | None = None  # ZMQ endpoint; "" or None disables publishing (events still kept in memory)
     kv_events_buffer: int = 0  # batches kept for GET /sim/kv_events; 0 disables event collection entirely
+    kv_events_topic: str | None = None  # ZMQ topic; None -> "kv@<host:port>@<model>" (llm-d's); vLLM's default is ""
+    kv_events_encoding: str = "array"  # "array": vLLM's positional msgpack events; "map": {"type": ..., fields}
 
     def resolved(self) -> ResolvedConfig:
         try:

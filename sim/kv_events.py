@@ -28,6 +28,19 @@ def to_wire(event: tuple[Any, ...]) -> list[Any]:
     return [kind]
 
 
+def to_map(event: tuple[Any, ...]) -> dict[str, Any]:
+    """The map form (field names, ``type`` tag) that msgspec writes for a non-array_like tagged struct; some
+    consumers (vllm-router 0.1.x's kv_aware index) decode only this form."""
+    kind = event[0]
+    if kind == "BlockStored":
+        _, hashes, parent, tokens, block_size, lora = event
+        return {"type": kind, "block_hashes": hashes, "parent_block_hash": parent, "token_ids": tokens,
+                "block_size": block_size, "lora_id": None, "medium": _MEDIUM, "lora_name": lora}
+    if kind == "BlockRemoved":
+        return {"type": kind, "block_hashes": event[1], "medium": _MEDIUM}
+    return {"type": kind}
+
+
 def to_json(event: tuple[Any, ...]) -> dict[str, Any]:
     kind = event[0]
     if kind == "BlockStored":
@@ -40,7 +53,7 @@ def to_json(event: tuple[Any, ...]) -> dict[str, Any]:
 
 
 def msgpack_encode(obj: Any) -> bytes:
-    """The msgpack subset our batches use (None, bool, int, float, str, bytes, list)."""
+    """The msgpack subset our batches use (None, bool, int, float, str, bytes, list, dict)."""
     out = bytearray()
     _pack(obj, out)
     return bytes(out)
@@ -78,6 +91,17 @@ def _pack(obj: Any, out: bytearray) -> None:
         out += raw
     elif isinstance(obj, bytes | bytearray):
         out += b"\xc6" + struct.pack(">I", len(obj)) + obj
+    elif isinstance(obj, dict):
+        n = len(obj)
+        if n < 16:
+            out.append(0x80 | n)
+        elif n < 0x10000:
+            out += b"\xde" + struct.pack(">H", n)
+        else:
+            out += b"\xdf" + struct.pack(">I", n)
+        for key, item in obj.items():
+            _pack(key, out)
+            _pack(item, out)
     elif isinstance(obj, list | tuple):
         n = len(obj)
         if n < 16:
@@ -93,7 +117,11 @@ def _pack(obj: Any, out: bytearray) -> None:
 
 
 class KVEventLog:
-    def __init__(self, buffer: int, endpoint: str | None, topic: str, pod_index: int) -> None:
+    def __init__(self, buffer: int, endpoint: str | None, topic: str, pod_index: int,
+                 encoding: str = "array") -> None:
+        if encoding not in ("array", "map"):
+            raise ValueError(f"KV event encoding must be 'array' or 'map', not {encoding!r}")
+        self._wire = to_wire if encoding == "array" else to_map
         self.seq = -1
         self.batches: deque[tuple[int, float, list[tuple[Any, ...]]]] = deque(maxlen=max(buffer, 1))
         self.topic = topic.encode()
@@ -106,7 +134,7 @@ class KVEventLog:
         ts = time.time()
         self.batches.append((self.seq, ts, events))
         if self._socket is not None:
-            payload = msgpack_encode([ts, [to_wire(e) for e in events], 0])
+            payload = msgpack_encode([ts, [self._wire(e) for e in events], 0])
             with contextlib.suppress(Exception):
                 self._socket.send_multipart([self.topic, struct.pack(">Q", self.seq), payload], flags=1)
 

@@ -113,6 +113,9 @@ async def _reset_prefix_cache(pod: Pod, request: web.Request, doc: Any) -> web.S
 _POST = ("POST",)
 _GET = ("GET", "HEAD")
 ROUTES: tuple[Route, ...] = (
+    Route("/v1/chat/completions/render", _POST, misc.render_chat_request),
+    Route("/v1/completions/render", _POST, misc.render_completions),
+    Route("/v1/responses/render", _POST, misc.render_responses),
     Route("/v1/chat/completions", _POST, openai.chat_completions),
     Route("/v1/completions", _POST, openai.completions),
     Route("/v1/responses", _POST, responses.responses),
@@ -300,8 +303,10 @@ class SimCluster:
         self.pods.append(pod)
         cfg = self.config
         if cfg.kv_events or cfg.kv_events_buffer > 0:
-            topic = f"kv@{pod.address}@{self.rc.model_label}"
-            events = KVEventLog(cfg.kv_events_buffer or 1024, cfg.kv_events, topic, i)
+            topic = cfg.kv_events_topic
+            if topic is None:
+                topic = f"kv@{pod.address}@{self.rc.model_label}"
+            events = KVEventLog(cfg.kv_events_buffer or 1024, cfg.kv_events, topic, i, cfg.kv_events_encoding)
             self._events.append(events)
             engine.on_kv_events.append(events.on_events)
         runner = web.AppRunner(build_app(pod, events), handle_signals=False, access_log=None,

