@@ -17,7 +17,7 @@ flowControl:
   priorityBands:
   - {priority: 10, maxRequests: 500, fairnessPolicyRef: round-robin-fairness-policy,
      orderingPolicyRef: fcfs-ordering-policy, defaultRequestTTL: 30s}
-  usageLimitPolicyPluginRef: static-usage-limit-policy
+  usageLimitPolicyPluginRef: static-usage-limit-policy   # or priority-holdback-policy (headroom for the top)
 ```
 
 Without the ``flowControl`` feature gate, requests are never held (legacy admission, GIE's and llm-d's default):

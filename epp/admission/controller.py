@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 POLL = 0.02  # seconds between dispatch attempts while requests wait and nothing woke the loop
 SWEEP = 0.05  # seconds between TTL sweeps
 TTL_HEADER = "x-llm-d-inference-ttl"  # llm-d: a client may ask for a shorter queue-wait budget
+ACTIVE_WINDOW = 300.0  # seconds a priority level counts as active (usage limits) after its last request
 _NO_BODY_METHODS = ("GET", "HEAD", "OPTIONS", "DELETE")
 
 
@@ -76,6 +77,7 @@ class Admission:
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._next_sweep = 0.0
+        self._seen: dict[int, float] = {}  # priority -> when a request of it last arrived
         self.metrics: FlowControlMetrics | None = None
         if metrics is not None:
             self.metrics = FlowControlMetrics(metrics.registry, self, lambda: director.pool.name,
@@ -119,11 +121,12 @@ class Admission:
             if request.priority < 0 and cfg.detector.saturation(director.candidates(subset)) >= 1.0:
                 raise _saturated("system saturated, sheddable request dropped")
             return
+        self._seen[request.priority] = time.monotonic()
         pool_empty = not director.pool.endpoints
         if not pool_empty:
             candidates = director.candidates(subset)  # a subset matching nothing is refused here, not held
             if not self._waiting_at_or_above(request.priority) and \
-                    cfg.detector.saturation(candidates) < self._ceiling(fc, request.priority):
+                    cfg.detector.saturation(candidates) < self._ceiling(request.priority):
                 self._outcome(request, "Dispatched", 0.0)
                 return
         await self._enqueue_and_wait(request, subset, fc, pool_empty)
@@ -243,9 +246,18 @@ class Admission:
     def _waiting_at_or_above(self, priority: int) -> bool:
         return any(b.count for p, b in self.bands.items() if p >= priority)
 
-    @staticmethod
-    def _ceiling(fc: FlowControlConfig, priority: int) -> float:
-        return fc.usage_limit.ceiling(priority) if fc.usage_limit is not None else 1.0
+    def _ceiling(self, priority: int) -> float:
+        fc = self.flow_control
+        if fc is None or fc.usage_limit is None:
+            return 1.0
+        return fc.usage_limit.ceiling(priority, self.active_priorities())
+
+    def active_priorities(self) -> list[int]:
+        """Priority levels with a request in the last ``ACTIVE_WINDOW`` seconds or one waiting, highest first."""
+        horizon = time.monotonic() - ACTIVE_WINDOW
+        for p in [p for p, t in self._seen.items() if t < horizon and p not in self.bands]:
+            del self._seen[p]
+        return sorted(set(self._seen) | set(self.bands), reverse=True)
 
     def pool_saturation(self) -> float:
         """The detector's value over the whole pool (0 before a configuration is loaded)."""
@@ -314,7 +326,7 @@ class Admission:
             except EppError as e:  # its subset matches nothing any more
                 self._finish(item, band, "RejectedNoEndpoints", e)
                 continue
-            if cfg.detector.saturation(candidates) >= self._ceiling(fc, band.priority):
+            if cfg.detector.saturation(candidates) >= self._ceiling(band.priority):
                 return
             self._release(item, band, "Dispatched")
             fc.band(band.priority).fairness.dispatched(band, item)  # type: ignore[union-attr]

@@ -45,6 +45,7 @@ class FairnessPolicy(Plugin):
 
 
 class UsageLimitPolicy(Plugin):
-    def ceiling(self, priority: int) -> float:
-        """Band ``priority`` dispatches while the pool's saturation is below this."""
+    def ceiling(self, priority: int, priorities: Sequence[int]) -> float:
+        """Band ``priority`` dispatches while the pool's saturation is below this. ``priorities``: the priority
+        levels with recent traffic, highest first (``priority`` among them)."""
         return 1.0

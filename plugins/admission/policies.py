@@ -16,16 +16,19 @@ Ordering within a flow:
 * ``slo-deadline-ordering-policy``: earliest SLO deadline first: when the request arrived plus its
   ``x-llm-d-slo-ttft-ms`` header; requests without a valid header after those with one, FCFS among them.
 
-Usage limit: ``static-usage-limit-policy`` (the default): every band dispatches while saturation < 1.0.
+Usage limits: ``static-usage-limit-policy`` (the default): every band dispatches while saturation < 1.0;
+``priority-holdback-policy``: lower priorities stop dispatching at lower saturations (below).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from epp.admission.interfaces import FairnessPolicy, OrderingPolicy, UsageLimitPolicy
 from epp.admission.queue import BandQueue, QueueItem
 from epp.scheduling.registry import register_plugin
+from plugins.scorers.common import check_float, check_str
 
 SLO_TTFT_HEADER = "x-llm-d-slo-ttft-ms"
 _INF = math.inf
@@ -86,5 +89,35 @@ class SloDeadlineOrdering(OrderingPolicy):
 
 @register_plugin("static-usage-limit-policy")
 class StaticUsageLimit(UsageLimitPolicy):
-    def ceiling(self, priority: int) -> float:
+    def ceiling(self, priority: int, priorities: Sequence[int]) -> float:
         return 1.0
+
+
+@register_plugin("priority-holdback-policy")
+class PriorityHoldback(UsageLimitPolicy):
+    """llm-d's ``priority-holdback-policy``: the highest active priority dispatches up to ``maxCeiling``, the
+    lowest up to ``minCeiling`` (required), the others in between (``shape: linear``), by rank (``domain:
+    rank``, equal steps) or by value (``domain: value``, proportional to the priority). Lower priorities stop
+    first as the pool fills, keeping headroom for higher ones; nothing running is interrupted."""
+
+    def __init__(self, min_ceiling: float | None = None, max_ceiling: float = 1.0, shape: str = "linear",
+                 domain: str = "rank") -> None:
+        if min_ceiling is None:
+            raise ValueError("minCeiling is required (the ceiling of the lowest priority, in [0, 1))")
+        self.min = check_float(min_ceiling, "minCeiling", 0.0, 1.0)
+        if self.min >= 1.0:
+            raise ValueError("minCeiling must be < 1")
+        self.max = check_float(max_ceiling, "maxCeiling", 0.0, 1.0, exclusive_minimum=True)
+        if self.min > self.max:
+            raise ValueError("minCeiling must not exceed maxCeiling")
+        self.shape = check_str(shape, "shape", ("linear",))
+        self.domain = check_str(domain, "domain", ("rank", "value"))
+
+    def ceiling(self, priority: int, priorities: Sequence[int]) -> float:
+        levels = sorted(set(priorities) | {priority}, reverse=True)
+        if len(levels) == 1:
+            return self.max
+        if self.domain == "value":
+            lo, hi = levels[-1], levels[0]
+            return self.min + (priority - lo) / (hi - lo) * (self.max - self.min)
+        return self.max - levels.index(priority) * (self.max - self.min) / (len(levels) - 1)

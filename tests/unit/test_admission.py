@@ -274,6 +274,39 @@ async def test_edf_ordering_by_queue_deadline():
     assert await _order(config, reqs) == ["short", "long"]
 
 
+async def test_priority_holdback_keeps_headroom_for_higher_priorities():
+    d = director_for(fc_config(4, "  usageLimitPolicyPluginRef: holdback\n",
+                               "- {type: priority-holdback-policy, name: holdback, parameters: {minCeiling: 0.5}}\n"))
+    f = Flow(d)
+    f.start(req(10), "hi0")  # priority 10 is active
+    batch = [f.start(req(-1), f"b{i}") for i in range(3)]
+    await settle()
+    assert f.order == ["hi0", "b0"]  # 2 of 4 slots: batch stops at half the pool
+    f.start(req(10), "hi1")
+    f.start(req(10), "hi2")
+    await settle()
+    assert f.order == ["hi0", "b0", "hi1", "hi2"]  # the higher priority goes on to the full pool
+    for tag in ("hi0", "hi1", "hi2"):
+        f.finish(tag)
+    await settle()
+    assert f.order[4:] == ["b1"] and not batch[2].done()
+    batch[2].cancel()
+
+
+def test_priority_holdback_ceilings():
+    cfg = load_config(HEAD + "featureGates: [flowControl]\nplugins:\n- {type: priority-holdback-policy, "
+                      "parameters: {minCeiling: 0.4, maxCeiling: 0.9}}\n- {type: priority-holdback-policy, name: "
+                      "by-value, parameters: {minCeiling: 0.2, domain: value}}\n"
+                      "flowControl: {usageLimitPolicyPluginRef: priority-holdback-policy}\n")
+    rank = cfg.admission.flow_control.usage_limit
+    assert [rank.ceiling(p, [10, 0, -1]) for p in (10, 0, -1)] == pytest.approx([0.9, 0.65, 0.4])
+    assert rank.ceiling(-1, []) == 0.9  # alone: the top ceiling
+    value = cfg.plugins["by-value"]
+    assert [value.ceiling(p, [10, 0, -10]) for p in (10, 0, -10)] == pytest.approx([1.0, 0.6, 0.2])
+    with pytest.raises(PluginConfigError, match="minCeiling"):
+        load_config(HEAD + "plugins: [{type: priority-holdback-policy}]\n")
+
+
 async def test_requests_without_a_body_are_never_held():
     d = director_for(fc_config(1))
     f = Flow(d)
