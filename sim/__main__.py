@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="msgpack form of each event: vLLM's positional arrays, or tagged maps (vllm-router 0.1.x)")
     ap.add_argument("--kv-events-buffer", type=int, default=0,
                     help="keep this many event batches for GET /sim/kv_events")
+    ap.add_argument("--wake-latency-ms", type=float, default=600.0,
+                    help="sleep mode: POST /wake_up takes this long after POST /sleep?level=1")
+    ap.add_argument("--wake-latency-level2-ms", type=float, default=2000.0, help="... after level 2")
     ap.add_argument("--log-level", default="WARNING")
     return ap
 
@@ -71,6 +74,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         decode_seq_s=scaled(args.decode_seq_us, 1e-6), tokenizer=args.tokenizer,
         legacy_metrics=args.legacy_metrics, kv_events=args.kv_events, kv_events_buffer=args.kv_events_buffer,
         kv_events_topic=args.kv_events_topic, kv_events_encoding=args.kv_events_encoding,
+        wake_latency_s=args.wake_latency_ms / 1000, wake_latency_level2_s=args.wake_latency_level2_ms / 1000,
     )
 
 

@@ -39,6 +39,8 @@ class SimConfig:
     kv_events_buffer: int = 0  # batches kept for GET /sim/kv_events; 0 disables event collection entirely
     kv_events_topic: str | None = None  # ZMQ topic; None -> "kv@<host:port>@<model>" (llm-d's); vLLM's default is ""
     kv_events_encoding: str = "array"  # "array": vLLM's positional msgpack events; "map": {"type": ..., fields}
+    wake_latency_s: float = 0.6  # POST /wake_up after sleeping at level 1 (weights back from CPU RAM)
+    wake_latency_level2_s: float = 2.0  # ... at level 2 (weights reloaded)
 
     def resolved(self) -> ResolvedConfig:
         try:

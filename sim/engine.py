@@ -142,6 +142,7 @@ class Engine:
         self.rc = rc
         self.p = p
         self.tokenizer = tokenizer
+        self.sleep_level = 0  # vLLM sleep mode: 0 awake, 1 weights offloaded, 2 weights discarded (sim/sleep.py)
         self.kv = KVCacheManager(p.num_gpu_blocks, p.block_size, rc.base.enable_prefix_caching,
                                  collect_events=rc.base.kv_events_buffer > 0 or bool(rc.base.kv_events))
         self.stats = EngineStats(p.max_model_len)

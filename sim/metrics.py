@@ -22,6 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from sim.engine import Engine
+from sim.sleep import SLEEP_STATES
 from sim.stats import Histogram
 
 _LORA_SERIES_LIMIT = 64
@@ -87,6 +88,11 @@ class PodMetricsSource:
         yield self._one(g, "vllm:num_requests_waiting", "Number of requests waiting to be processed.",
                         len(e.waiting))
         yield self._one(g, "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", kv.usage)
+        yield Family(g, "vllm:engine_sleep_state", "Engine sleep state; awake = 0 means engine is sleeping; "
+                     "awake = 1 means engine is awake; weights_offloaded = 1 means sleep level 1; discard_all = 1 "
+                     "means sleep level 2.", samples=[({**self.labels, "sleep_state": name},
+                                                        1.0 if e.sleep_level == level else 0.0)
+                                                       for level, name in SLEEP_STATES.items()])
         yield self._one(c, "vllm:prefix_cache_queries",
                         "Prefix cache queries, in terms of number of queried tokens.", s.prefix_queries)
         yield self._one(c, "vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",

@@ -22,6 +22,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from sim import sleep
 from sim.apis import anthropic, misc, openai, pooling, responses
 from sim.apis.base import BODY_KEY, REQS_KEY, STREAM_KEY, Handler, Pod, StreamCut, json_response, parse_json
 from sim.config import SimConfig
@@ -91,7 +92,7 @@ async def _control(pod: Pod, request: web.Request, doc: Any) -> web.StreamRespon
 
 async def _state(pod: Pod, request: web.Request, doc: Any) -> web.StreamResponse:
     return json_response({"pod": pod.address, "model": pod.rc.model_label, "profile": pod.rc.profile.name,
-                          **pod.engine.state(), "faults": pod.faults.as_dict()})
+                          **pod.engine.state(), "faults": pod.faults.as_dict(), "sleep": pod.sleep.as_dict(pod)})
 
 
 async def _kv_events(pod: Pod, request: web.Request, doc: Any) -> web.StreamResponse:
@@ -138,6 +139,9 @@ ROUTES: tuple[Route, ...] = (
     Route("/sim/state", _GET, _state, inference=False, json=False),
     Route("/sim/kv_events", _GET, _kv_events, inference=False, json=False),
     Route("/reset_prefix_cache", _POST, _reset_prefix_cache, inference=False, json=False),
+    Route("/sleep", _POST, sleep.sleep, inference=False, json=False),
+    Route("/wake_up", _POST, sleep.wake_up, inference=False, json=False),
+    Route("/is_sleeping", _GET, sleep.is_sleeping, inference=False, json=False),
 )
 
 
@@ -171,6 +175,8 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         if route.inference and faults.should_fail(pod.rng):
             status = faults.fail_status or 500
             raise ApiError(status, f"Injected failure (status {status}) by /sim/control")
+        if route.inference and "POST" in route.methods:
+            sleep.check_awake(pod)  # GET /v1/models answers while asleep
         doc = parse_json(request) if route.json else None
         return await route.handler(pod, request, doc)
     except ApiError as err:

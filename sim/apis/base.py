@@ -17,6 +17,7 @@ from sim.engine import Engine, SimRequest
 from sim.errors import ApiError, model_not_found
 from sim.faults import Faults
 from sim.metrics import PodMetrics
+from sim.sleep import SleepMode
 from sim.tokenizer import Tokenizer
 
 
@@ -49,6 +50,7 @@ class Pod:
     tokenizer: Tokenizer
     metrics: PodMetrics
     faults: Faults = field(default_factory=Faults)
+    sleep: SleepMode = field(default_factory=SleepMode)
     created: int = field(default_factory=lambda: int(time.time()))
     rng: random.Random = field(default_factory=random.Random)
 
