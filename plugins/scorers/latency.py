@@ -15,13 +15,14 @@ seconds until the request's first token there and prefers the soonest::
   never sees a first byte (response bodies not sent to EPP).
 * ``admission_wait(e)``: with ``n`` requests in flight (EPP's count, or the server's running + waiting when
   higher: other gateways share the pods) and ``S`` batch slots, ``max(0, n + 1 - S) * occupancy(e) / S``: a
-  slot frees every ``occupancy / S`` seconds on average. ``S`` is learned from the scraped metrics: the
-  running count whenever requests were waiting (the server's real cap, whether ``max_num_seqs`` or KV space),
-  never less than the most seen running. Unknown until a server first queues: no wait predicted before.
-* ``base``, ``per_token`` (prefill), ``occupancy`` (admission to end: pick to end less the predicted wait) and, for ``objective: e2e`` and TPOT
-  SLOs, the time per output token as a function of the batch size, are learned per endpoint from what EPP
-  sees of each response (a decayed least-squares fit, starting from a prior worth a few requests), so a slow
-  endpoint, a faster GPU or a different model size are measured, not configured.
+  slot frees every ``occupancy / S`` seconds on average. ``S`` is learned from the scraped metrics: the most
+  requests seen running, once two scrapes in a row showed requests waiting (a real cap, ``max_num_seqs`` or KV
+  space, not the step or two a request waits when a step's token budget is spent). Unknown until then: no
+  wait predicted.
+* ``base``, ``per_token`` (prefill), ``occupancy`` (admission to end: pick to end less the predicted wait) and,
+  for ``objective: e2e`` and TPOT SLOs, the time per output token as a function of the batch size, are learned
+  per endpoint from what EPP sees of each response (a decayed least-squares fit, starting from a prior), so a
+  slow endpoint, a faster GPU or a different model size are measured, not configured.
 
 SLO headers (llm-d's ``x-llm-d-slo-ttft-ms`` / ``x-llm-d-slo-tpot-ms``): endpoints predicted to meet them
 rank first (soonest first among them); when none does, the smallest relative violation wins.
@@ -128,7 +129,9 @@ class EndpointRates:
     prefill: DecayedFit = field(default_factory=lambda: DecayedFit(PRIOR_BASE, PRIOR_PER_TOKEN, 4096, 1e-7, 0.1))
     tpot: DecayedFit = field(default_factory=lambda: DecayedFit(PRIOR_TPOT, PRIOR_TPOT_PER_SEQ, 64, 0.0, 1.0))
     occupancy: EwmaValue = field(default_factory=lambda: EwmaValue(PRIOR_OCCUPANCY))
-    slots: int = 0  # batch slots learned from the scrape; 0 = not known yet
+    slots: int = 0  # batch slots learned from the scrape; 0 = not known yet (no cap seen)
+    max_running: int = 0  # most requests seen running at once
+    waited: bool = False  # the last scrape read showed requests waiting
     scrape_seen: float = 0.0  # updated_at of the last scrape read
     pending: dict[int, _Pending] = field(default_factory=dict)  # request key -> prefill not started yet
 
@@ -141,14 +144,19 @@ class EndpointRates:
         return sum(p.tokens for p in self.pending.values())
 
     def learn_slots(self, e: Endpoint) -> None:
+        """A server that admits at most ``S`` requests shows it as requests waiting while ``S`` run, scrape after
+        scrape. One scrape with requests waiting is not that: a server also queues for a step or two when one
+        step's token budget is spent. So: capped once two consecutive scrapes show requests waiting, and ``S``
+        is the most requests seen running (it only grows: a server that admits more has shown it)."""
         m = e.metrics
         if m.updated_at == self.scrape_seen:
             return
         self.scrape_seen = m.updated_at
-        if m.waiting_requests > 0 and m.running_requests > 0:
-            self.slots = m.running_requests  # queueing: this is how many it admits now
-        elif self.slots and m.running_requests > self.slots:
-            self.slots = m.running_requests  # it has since admitted more: the cap is higher
+        self.max_running = max(self.max_running, m.running_requests)
+        waiting = m.waiting_requests > 0 and m.running_requests > 0
+        if (waiting and self.waited) or self.slots:
+            self.slots = max(self.slots, self.max_running)
+        self.waited = waiting
 
 
 @dataclass(slots=True)

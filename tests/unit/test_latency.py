@@ -162,15 +162,22 @@ def test_an_endpoint_restarting_with_an_empty_cache_loses_its_affinity():
 
 def test_slots_are_learned_from_the_scrape():
     r = EndpointRates()
-    e = ep("a", running=16, waiting=0)
-    r.learn_slots(e)
-    assert r.slots == 0  # never seen queueing: no cap known
-    e.metrics.waiting_requests, e.metrics.updated_at = 3, time.monotonic() + 1
-    r.learn_slots(e)
+    e = ep("a", running=12, waiting=0)
+
+    def scrape(running: int, waiting: int) -> None:
+        e.metrics.running_requests, e.metrics.waiting_requests = running, waiting
+        e.metrics.updated_at += 1
+        r.learn_slots(e)
+
+    scrape(12, 0)
+    scrape(16, 2)  # one scrape with requests waiting: a spent token budget looks like this too
+    assert r.slots == 0
+    scrape(10, 0)
+    scrape(16, 3)
+    scrape(16, 5)  # waiting twice in a row: capped, at the most seen running
     assert r.slots == 16
-    e.metrics.running_requests, e.metrics.waiting_requests, e.metrics.updated_at = 20, 0, time.monotonic() + 2
-    r.learn_slots(e)
-    assert r.slots == 20
+    scrape(20, 0)
+    assert r.slots == 20  # it has since run more: the cap is higher
 
 
 def test_slo_headers_prefer_endpoints_that_meet_them():
