@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
          help="objective name -> priority without Kubernetes, e.g. interactive=10,batch=-1 (priority < 0: "
               "sheddable); the objective comes from x-gateway-inference-objective (--trust-objective-header)")
 
+    flag("--wake-timeout", type=_duration, default=d.wake_timeout,
+         help="a request whose endpoints all sleep (vLLM sleep mode) wakes one and waits this long for it, "
+              "then gets 503 wake-failed")
+
     flag("-v", "--v", dest="verbosity", type=int, default=d.verbosity, help="log verbosity like GIE: 2 info, 4 debug")
     flag("--decision-header", type=_bool, default=d.decision_header,
          help="add x-epp-endpoint (the picked endpoint) to responses")

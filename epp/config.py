@@ -82,6 +82,7 @@ class Config:
     trust_objective_header: bool = False
     # objective name -> priority without Kubernetes (--static-objectives); InferenceObjectives replace it
     static_objectives: dict[str, int] = field(default_factory=dict)
+    wake_timeout: float = 60.0  # a sleeping model server EPP wakes for a request must serve within this, else 503
     # observability
     decision_header: bool = False
     verbosity: int = 2
@@ -103,6 +104,8 @@ class Config:
             raise ValueError("--refresh-metrics-interval must be at least 10ms")
         if self.log_format not in ("text", "json"):
             raise ValueError("--log-format must be text or json")
+        if self.wake_timeout <= 0:
+            raise ValueError("--wake-timeout must be positive")
         if self.drain_timeout < 0 or self.drain_quiet_period < 0:
             raise ValueError("--drain-timeout and --drain-quiet-period must not be negative")
         if self.enable_cert_reload and not self.cert_path:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from epp.admission.controller import Admission
+from epp.admission.wake import Waker
 from epp.api.errors import EppError
 from epp.api.types import InferenceRequest
 from epp.datalayer.endpoint import Endpoint
@@ -90,6 +91,7 @@ class Director:
         self.disable_subset_filter = disable_subset_filter
         self.explain = explain
         self.admission = Admission(self, metrics)  # saturation, priority, flow control (epp.admission)
+        self.waker = Waker(self, metrics=metrics)  # wake-on-request for sleeping model servers
         self.set_config(config)
 
     def set_config(self, config: PickerConfig) -> None:
@@ -119,9 +121,10 @@ class Director:
                 return found[0]
         return header_target or model
 
-    def candidates(self, subset: Sequence[str] | None) -> list[Endpoint]:
+    def candidates(self, subset: Sequence[str] | None, awake_only: bool = True) -> list[Endpoint]:
         """The pool (or the proxy's subset of it), minus endpoints that stopped answering; all of them
-        when every one has, since a guess beats a certain 503 while metrics are what is broken."""
+        when every one has, since a guess beats a certain 503 while metrics are what is broken. Minus
+        sleeping endpoints (``awake_only``): the waker woke one first when all of them slept."""
         endpoints = self.pool.endpoints
         found: Sequence[Endpoint]
         if subset is not None and not self.disable_subset_filter:
@@ -135,18 +138,25 @@ class Director:
                            "failed to find endpoint candidates for serving the request: the pool is empty")
         else:
             found = endpoints
-        answering = [e for e in found if not e.metrics.unreachable]
-        return answering or list(found)
+        answering = [e for e in found if not e.metrics.unreachable] or list(found)
+        if awake_only:
+            awake = [e for e in answering if not e.asleep]
+            if not awake:
+                raise EppError(503, "wake-failed", "every endpoint that could serve the request is asleep")
+            return awake
+        return answering
 
     async def route(self, request: InferenceRequest, subset: Sequence[str] | None) -> Decision:
         """Admission first (it may hold the request, or refuse it), then the pick. No await between the two: a
         request flow control releases is counted in flight before the next saturation check."""
         if self.admission.applies(request):
+            await self.waker.ensure_awake(subset)  # may hold the request while a sleeping endpoint wakes
             await self.admission.admit(request, subset)
         return self.schedule(request, subset)
 
     def schedule(self, request: InferenceRequest, subset: Sequence[str] | None) -> Decision:
-        candidates = self.candidates(subset)
+        # a request without a body (GET /v1/models) may go to a sleeping engine: it answers those
+        candidates = self.candidates(subset, awake_only=self.admission.applies(request))
         explain = self.explain or (self.hooks is not None and self.hooks.wants_explain(request))
         config = self.config
         t0 = time.perf_counter()

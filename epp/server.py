@@ -72,6 +72,7 @@ class EppServer:
                                trust_rewrite_header=cfg.trust_model_rewrite_header,
                                trust_objective_header=cfg.trust_objective_header)
         self.director.admission.budget = limits.budget  # bodies held by flow control count against it too
+        self.director.waker.timeout = cfg.wake_timeout
         self.servicer = ExtProcServicer(self.director, limits)
         self.grpc_server = grpc.aio.server(options=options)
         pb_grpc.add_ExternalProcessorServicer_to_server(self.servicer, self.grpc_server)
@@ -175,6 +176,7 @@ class EppServer:
         if self.scraper:
             await self.scraper.stop()
         await self.discovery.stop()
+        await self.director.waker.close()
         await self.observability.stop()
 
 

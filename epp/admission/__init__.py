@@ -6,4 +6,5 @@
 * ``queue``: priority bands, flows, ordered queues.
 * ``controller``: ``Admission``, called by the director before each pick; legacy admission or flow control.
 * ``metrics``: ``inference_extension_flow_control_*``.
+* ``wake``: wake-on-request for model servers in vLLM's sleep mode.
 """

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+WAKE_GRACE = 2.0  # seconds an endpoint EPP woke counts as awake whatever scrapes say
+
 
 @dataclass(slots=True)
 class EndpointMetrics:
@@ -23,6 +25,8 @@ class EndpointMetrics:
     inflight_tokens_at_scrape: int = 0  # Endpoint.inflight_tokens when these values were scraped
     inflight_requests_at_scrape: int = 0  # Endpoint.inflight_requests when these values were scraped
     unreachable: bool = False  # the server stopped answering scrapes (see datalayer.scraper.UNREACHABLE_AFTER)
+    sleeping: bool = False  # the engine reports it sleeps (vLLM sleep mode): not a routing candidate until woken
+    woken_at: float = 0.0  # time.monotonic() when EPP last woke it (see Endpoint.asleep)
 
     def age(self, now: float | None = None) -> float:
         """Seconds since the last successful scrape (infinite when never scraped)."""
@@ -64,6 +68,13 @@ class Endpoint:
         if m.num_gpu_blocks and m.block_size:
             usage += (self.inflight_tokens - m.inflight_tokens_at_scrape) / (m.num_gpu_blocks * m.block_size)
         return min(1.0, max(0.0, usage))
+
+    @property
+    def asleep(self) -> bool:
+        """The engine sleeps, as last scraped; not within ``WAKE_GRACE`` s of EPP waking it (a scrape that began
+        before the wake may still report it asleep)."""
+        m = self.metrics
+        return m.sleeping and time.monotonic() - m.woken_at > WAKE_GRACE
 
     @property
     def hostport(self) -> str:

@@ -46,6 +46,7 @@ class Extracted:
     max_active_models: int | None = None
     block_size: int | None = None
     num_gpu_blocks: int | None = None
+    sleeping: bool | None = None  # vLLM sleep mode (vllm:engine_sleep_state); None: not reported
     missing: list[str] = field(default_factory=list)  # optional families absent from the page
     warnings: list[str] = field(default_factory=list)  # optional values present but unreadable
 
@@ -67,6 +68,7 @@ class Extracted:
             m.block_size = self.block_size
         if self.num_gpu_blocks is not None:
             m.num_gpu_blocks = self.num_gpu_blocks
+        m.sleeping = bool(self.sleeping)
 
 
 class ExtractError(Exception):
@@ -87,11 +89,13 @@ class EngineSpec:
     # ... or two plain gauges (TensorRT-LLM).
     cache_block_size: Selector | None = None
     cache_num_blocks: Selector | None = None
+    # Sleep mode: the series whose label ``sleep_state`` is ``awake`` is 0 while the engine sleeps (vLLM).
+    sleep_state: Selector | None = None
     families: frozenset[str] = field(init=False, default=frozenset())
 
     def __post_init__(self) -> None:
         sels = (self.queued, self.running, self.kv_usage, self.lora, self.cache_info,
-                self.cache_block_size, self.cache_num_blocks)
+                self.cache_block_size, self.cache_num_blocks, self.sleep_state)
         object.__setattr__(self, "families", frozenset(s.family for s in sels if s is not None))
 
     # -- config ---------------------------------------------------------------------------------
@@ -104,6 +108,7 @@ class EngineSpec:
         "cacheInfoSpec": "cache_info",
         "cacheBlockSizeSpec": "cache_block_size",
         "cacheNumBlocksSpec": "cache_num_blocks",
+        "sleepStateSpec": "sleep_state",
     }
 
     @classmethod
@@ -155,6 +160,11 @@ class EngineSpec:
             out.block_size = _optional_int(self.cache_block_size, families, out)
         if self.cache_num_blocks is not None:
             out.num_gpu_blocks = _optional_int(self.cache_num_blocks, families, out)
+        if self.sleep_state is not None:  # absent (no sleep mode): awake, and nothing to report
+            for sample in self.sleep_state.select(families.get(self.sleep_state.family, ())):
+                if sample.labels.get("sleep_state") == "awake":
+                    out.sleeping = sample.value < 0.5
+                    break
         return out
 
     def _extract_lora(self, families: Mapping[str, Sequence[Sample]], out: Extracted) -> None:
@@ -243,6 +253,7 @@ BUILTIN_ENGINES: dict[str, EngineSpec] = {
         cache_info=_s("vllm:cache_config_info"),
         cache_block_size_label="block_size",
         cache_num_blocks_label="num_gpu_blocks",
+        sleep_state=_s("vllm:engine_sleep_state"),
     ),
     "sglang": EngineSpec(
         "sglang",

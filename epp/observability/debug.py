@@ -46,7 +46,7 @@ def endpoints_view(server: Any) -> dict[str, Any]:
             "waiting": m.waiting_requests, "running": m.running_requests, "kv_cache": round(m.kv_cache_usage, 4),
             "inflight": e.inflight_requests, "inflight_tokens": e.inflight_tokens,
             "metrics_age_s": _age(age), "stale": age > threshold, "last_error": m.last_error,
-            "unreachable": m.unreachable,
+            "unreachable": m.unreachable, "sleeping": e.asleep,
             "picks": picks.get(e.name, 0)})
     servicer = getattr(server, "servicer", None)
     reloader = getattr(server, "reloader", None)

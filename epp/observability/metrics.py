@@ -169,6 +169,8 @@ class _PoolCollector(Collector):
                                   labels=["endpoint"])
         error = GaugeMetricFamily("epp_endpoint_scrape_error", "1 when the endpoint's last metrics scrape failed.",
                                   labels=["endpoint"])
+        sleeping = GaugeMetricFamily("epp_endpoint_sleeping", "1 when the endpoint's engine reports it sleeps (vLLM "
+                                     "sleep mode): not a candidate until woken.", labels=["endpoint"])
         unreachable = GaugeMetricFamily("epp_endpoint_unreachable",
                                         "1 when the endpoint stopped answering scrapes and is not offered as a "
                                         "candidate (unless no endpoint answers).", labels=["endpoint"])
@@ -183,12 +185,14 @@ class _PoolCollector(Collector):
             stale.add_metric([e.name], 1.0 if a > threshold else 0.0)
             error.add_metric([e.name], 1.0 if e.metrics.last_error else 0.0)
             unreachable.add_metric([e.name], 1.0 if e.metrics.unreachable else 0.0)
+            sleeping.add_metric([e.name], 1.0 if e.asleep else 0.0)
         yield per_pod
         yield inflight
         yield age
         yield stale
         yield error
         yield unreachable
+        yield sleeping
         stats = rt.scrape_stats()
         scrapes = CounterMetricFamily("epp_endpoint_scrapes", "Metrics scrapes attempted, per endpoint.",
                                       labels=["endpoint"])

@@ -89,7 +89,18 @@ def test_builtin_engine_specs_extract_their_pages():
         7, 5, 0.5, 128, 2000)
     assert BUILTIN_ENGINES["vllm"].families == {
         "vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc",
-        "vllm:lora_requests_info", "vllm:cache_config_info"}
+        "vllm:lora_requests_info", "vllm:cache_config_info", "vllm:engine_sleep_state"}
+
+
+def test_vllm_sleep_state():
+    def page(awake: float) -> str:
+        return render_vllm_page(waiting=0, running=0, kv_usage=0.0) + "".join(
+            f'vllm:engine_sleep_state{{engine="0",model_name="m",sleep_state="{state}"}} {value}\n'
+            for state, value in (("awake", awake), ("weights_offloaded", 1 - awake), ("discard_all", 0.0)))
+
+    assert _extract(BUILTIN_ENGINES["vllm"], page(0.0)).sleeping
+    assert not _extract(BUILTIN_ENGINES["vllm"], page(1.0)).sleeping
+    assert not _extract(BUILTIN_ENGINES["vllm"], render_vllm_page(waiting=0, running=0, kv_usage=0.0)).sleeping
 
 
 def test_lora_takes_the_newest_series():
