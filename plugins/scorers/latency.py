@@ -6,7 +6,8 @@ min-max queue scorer outweighs a conversation's history, and nothing says "the p
 full; a cold prefill elsewhere is sooner than waiting there". This scorer predicts, per candidate, the
 seconds until the request's first token there and prefers the soonest::
 
-    ttft(e) = base(e) + per_token(e) * (queued_prefill(e) + uncached(e)) + admission_wait(e)
+    ttft(e) = (base + per_token * (queued_prefill(e) + uncached(e)) + per_seq * in_flight(e)) * slowness(e)
+              + admission_wait(e)
 
 * ``uncached(e)``: the request's prompt tokens endpoint ``e`` does not hold, from the prefix-cache producer's
   match (in the server's tokens: see ``epp.datalayer.tokens``).
@@ -19,10 +20,14 @@ seconds until the request's first token there and prefers the soonest::
   requests seen running, once two scrapes in a row showed requests waiting (a real cap, ``max_num_seqs`` or KV
   space, not the step or two a request waits when a step's token budget is spent). Unknown until then: no
   wait predicted.
-* ``base``, ``per_token`` (prefill), ``occupancy`` (admission to end: pick to end less the predicted wait) and,
-  for ``objective: e2e`` and TPOT SLOs, the time per output token as a function of the batch size, are learned
-  per endpoint from what EPP sees of each response (a decayed least-squares fit, starting from a prior), so a
-  slow endpoint, a faster GPU or a different model size are measured, not configured.
+* ``base``, ``per_token``, ``per_seq``: one line for the pool, fitted by decayed least squares on every first
+  byte EPP sees (what the endpoints share: model and accelerator), each coefficient held to its prior until
+  the data vary in that direction. ``slowness(e)``: how much slower than the pool's line endpoint ``e`` has
+  answered (a slowly moving geometric mean, within 1/4 to 4): a slower GPU is measured, not configured. One
+  line per endpoint would not do: an endpoint's own history mixes its speed with its load, and an endpoint
+  never tried would look better than one in use.
+* ``occupancy`` (admission to end: pick to end less the predicted wait) and, for ``objective: e2e`` and TPOT
+  SLOs, the time per output token against the batch size are learned per endpoint.
 
 SLO headers (llm-d's ``x-llm-d-slo-ttft-ms`` / ``x-llm-d-slo-tpot-ms``): endpoints predicted to meet them
 rank first (soonest first among them); when none does, the smallest relative violation wins.
@@ -58,12 +63,14 @@ OBJECTIVES = ("ttft", "e2e")
 # rank endpoints that have no history yet; each response moves its endpoint's fit.
 PRIOR_BASE = 0.02  # s: one engine step and the round trip
 PRIOR_PER_TOKEN = 1e-4  # s per prefilled token (10k tokens/s)
+PRIOR_PER_SEQ = 1e-3  # s of first-byte time per request in flight on the endpoint
 PRIOR_OCCUPANCY = 1.0  # s a request holds a batch slot after its first token
 PRIOR_TPOT = 0.02  # s per output token at batch size 1
 PRIOR_TPOT_PER_SEQ = 2e-4  # s per output token added by each other sequence in the batch
 PRIOR_OUTPUT_TOKENS = 128.0
 DECAY = 0.95  # per observation: the last ~20 responses of an endpoint carry most of its fit
 _MAX_SECONDS = 600.0  # observations past this are not latencies but stuck streams
+_LOG4 = math.log(4.0)
 _PENDING_EXPIRY = 4.0  # x the predicted TTFT (+1 s): a pending prefill EPP never saw start stops counting
 
 
@@ -105,6 +112,52 @@ class DecayedFit:
         return a + b * x
 
 
+class PooledPrefill:
+    """The first-byte time of a request, fitted over every endpoint of the pool (they run the same model on the
+    same kind of accelerator, and one endpoint's history is too little and too entangled with its load):
+    ``y = a + b * tokens_ahead + c * in_flight`` by decayed least squares, each coefficient pulled toward its
+    prior by a ridge term (so a feature that has not varied keeps the prior's coefficient). ``in_flight``
+    carries what tokens ahead do not: each running sequence lengthens every engine step."""
+
+    __slots__ = ("beta", "m", "prior", "ridge", "v")
+
+    def __init__(self) -> None:
+        self.prior = (PRIOR_BASE, PRIOR_PER_TOKEN, PRIOR_PER_SEQ)
+        self.ridge = (0.5, 0.1 * 4096 * 4096, 0.1 * 64 * 64)  # in weight * feature^2
+        self.m = [[0.0] * 3 for _ in range(3)]  # decayed sum of f f^T
+        self.v = [0.0] * 3  # decayed sum of f y
+        self.beta: tuple[float, float, float] | None = self.prior
+
+    def observe(self, tokens: float, inflight: float, y: float) -> None:
+        f = (1.0, tokens, inflight)
+        m, v = self.m, self.v
+        for i in range(3):
+            v[i] = v[i] * DECAY + f[i] * y
+            row = m[i]
+            for j in range(3):
+                row[j] = row[j] * DECAY + f[i] * f[j]
+        self.beta = None
+
+    def coefficients(self) -> tuple[float, float, float]:
+        if self.beta is None:
+            a = [[self.m[i][j] + (self.ridge[i] if i == j else 0.0) for j in range(3)]
+                 + [self.v[i] + self.ridge[i] * self.prior[i]] for i in range(3)]
+            for col in range(3):  # Gauss-Jordan on a positive-definite 3x3: no pivoting needed
+                piv = a[col][col]
+                a[col] = [x / piv for x in a[col]]
+                for r in range(3):
+                    if r != col and a[r][col]:
+                        k = a[r][col]
+                        a[r] = [x - k * y for x, y in zip(a[r], a[col], strict=True)]
+            base, per_token, per_seq = (row[3] for row in a)
+            self.beta = (max(0.0, base), min(0.1, max(1e-7, per_token)), min(1.0, max(0.0, per_seq)))
+        return self.beta
+
+    def predict(self, tokens: float, inflight: float) -> float:
+        a, b, c = self.coefficients()
+        return a + b * tokens + c * inflight
+
+
 class EwmaValue:
     __slots__ = ("value", "weight")
 
@@ -126,7 +179,7 @@ class _Pending:
 class EndpointRates:
     """What one endpoint has shown of its speed."""
 
-    prefill: DecayedFit = field(default_factory=lambda: DecayedFit(PRIOR_BASE, PRIOR_PER_TOKEN, 4096, 1e-7, 0.1))
+    speed: EwmaValue = field(default_factory=lambda: EwmaValue(0.0, weight=20.0))  # log(observed / pooled fit)
     tpot: DecayedFit = field(default_factory=lambda: DecayedFit(PRIOR_TPOT, PRIOR_TPOT_PER_SEQ, 64, 0.0, 1.0))
     occupancy: EwmaValue = field(default_factory=lambda: EwmaValue(PRIOR_OCCUPANCY))
     slots: int = 0  # batch slots learned from the scrape; 0 = not known yet (no cap seen)
@@ -134,6 +187,11 @@ class EndpointRates:
     waited: bool = False  # the last scrape read showed requests waiting
     scrape_seen: float = 0.0  # updated_at of the last scrape read
     pending: dict[int, _Pending] = field(default_factory=dict)  # request key -> prefill not started yet
+
+    @property
+    def slowness(self) -> float:
+        """How much slower than the pool's fit this endpoint answers (1 = as fitted), within [1/4, 4]."""
+        return math.exp(min(_LOG4, max(-_LOG4, self.speed.value)))
 
     def queued_prefill(self, now: float) -> int:
         if not self.pending:
@@ -164,6 +222,7 @@ class _Pick:
     endpoint: str
     at: float
     tokens_ahead: float  # queued prefill + own uncached tokens, when picked
+    inflight: int  # requests in flight there when picked (the server's count when higher)
     wait: float  # predicted admission wait
     predicted: float  # predicted TTFT
     batch: int  # requests in flight there, this one included
@@ -179,6 +238,7 @@ class Prediction:
     uncached: int
     queued: int
     tpot: float
+    inflight: int
 
 
 @register_plugin("predicted-latency-scorer")
@@ -193,6 +253,7 @@ class PredictedLatencyScorer(Scorer, RequestObserver):
         self.staleness = check_duration(metrics_staleness_threshold, "metricsStalenessThreshold")
         self._source: PrefixSource | None = None
         self.rates: dict[str, EndpointRates] = {}
+        self.prefill = PooledPrefill()
         self.audit = PredictionAudit("seconds", SECONDS_ERROR_BUCKETS)
         self._key = ("predicted-latency", id(self))
 
@@ -240,8 +301,8 @@ class PredictedLatencyScorer(Scorer, RequestObserver):
                 ahead = inflight + 1 - r.slots
                 if ahead > 0:
                     wait = ahead * r.occupancy.value / r.slots
-            ttft = r.prefill.predict(queued + uncached) + wait
-            out.append(Prediction(ttft, wait, uncached, queued, r.tpot.predict(inflight + 1)))
+            ttft = self.prefill.predict(queued + uncached, inflight) * r.slowness + wait
+            out.append(Prediction(ttft, wait, uncached, queued, r.tpot.predict(inflight + 1), inflight))
         return out
 
     def _prompt_and_matches(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> tuple[int, list[int]]:
@@ -281,7 +342,7 @@ class PredictedLatencyScorer(Scorer, RequestObserver):
         now = time.monotonic()
         r = self._rates(e)
         r.pending[id(request)] = _Pending(p.uncached, now + _PENDING_EXPIRY * p.ttft + 1.0)
-        request.attributes[self._key] = _Pick(e.name, now, p.queued + p.uncached, p.wait, p.ttft,
+        request.attributes[self._key] = _Pick(e.name, now, p.queued + p.uncached, p.inflight, p.wait, p.ttft,
                                               e.inflight_requests)  # the director has counted this one
 
     def on_response_body(self, request: InferenceRequest, endpoint: Endpoint, chunk: bytes,
@@ -297,8 +358,13 @@ class PredictedLatencyScorer(Scorer, RequestObserver):
         ttft = now - pick.at
         self.audit.record(pick.predicted, ttft)
         if ttft < _MAX_SECONDS:
-            # the prefill line is fitted on what was not admission wait (that has its own model)
-            r.prefill.observe(pick.tokens_ahead, max(0.0, ttft - pick.wait))
+            # fitted on what was not admission wait (that has its own model): the pool's line first, then how
+            # this endpoint compares with it
+            y = max(0.0, ttft - pick.wait)
+            fitted = self.prefill.predict(pick.tokens_ahead, pick.inflight)
+            if fitted > 1e-3 and y > 1e-3:
+                r.speed.observe(math.log(y / fitted))
+            self.prefill.observe(pick.tokens_ahead, pick.inflight, y / r.slowness)
 
     def on_response_complete(self, request: InferenceRequest, endpoint: Endpoint, response: ResponseInfo) -> None:
         pick = request.attributes.get(self._key)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import pytest
@@ -11,6 +12,7 @@ from epp.datalayer.pool import EndpointPool
 from epp.scheduling.plugins import ProfileResult, ResponseInfo, SchedulingResult
 from plugins.scorers.latency import (
     PRIOR_BASE,
+    PRIOR_PER_SEQ,
     PRIOR_PER_TOKEN,
     DecayedFit,
     EndpointRates,
@@ -76,7 +78,7 @@ def test_the_formula_prefill_queue_and_admission_wait():
     assert preds[0].uncached == 1000 and preds[0].wait == 0.0
     assert preds[0].ttft == pytest.approx(PRIOR_BASE + PRIOR_PER_TOKEN * 1000, rel=0.01)
     assert preds[1].wait == pytest.approx(1.0)
-    assert preds[1].ttft == pytest.approx(preds[0].ttft + 1.0, rel=0.01)
+    assert preds[1].ttft == pytest.approx(preds[0].ttft + 1.0 + 5 * PRIOR_PER_SEQ, rel=0.01)
     scores = scorer.score(None, req(text), [a, b])
     assert scores[0] == 1.0 and scores[1] < 0.2
 
@@ -117,10 +119,11 @@ def test_a_slow_endpoint_is_learned():
             pick(scorer, prefix, r, [target], target)
             tokens = request_tokens(scorer, r)
             answer(scorer, prefix, r, target, ttft=0.02 + per_token * tokens)
-    _, b_fast = scorer.rates["fast"].prefill.line()
-    _, b_slow = scorer.rates["slow"].prefill.line()
-    assert b_fast == pytest.approx(1e-4, rel=0.15) and b_slow == pytest.approx(5e-4, rel=0.2)
-    assert scorer.rates["slow"].prefill.predict(1000) == pytest.approx(0.52, rel=0.1)
+    probe = req(words(4000, 999))  # 1,000 tokens
+    fast_p, slow_p = scorer.predict(probe, [fast, slow])
+    # truth at 1,000 tokens: 0.12 s and 0.52 s; each endpoint's slowness moves slowly (a geometric mean)
+    assert slow_p.ttft / fast_p.ttft > 3.0
+    assert fast_p.ttft == pytest.approx(0.12, rel=0.35) and slow_p.ttft == pytest.approx(0.52, rel=0.35)
     scores = scorer.score(None, req(words(4000, 999)), [fast, slow])
     assert scores[0] == 1.0 and scores[1] < 0.4
     audit = scorer.audit.summary()
@@ -184,7 +187,7 @@ def test_slo_headers_prefer_endpoints_that_meet_them():
     scorer, _ = setup()
     a, b = ep("a"), ep("b", index=1)
     scorer._rates(a).tpot = DecayedFit(0.08, 0.0, 64, 0.0, 1.0)  # a answers first sooner but decodes slowly
-    scorer._rates(b).prefill = DecayedFit(0.2, PRIOR_PER_TOKEN, 4096, 1e-7, 0.1)
+    scorer._rates(b).speed.value = math.log(3.0)  # b is three times slower to first token
     text = words(400, 5)
     assert scorer.score(None, req(text), [a, b])[0] == 1.0  # by TTFT alone, a
     scores = scorer.score(None, req(text, headers={"x-llm-d-slo-tpot-ms": "40"}), [a, b])
