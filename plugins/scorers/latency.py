@@ -6,8 +6,7 @@ min-max queue scorer outweighs a conversation's history, and nothing says "the p
 full; a cold prefill elsewhere is sooner than waiting there". This scorer predicts, per candidate, the
 seconds until the request's first token there and prefers the soonest::
 
-    ttft(e) = (base + per_token * (queued_prefill(e) + uncached(e)) + per_seq * in_flight(e)) * slowness(e)
-              + admission_wait(e)
+    ttft(e) = base + per_token * slowness(e) * (queued_prefill(e) + uncached(e)) + admission_wait(e)
 
 * ``uncached(e)``: the request's prompt tokens endpoint ``e`` does not hold, from the prefix-cache producer's
   match (in the server's tokens: see ``epp.datalayer.tokens``).
@@ -20,12 +19,14 @@ seconds until the request's first token there and prefers the soonest::
   requests seen running, once two scrapes in a row showed requests waiting (a real cap, ``max_num_seqs`` or KV
   space, not the step or two a request waits when a step's token budget is spent). Unknown until then: no
   wait predicted.
-* ``base``, ``per_token``, ``per_seq``: one line for the pool, fitted by decayed least squares on every first
-  byte EPP sees (what the endpoints share: model and accelerator), each coefficient held to its prior until
-  the data vary in that direction. ``slowness(e)``: how much slower than the pool's line endpoint ``e`` has
-  answered (a slowly moving geometric mean, within 1/4 to 4): a slower GPU is measured, not configured. One
-  line per endpoint would not do: an endpoint's own history mixes its speed with its load, and an endpoint
-  never tried would look better than one in use.
+* ``base``, ``per_token``: one line for the pool (what its endpoints share: model and accelerator), fitted by
+  decayed least squares on every first byte EPP sees, the slope held to its prior until the data spread.
+  ``slowness(e)``: how much slower per token than the pool endpoint ``e`` has been (a slowly moving geometric
+  mean within 1/4 to 4, from first bytes with at least ``SLOWNESS_MIN_TOKENS`` of prefill ahead, which tell
+  speed rather than load): a slower GPU is measured, not configured. The base is common to every endpoint and
+  slowness scales only prefill: load is what ``queued_prefill`` and ``admission_wait`` say, never a learned
+  per-endpoint level -- an endpoint's own history mixes its speed with its load, and one never tried would
+  look better than one in use, which would spread every prefix over every endpoint.
 * ``occupancy`` (admission to end: pick to end less the predicted wait) and, for ``objective: e2e`` and TPOT
   SLOs, the time per output token against the batch size are learned per endpoint.
 
@@ -63,7 +64,7 @@ OBJECTIVES = ("ttft", "e2e")
 # rank endpoints that have no history yet; each response moves its endpoint's fit.
 PRIOR_BASE = 0.02  # s: one engine step and the round trip
 PRIOR_PER_TOKEN = 1e-4  # s per prefilled token (10k tokens/s)
-PRIOR_PER_SEQ = 1e-3  # s of first-byte time per request in flight on the endpoint
+SLOWNESS_MIN_TOKENS = 512  # only first bytes this much prefill ahead tell an endpoint's speed (not its load)
 PRIOR_OCCUPANCY = 1.0  # s a request holds a batch slot after its first token
 PRIOR_TPOT = 0.02  # s per output token at batch size 1
 PRIOR_TPOT_PER_SEQ = 2e-4  # s per output token added by each other sequence in the batch
@@ -110,52 +111,6 @@ class DecayedFit:
     def predict(self, x: float) -> float:
         a, b = self.line()
         return a + b * x
-
-
-class PooledPrefill:
-    """The first-byte time of a request, fitted over every endpoint of the pool (they run the same model on the
-    same kind of accelerator, and one endpoint's history is too little and too entangled with its load):
-    ``y = a + b * tokens_ahead + c * in_flight`` by decayed least squares, each coefficient pulled toward its
-    prior by a ridge term (so a feature that has not varied keeps the prior's coefficient). ``in_flight``
-    carries what tokens ahead do not: each running sequence lengthens every engine step."""
-
-    __slots__ = ("beta", "m", "prior", "ridge", "v")
-
-    def __init__(self) -> None:
-        self.prior = (PRIOR_BASE, PRIOR_PER_TOKEN, PRIOR_PER_SEQ)
-        self.ridge = (0.5, 0.1 * 4096 * 4096, 0.1 * 64 * 64)  # in weight * feature^2
-        self.m = [[0.0] * 3 for _ in range(3)]  # decayed sum of f f^T
-        self.v = [0.0] * 3  # decayed sum of f y
-        self.beta: tuple[float, float, float] | None = self.prior
-
-    def observe(self, tokens: float, inflight: float, y: float) -> None:
-        f = (1.0, tokens, inflight)
-        m, v = self.m, self.v
-        for i in range(3):
-            v[i] = v[i] * DECAY + f[i] * y
-            row = m[i]
-            for j in range(3):
-                row[j] = row[j] * DECAY + f[i] * f[j]
-        self.beta = None
-
-    def coefficients(self) -> tuple[float, float, float]:
-        if self.beta is None:
-            a = [[self.m[i][j] + (self.ridge[i] if i == j else 0.0) for j in range(3)]
-                 + [self.v[i] + self.ridge[i] * self.prior[i]] for i in range(3)]
-            for col in range(3):  # Gauss-Jordan on a positive-definite 3x3: no pivoting needed
-                piv = a[col][col]
-                a[col] = [x / piv for x in a[col]]
-                for r in range(3):
-                    if r != col and a[r][col]:
-                        k = a[r][col]
-                        a[r] = [x - k * y for x, y in zip(a[r], a[col], strict=True)]
-            base, per_token, per_seq = (row[3] for row in a)
-            self.beta = (max(0.0, base), min(0.1, max(1e-7, per_token)), min(1.0, max(0.0, per_seq)))
-        return self.beta
-
-    def predict(self, tokens: float, inflight: float) -> float:
-        a, b, c = self.coefficients()
-        return a + b * tokens + c * inflight
 
 
 class EwmaValue:
@@ -253,7 +208,7 @@ class PredictedLatencyScorer(Scorer, RequestObserver):
         self.staleness = check_duration(metrics_staleness_threshold, "metricsStalenessThreshold")
         self._source: PrefixSource | None = None
         self.rates: dict[str, EndpointRates] = {}
-        self.prefill = PooledPrefill()
+        self.prefill = DecayedFit(PRIOR_BASE, PRIOR_PER_TOKEN, 4096, 1e-7, 0.1)  # the pool's, in standard tokens
         self.audit = PredictionAudit("seconds", SECONDS_ERROR_BUCKETS)
         self._key = ("predicted-latency", id(self))
 
@@ -283,6 +238,7 @@ class PredictedLatencyScorer(Scorer, RequestObserver):
 
     def predict(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[Prediction]:
         now = time.monotonic()
+        base, per_token = self.prefill.line()
         prompt, matched = self._prompt_and_matches(request, endpoints)
         fresh = fresh_mask(endpoints, self.staleness)
         out = []
@@ -301,7 +257,7 @@ class PredictedLatencyScorer(Scorer, RequestObserver):
                 ahead = inflight + 1 - r.slots
                 if ahead > 0:
                     wait = ahead * r.occupancy.value / r.slots
-            ttft = self.prefill.predict(queued + uncached, inflight) * r.slowness + wait
+            ttft = base + per_token * r.slowness * (queued + uncached) + wait
             out.append(Prediction(ttft, wait, uncached, queued, r.tpot.predict(inflight + 1), inflight))
         return out
 
@@ -361,10 +317,10 @@ class PredictedLatencyScorer(Scorer, RequestObserver):
             # fitted on what was not admission wait (that has its own model): the pool's line first, then how
             # this endpoint compares with it
             y = max(0.0, ttft - pick.wait)
-            fitted = self.prefill.predict(pick.tokens_ahead, pick.inflight)
-            if fitted > 1e-3 and y > 1e-3:
-                r.speed.observe(math.log(y / fitted))
-            self.prefill.observe(pick.tokens_ahead, pick.inflight, y / r.slowness)
+            base, per_token = self.prefill.line()
+            if pick.tokens_ahead >= SLOWNESS_MIN_TOKENS and y > base:
+                r.speed.observe(math.log((y - base) / (per_token * pick.tokens_ahead)))
+            self.prefill.observe(pick.tokens_ahead * r.slowness, y)
 
     def on_response_complete(self, request: InferenceRequest, endpoint: Endpoint, response: ResponseInfo) -> None:
         pick = request.attributes.get(self._key)
