@@ -30,6 +30,10 @@ seconds until the request's first token there and prefers the soonest::
 * ``occupancy`` (admission to end: pick to end less the predicted wait) and, for ``objective: e2e`` and TPOT
   SLOs, the time per output token against the batch size are learned per endpoint.
 
+Candidates are ranked by ``ttft(e)`` plus the prefill this request adds at ``e`` (``per_token * slowness(e) *
+uncached(e)``): that work is paid again by every request that queues behind it there, so a cold prefill
+elsewhere must save more than its own cost before it wins.
+
 SLO headers (llm-d's ``x-llm-d-slo-ttft-ms`` / ``x-llm-d-slo-tpot-ms``): endpoints predicted to meet them
 rank first (soonest first among them); when none does, the smallest relative violation wins.
 
@@ -194,6 +198,7 @@ class Prediction:
     queued: int
     tpot: float
     inflight: int
+    work: float  # seconds of prefill this request adds at that endpoint (its uncached tokens)
 
 
 @register_plugin("predicted-latency-scorer")
@@ -258,7 +263,8 @@ class PredictedLatencyScorer(Scorer, RequestObserver):
                 if ahead > 0:
                     wait = ahead * r.occupancy.value / r.slots
             ttft = base + per_token * r.slowness * (queued + uncached) + wait
-            out.append(Prediction(ttft, wait, uncached, queued, r.tpot.predict(inflight + 1), inflight))
+            out.append(Prediction(ttft, wait, uncached, queued, r.tpot.predict(inflight + 1), inflight,
+                                  per_token * r.slowness * uncached))
         return out
 
     def _prompt_and_matches(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> tuple[int, list[int]]:
@@ -276,10 +282,13 @@ class PredictedLatencyScorer(Scorer, RequestObserver):
     def score(self, cycle: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> Sequence[float]:
         preds = self.predict(request, endpoints)
         request.attributes[self._key] = dict(zip((e.name for e in endpoints), preds, strict=True))
-        costs = [p.ttft for p in preds]
+        # A request's own prefill is paid twice: by the request, and by every request behind it at that
+        # endpoint (they wait while it runs). Ranking by TTFT alone would buy a few milliseconds for this
+        # request with a whole cold prefill elsewhere -- capacity every later request pays for.
+        costs = [p.ttft + p.work for p in preds]
         if self.objective == "e2e":
             out = self._output_tokens(request)
-            costs = [p.ttft + p.tpot * out for p in preds]
+            costs = [c + p.tpot * out for c, p in zip(costs, preds, strict=True)]
         slo = _slo(request)
         if slo is not None:
             return _slo_scores(preds, costs, *slo)
