@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 
+from epp.scheduling.config import GIE_DEFAULT_CONFIG
 from epp.stack.envoy import EnvoyProcess, EnvoySpec
 from epp.stack.local import HOST, LocalStack, ManagedProcess, free_port, free_port_range
 
@@ -371,6 +372,10 @@ def make_targets(names: list[str], endpoints: list[str], kv_event_endpoints: lis
             out.append(EnvoyEpp(endpoints, n))
         elif n == "epp-default-none":  # optional: EPP never sees response bodies
             out.append(EnvoyEpp(endpoints, n, response_body_mode="NONE"))
+        elif n == "epp-gie":  # GIE's default configuration (queue x2, kv-cache x2, prefix x3)
+            t = EnvoyEpp(endpoints, n, config_text=GIE_DEFAULT_CONFIG)
+            t.description = "Envoy + EPP, GIE's default configuration (--config-name gie-default)"
+            out.append(t)
         elif n == "epp-prefix":
             t = EnvoyEpp(endpoints, n, config_text=PREFIX_ONLY_CONFIG)
             t.description = "Envoy + EPP (prefix-cache-scorer only, max-score-picker)"
@@ -395,12 +400,12 @@ def make_targets(names: list[str], endpoints: list[str], kv_event_endpoints: lis
     return out
 
 
-TARGETS = ("envoy-rr", "epp-default", "epp-prefix", "vllm-router-cache-aware", "vllm-router-round-robin")
-OPTIONAL_TARGETS = ("epp-default-none", "vllm-router-power-of-two", "vllm-router-consistent-hash",
+TARGETS = ("envoy-rr", "epp-default", "epp-gie", "vllm-router-cache-aware", "vllm-router-round-robin")
+OPTIONAL_TARGETS = ("epp-default-none", "epp-prefix", "vllm-router-power-of-two", "vllm-router-consistent-hash",
                     "vllm-router-kv-aware", "sglang-router", "sglang-router-round-robin")
 # The pressure suite's: round robin, EPP's default, and the peers at their best policies.
-PRESSURE_TARGETS = ("envoy-rr", "epp-default", "vllm-router-cache-aware", "vllm-router-kv-aware", "sglang-router",
-                    "vllm-router-round-robin")
+PRESSURE_TARGETS = ("envoy-rr", "epp-default", "epp-gie", "vllm-router-cache-aware", "vllm-router-kv-aware",
+                    "sglang-router")
 # Routers that are not EPP and not a cache-blind baseline: what "best peer" means in the verdicts.
 PEERS = ("vllm-router-cache-aware", "vllm-router-kv-aware", "sglang-router", "vllm-router-power-of-two",
          "vllm-router-consistent-hash")

@@ -253,7 +253,7 @@ def verdicts(runs: list[dict[str, Any]]) -> list[str]:
         if not epp or epp["ttft_p90"] is None:
             continue
         parts = []
-        for other in ("envoy-rr", "vllm-router-cache-aware", "vllm-router-round-robin", "epp-prefix"):
+        for other in ("envoy-rr", "vllm-router-cache-aware", "vllm-router-round-robin", "epp-gie", "epp-prefix"):
             o = by.get((w, other))
             if o and o["ttft_p90"]:
                 parts.append(f"{o['ttft_p90'] / epp['ttft_p90']:.2f}x vs {other}")
@@ -343,7 +343,7 @@ async def run_quality(cfg: QualityConfig) -> dict[str, Any]:
 
 # -- suite tables: one per workload, pooled over seeds ----------------------------------------------------
 SUITE_HEADER = ["target", "runs", "reqs", "TTFT p50", "p90", "p99", "p90 by seed", "hit %", "err %", "shed %",
-                "pod TTFT", "queue", "CPU ours/others"]
+                "pod TTFT", "queue", "CPU ours/others", "send lag"]
 
 
 def pooled(runs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
@@ -371,6 +371,9 @@ def pooled(runs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
             "shed_pct": sum(r["summary"]["shed_pct"] * r["summary"]["requests"] for r in rs) / max(1, n_all),
             "server_ttft_mean": mean("server_ttft_mean"), "waiting_mean": mean("waiting_mean"),
             "cpu": {k: sum(c[k] for c in cpu) / len(cpu) for k in ("box", "others")} if cpu else {},
+            # how late the load generator itself sent requests (p99, worst seed): above ~0.1 s the box was
+            # short of CPU for the client too, and every latency of that run is suspect
+            "send_lag": max(r["summary"]["send_lag_p99"] for r in rs),
         }
     return out
 
@@ -386,7 +389,7 @@ def suite_tables(runs: list[dict[str, Any]], targets: list[str], markdown: bool 
                          fmt(p["ttft_p90"], 0, 1000, " ms"), fmt(p["ttft_p99"], 0, 1000, " ms"),
                          "/".join(fmt(v, 0, 1000) for v in p["p90_by_seed"]), fmt(p["hit_rate"], 1, 100),
                          fmt(p["error_pct"], 1), fmt(p["shed_pct"], 1), fmt(p["server_ttft_mean"], 0, 1000, " ms"),
-                         fmt(p["waiting_mean"], 1), _cpu(p["cpu"])])
+                         fmt(p["waiting_mean"], 1), _cpu(p["cpu"]), fmt(p["send_lag"], 0, 1000, " ms")])
         params = next(r["params"] for r in runs if r["workload"] == w)
         title = f"{w}: " + ", ".join(f"{k}={v}" for k, v in params.items() if k not in ("duration",))
         body = markdown_table(rows, SUITE_HEADER) if markdown else table(rows, SUITE_HEADER, align_left=1)

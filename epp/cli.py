@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from epp.config import Config, parse_bool, parse_duration
+from epp.scheduling.config import BUILTIN_CONFIGS
 
 
 def _ports(text: str) -> list[int]:
@@ -77,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
          help="active-passive replicas: only the holder of a Lease reports ready")
 
     flag("--config-file", default=d.config_file, help="EndpointPickerConfig YAML file")
+    flag("--config-name", default=d.config_name, choices=["", *BUILTIN_CONFIGS],
+         help="a built-in EndpointPickerConfig: epp-default (used when no config is given), gie-default "
+              "(GIE's: queue x2, kv-cache x2, prefix x3)")
     flag("--config-text", default=d.config_text, help="EndpointPickerConfig YAML text")
     flag("--refresh-metrics-interval", type=_duration, default=d.refresh_metrics_interval)
     flag("--metrics-staleness-threshold", type=_duration, default=d.metrics_staleness_threshold)

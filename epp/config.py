@@ -66,6 +66,7 @@ class Config:
     # scheduling
     config_file: str = ""
     config_text: str = ""
+    config_name: str = ""  # a built-in configuration: epp-default (the default), gie-default
     refresh_metrics_interval: float = 0.05
     metrics_staleness_threshold: float = 2.0
     # request limits
@@ -98,8 +99,8 @@ class Config:
         if sum(sources) != 1:
             raise ValueError("exactly one endpoint source is required: --pool-name, --endpoint-selector, "
                              "--static-endpoints or --static-endpoints-file")
-        if self.config_file and self.config_text:
-            raise ValueError("--config-file and --config-text are mutually exclusive")
+        if sum(map(bool, (self.config_file, self.config_text, self.config_name))) > 1:
+            raise ValueError("--config-file, --config-text and --config-name are mutually exclusive")
         if self.refresh_metrics_interval < 0.01:
             raise ValueError("--refresh-metrics-interval must be at least 10ms")
         if self.log_format not in ("text", "json"):

@@ -29,7 +29,7 @@ from epp.objectives import Objectives
 from epp.observability.debug import add_debug_routes
 from epp.observability.metrics import EppMetrics
 from epp.observability.wiring import Observability
-from epp.scheduling.config import PickerConfig, load_config
+from epp.scheduling.config import BUILTIN_CONFIGS, PickerConfig, load_config
 from plugins.datalayer import CoreMetricsExtractor, MetricsDataSource
 
 log = logging.getLogger("epp")
@@ -119,6 +119,8 @@ class EppServer:
         if self.cfg.config_file:
             self.config_file_text = Path(self.cfg.config_file).read_text()  # what the reloader compares with
             return self.config_file_text
+        if self.cfg.config_name:
+            return BUILTIN_CONFIGS[self.cfg.config_name]
         return self.cfg.config_text or None
 
     def _metrics_app(self) -> web.Application:

@@ -13,7 +13,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from epp.datalayer.pool import EndpointPool, EndpointSpec
 from epp.director import Director
 from epp.extproc.stream import ExtProcStream, StreamOptions
-from epp.scheduling.config import load_config
+from epp.scheduling.config import GIE_DEFAULT_CONFIG, load_config
 
 FDS = ProcessingMode.BodySendMode.FULL_DUPLEX_STREAMED
 NONE = ProcessingMode.BodySendMode.NONE
@@ -62,7 +62,8 @@ def response_body_msg(body: bytes, eos: bool = False) -> pb.ProcessingRequest:
 
 def make_director(specs: Iterable[tuple[str, int, float]] | None = None, config: str | None = None,
                   names: Iterable[str] | None = None) -> Director:
-    """A director over a static pool of 192.168.1.<i+1>:8000 endpoints with (queue, kv) metrics."""
+    """A director over a static pool of 192.168.1.<i+1>:8000 endpoints with (queue, kv) metrics, scheduled by
+    ``config`` or GIE's default (whose queue and KV scorers these metrics drive)."""
     specs = list(specs if specs is not None else [("a", 0, 0.0)])
     pool = EndpointPool()
     pool.sync([EndpointSpec(name, f"192.168.1.{i + 1}", 8000) for i, (name, _, _) in enumerate(specs)])
@@ -70,7 +71,7 @@ def make_director(specs: Iterable[tuple[str, int, float]] | None = None, config:
         ep.metrics.waiting_requests = queue
         ep.metrics.kv_cache_usage = kv
         ep.metrics.updated_at = time.monotonic()  # as if just scraped: stale metrics are not trusted
-    return Director(pool, load_config(config, pool))
+    return Director(pool, load_config(config or GIE_DEFAULT_CONFIG, pool))
 
 
 async def drive(stream: ExtProcStream, msgs: Iterable[pb.ProcessingRequest]) -> list[pb.ProcessingResponse]:

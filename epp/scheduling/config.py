@@ -22,8 +22,8 @@ from epp.scheduling.scheduler import Scheduler, SchedulerProfile
 API_VERSIONS = ("inference.networking.x-k8s.io/v1alpha1", "llm-d.ai/v1alpha1")
 KIND = "EndpointPickerConfig"
 
-# GIE's default: queue x2, kv-cache x2, prefix x3, max-score picker.
-DEFAULT_CONFIG = """\
+# GIE's default: queue x2, kv-cache x2, prefix x3, max-score picker. Available as --config-name gie-default.
+GIE_DEFAULT_CONFIG = """\
 apiVersion: inference.networking.x-k8s.io/v1alpha1
 kind: EndpointPickerConfig
 plugins:
@@ -40,6 +40,25 @@ schedulingProfiles:
   - pluginRef: prefix-cache-scorer
     weight: 3
 """
+
+# EPP's default: one currency, the predicted time to first token (plugins/scorers/latency.py), reading the
+# prefix-cache producer's match. See bench/README.md for how it compares in the regimes that hurt.
+EPP_DEFAULT_CONFIG = """\
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: prefix-cache-scorer
+- type: predicted-latency-scorer
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: predicted-latency-scorer
+  - pluginRef: max-score-picker
+"""
+
+BUILTIN_CONFIGS = {"epp-default": EPP_DEFAULT_CONFIG, "gie-default": GIE_DEFAULT_CONFIG}  # --config-name
+DEFAULT_CONFIG = EPP_DEFAULT_CONFIG
 
 _NOT_YET = ("parser", "requestHandler")
 _TOP_FIELDS = {"apiVersion", "kind", "plugins", "schedulingProfiles", "featureGates", "saturationDetector",

@@ -23,8 +23,15 @@ def endpoints(n: int) -> list[Endpoint]:
     return [Endpoint(f"e{i}", f"10.0.0.{i}", 8000) for i in range(n)]
 
 
-def test_default_config_is_gies():
+def test_default_config_is_the_predicted_latency_profile_and_gies_is_kept_by_name():
+    from epp.scheduling.config import BUILTIN_CONFIGS
+
     cfg = load_config(None)
+    (profile,) = cfg.scheduler.profiles.values()
+    assert [(s.type_name, w) for s, w in profile.scorers] == [("predicted-latency-scorer", 1.0)]
+    assert isinstance(profile.picker, MaxScorePicker) and profile.picker.k == 1
+    assert set(BUILTIN_CONFIGS) == {"epp-default", "gie-default"}
+    cfg = load_config(BUILTIN_CONFIGS["gie-default"])
     (profile,) = cfg.scheduler.profiles.values()
     assert [(s.type_name, w) for s, w in profile.scorers] == [
         ("queue-scorer", 2.0), ("kv-cache-utilization-scorer", 2.0), ("prefix-cache-scorer", 3.0)]
