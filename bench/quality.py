@@ -397,12 +397,16 @@ def suite_tables(runs: list[dict[str, Any]], targets: list[str], markdown: bool 
     return "\n\n".join(blocks)
 
 
-def suite_verdicts(runs: list[dict[str, Any]], epp: str = "epp-default", rr: str = "envoy-rr") -> list[str]:
-    """Per workload: EPP's default against the best peer (lowest p90, and lowest p99) and round robin.
-    Ratios are EPP / other: above 1, EPP is slower."""
+EPP_VARIANTS = ("epp-default", "epp-gie", "epp-default-none")  # those that get a verdict line when they ran
+
+
+def suite_verdicts(runs: list[dict[str, Any]], epps: tuple[str, ...] = EPP_VARIANTS,
+                   rr: str = "envoy-rr") -> list[str]:
+    """Per workload and EPP variant that ran: EPP against the best peer (lowest p90, and lowest p99) and
+    round robin. Ratios are EPP / other: above 1, EPP is slower."""
     stats = pooled(runs)
     lines = []
-    for w in dict.fromkeys(r["workload"] for r in runs):
+    for w, epp in ((w, epp) for w in dict.fromkeys(r["workload"] for r in runs) for epp in epps):
         e = stats.get((w, epp))
         if not e or e["ttft_p90"] is None:
             continue
@@ -430,7 +434,8 @@ def suite_verdicts(runs: list[dict[str, Any]], epp: str = "epp-default", rr: str
             parts.append(f"EPP errors {e['error_pct']:.1f}% shed {e['shed_pct']:.1f}%")
         if failing:
             parts.append("not counted as best peer: " + ", ".join(f"{t} ({v:.1f}% failed)" for t, v in failing.items()))
-        lines.append(f"{w}: EPP " + "; ".join(parts))
+        label = "EPP" if epp == "epp-default" else f"EPP ({epp})"
+        lines.append(f"{w}: {label} " + "; ".join(parts))
     return lines
 
 

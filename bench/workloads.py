@@ -220,8 +220,8 @@ def unique(seed: int = 1, rate: float = 14.0, duration: float = 20.0, prompt_tok
     arrivals = poisson_arrivals(rng, rate, duration)
     planned = []
     for i, t in enumerate(arrivals):
-        text = f"Request {i}: " + gen.text(rng, rng.randint(*prompt_tokens))
-        body = _chat([{"role": "user", "content": text}], rng.randint(*output_tokens))
+        prompt = f"Request {i}: " + gen.text(rng, rng.randint(*prompt_tokens))
+        body = _chat([{"role": "user", "content": prompt}], rng.randint(*output_tokens))
         planned.append(Planned(i, t, "chat", _dumps(body), tag="u"))
     return StaticWorkload(name, arrivals, planned, dict(
         rate=rate, duration=duration, prompt_tokens=list(prompt_tokens), output_tokens=list(output_tokens),

@@ -149,3 +149,8 @@ def test_pressure_multi_turn_users_are_not_aligned_with_round_robin() -> None:
     again = wl.build("p-multi-turn", 1, 20.0, 10.0)
     assert again.user_of == w.user_of
     assert wl.build("multi-turn", 1, 14.0, 5.0).user_of[:50] == [k % 48 for k in range(50)]  # section 1 unchanged
+
+
+def test_unique_params_name_the_text_kind() -> None:
+    w = wl.build("p-unique", 1, 5.0, 2.0, prompt_tokens=(20, 30))
+    assert w.params["text"] == "natural" and w.name == "p-unique"
