@@ -509,7 +509,9 @@ def main(argv: list[str] | None = None) -> int:
     for f in result["meta"]["failures"]:
         print(f"FAILED {f['workload']} / {f['target']} (seed {f['seed']}): {f['error'][:200]}")
     print(f"\nraw data, table and plots: {result['out_dir']}  ({result['meta']['wall_s']:.0f} s)")
-    bad = [r for r in result["runs"] if r["summary"]["error_pct"] > 0]
+    # A suite's peers may not serve every API (sglang-router has no /v1/messages): only EPP's errors fail it.
+    bad = [r for r in result["runs"] if r["summary"]["error_pct"] > 0
+           and (not cfg.suite or r["target"].startswith("epp"))]
     return 1 if bad or result["meta"]["failures"] else 0
 
 
