@@ -179,8 +179,9 @@ def test_metrics_after_real_traffic(ops):
     assert total(after, "epp_decisions_total") - total(before, "epp_decisions_total") == 8
     assert delta("inference_extension_scheduler_e2e_duration_seconds_count") == 8
     assert delta("inference_extension_scheduler_attempts_total", status="success") == 8
-    queue = {"extension_point": "Scorer", "plugin_type": "queue-scorer", "plugin_name": "queue-scorer"}
-    assert delta("inference_extension_plugin_duration_seconds_count", **queue) == 8
+    scorer = {"extension_point": "Scorer", "plugin_type": "predicted-latency-scorer",
+              "plugin_name": "predicted-latency-scorer"}  # EPP's default configuration
+    assert delta("inference_extension_plugin_duration_seconds_count", **scorer) == 8
     assert value(after, "inference_pool_ready_pods", name="static") == 3
     assert value(after, "epp_extproc_streams") == 0 and value(after, "epp_draining") == 0
     assert 0 < value(after, "epp_asyncio_tasks") < 100  # the server's own loops, no per-request leftovers
@@ -216,7 +217,7 @@ def test_decision_explained_only_with_the_token(ops):
         decision = json.loads(r.headers["x-epp-decision"])
         assert decision["pick"] == r.headers["x-epp-endpoint"] == r.headers["x-served-by"]
         assert set(decision["scores"]) == set(ops.endpoints) and decision["candidates"] == 3
-        assert set(decision["weights"]) == {"queue-scorer", "kv-cache-utilization-scorer", "prefix-cache-scorer"}
+        assert set(decision["weights"]) == {"predicted-latency-scorer"}
         for entry in decision["scores"].values():
             assert entry["total"] == pytest.approx(sum(decision["weights"][k] * entry[k] for k in decision["weights"]),
                                                    abs=1e-3)
