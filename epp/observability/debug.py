@@ -72,7 +72,11 @@ def endpoints_view(server: Any) -> dict[str, Any]:
         # predictions against outcomes (epp.observability.audit), and the learned characters per token
         "predictions": {k: a.summary() for k, a in
                         plugin_audits(director.config if director is not None else None).items()},
-        "chars_per_token": pool.tokens.snapshot()}
+        "chars_per_token": pool.tokens.snapshot(),
+        # what plugins learned (a plugin offering ``debug_state()``), e.g. predicted-latency-scorer's rates
+        "plugins": {name: plugin.debug_state() for name, plugin in
+                    list(getattr(director.config if director is not None else None, "plugins", {}).items())
+                    if callable(getattr(plugin, "debug_state", None))}}
 
 
 def decisions_view(server: Any, limit: int = 50) -> dict[str, Any]:

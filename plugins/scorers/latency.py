@@ -27,7 +27,8 @@ seconds until the request's first token there and prefers the soonest::
   slowness scales only prefill: load is what ``queued_prefill`` and ``admission_wait`` say, never a learned
   per-endpoint level -- an endpoint's own history mixes its speed with its load, and one never tried would
   look better than one in use, which would spread every prefix over every endpoint.
-* ``occupancy`` (admission to end: pick to end less the predicted wait) and, for ``objective: e2e`` and TPOT
+* ``occupancy`` (admission to end: decode time plus the predicted prefill, or pick to end less the predicted
+  wait for responses EPP does not see stream) and, for ``objective: e2e`` and TPOT
   SLOs, the time per output token against the batch size are learned per endpoint.
 
 Candidates are ranked by ``ttft(e)`` plus the prefill this request adds at ``e`` (``per_token * slowness(e) *
@@ -181,6 +182,7 @@ class _Pick:
     endpoint: str
     at: float
     tokens_ahead: float  # queued prefill + own uncached tokens, when picked
+    prefill: float  # predicted seconds of its own prefill there
     inflight: int  # requests in flight there when picked (the server's count when higher)
     wait: float  # predicted admission wait
     predicted: float  # predicted TTFT
@@ -232,6 +234,14 @@ class PredictedLatencyScorer(Scorer, RequestObserver):
 
     def prediction_audits(self) -> dict[str, PredictionAudit]:
         return {"ttft": self.audit}
+
+    def debug_state(self) -> dict[str, object]:
+        """What this scorer has learned, for /debug/endpoints."""
+        base, per_token = self.prefill.line()
+        return {"base_s": round(base, 4), "per_token_ms": round(per_token * 1000, 5), "endpoints": {
+            name: {"slots": r.slots, "max_running": r.max_running, "occupancy_s": round(r.occupancy.value, 3),
+                   "slowness": round(r.slowness, 3), "queued_prefill": r.queued_prefill(time.monotonic())}
+            for name, r in list(self.rates.items())}}
 
     def _rates(self, e: Endpoint) -> EndpointRates:
         r = self.rates.get(e.name)
@@ -307,7 +317,7 @@ class PredictedLatencyScorer(Scorer, RequestObserver):
         now = time.monotonic()
         r = self._rates(e)
         r.pending[id(request)] = _Pending(p.uncached, now + _PENDING_EXPIRY * p.ttft + 1.0)
-        request.attributes[self._key] = _Pick(e.name, now, p.queued + p.uncached, p.inflight, p.wait, p.ttft,
+        request.attributes[self._key] = _Pick(e.name, now, p.queued + p.uncached, p.work, p.inflight, p.wait, p.ttft,
                                               e.inflight_requests)  # the director has counted this one
 
     def on_response_body(self, request: InferenceRequest, endpoint: Endpoint, chunk: bytes,
@@ -342,7 +352,13 @@ class PredictedLatencyScorer(Scorer, RequestObserver):
         if not response.completed or not 200 <= response.status < 300:
             return
         now = time.monotonic()
-        held = now - pick.at - pick.wait  # a batch slot is held from admission (after the wait) to the end
+        # A batch slot is held from admission to the end: the decode (first byte to end, when EPP saw the first
+        # byte of a stream) plus the prefill the pick predicted; else pick to end less the predicted wait. Time
+        # spent queueing in the server must not count, or the wait it predicts feeds on itself.
+        if pick.first_byte is not None and request.body.stream:
+            held = now - pick.first_byte + pick.prefill
+        else:
+            held = now - pick.at - pick.wait
         if held >= _MAX_SECONDS:
             return
         r.occupancy.observe(max(0.0, held))
