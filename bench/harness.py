@@ -192,6 +192,10 @@ class Target:
     def pids(self) -> dict[str, int]:
         raise NotImplementedError
 
+    async def audit(self, http: aiohttp.ClientSession) -> dict[str, Any] | None:
+        """The router's own account of its predictions, when it keeps one (EPP: /debug/endpoints)."""
+        return None
+
 
 class EnvoyRoundRobin(Target):
     """Envoy's own round robin over the pods (the baseline listener of our Envoy config), no ext_proc."""
@@ -243,6 +247,17 @@ class EnvoyEpp(Target):
         assert self.stack.epp is not None and self.stack.epp.proc is not None
         assert self.stack.envoy is not None and self.stack.envoy.proc is not None
         return {"epp": self.stack.epp.proc.pid, "envoy": self.stack.envoy.proc.pid}
+
+    async def audit(self, http: aiohttp.ClientSession) -> dict[str, Any] | None:
+        """EPP's prediction audit (predicted vs reported cached tokens, predicted vs seen TTFT) and the
+        characters per token it learned, read from /debug/endpoints after the run."""
+        try:
+            async with http.get(f"http://{HOST}:{self.stack.metrics_port}/debug/endpoints",
+                                timeout=aiohttp.ClientTimeout(total=10)) as r:
+                doc = await r.json()
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return None
+        return {"predictions": doc.get("predictions"), "chars_per_token": doc.get("chars_per_token")}
 
 
 def vllm_router_binary() -> str | None:

@@ -217,6 +217,9 @@ async def run_one(target: Target, workload_name: str, pods: SimPods, http: Any, 
     summary, rows = summarize(out, cfg, snap.get("c0"), c1, snap.get("cpu", {}), samples)
     summary["pod_stepping_pct"] = 100 * snap["util"] if "util" in snap else None
     summary["wall_s"] = round(time.monotonic() - t0, 1)
+    audit = await target.audit(http)
+    if audit is not None:
+        summary["audit"] = audit
     return {"workload": workload_name, "target": target.name, "seed": seed, "params": workload.params,
             "summary": summary, "requests": rows}
 
@@ -485,6 +488,32 @@ def parse_args(argv: list[str] | None) -> QualityConfig:
     return QualityConfig(**common, **given)
 
 
+def audit_lines(runs: list[dict[str, Any]]) -> list[str]:
+    """EPP's predictions against outcomes, per workload and EPP target (the first seed's run)."""
+    out, seen = [], set()
+    for r in runs:
+        audit = r["summary"].get("audit")
+        key = (r["workload"], r["target"])
+        if not audit or key in seen:
+            continue
+        seen.add(key)
+        parts = []
+        for source, a in (audit.get("predictions") or {}).items():
+            if not a.get("count"):
+                continue
+            if a["unit"] == "tokens":
+                parts.append(f"{source}: accuracy {a['accuracy']:.3f}, |error| {a['mean_abs_error']:.0f} tokens, "
+                             f"predicted/reported {a['predicted_over_actual']}")
+            else:
+                parts.append(f"{source}: |error| {a['mean_abs_error'] * 1000:.0f} ms, predicted/seen "
+                             f"{a['predicted_over_actual']}")
+        cpt = ", ".join(f"{v['chars_per_token']} chars/token" for v in (audit.get("chars_per_token") or {}).values())
+        if parts:
+            out.append(f"audit {r['workload']} {r['target']} (seed {r['seed']}): " + "; ".join(parts)
+                       + (f"; learned {cpt}" if cpt else ""))
+    return out
+
+
 async def _cancellable(coro: Any) -> Any:
     """Run ``coro`` with SIGTERM/SIGINT cancelling it, so every child process is stopped on the way out."""
     task = asyncio.ensure_future(coro)
@@ -505,6 +534,8 @@ def main(argv: list[str] | None = None) -> int:
     print(result["table"])
     print()
     for line in result["verdicts"]:
+        print(line)
+    for line in audit_lines(result["runs"]):
         print(line)
     for f in result["meta"]["failures"]:
         print(f"FAILED {f['workload']} / {f['target']} (seed {f['seed']}): {f['error'][:200]}")

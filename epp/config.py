@@ -88,6 +88,7 @@ class Config:
     decision_header: bool = False
     verbosity: int = 2
     log_format: str = "text"
+    event_loop: str = "uvloop"  # uvloop | asyncio (--event-loop); see bench/README.md section 2
     tracing: bool | None = None  # None: on when OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT is set
     explain_decisions: bool = False  # explain every decision (metadata + x-epp-decision response header)
     explain_token: str = ""  # x-epp-explain: <token> asks for one request's explanation (or EPP_EXPLAIN_TOKEN)
