@@ -175,8 +175,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     rows = run_bench([int(x) for x in args.endpoints.split(",")], args.prompt_tokens, args.decisions,
                      [v.strip() for v in args.variants.split(",")])
-    print(f"default config (queue x2, kv-cache x2, prefix x3, max-score picker); {args.prompt_tokens}-token prompts; "
-          "µs per decision")
+    print("EPP's default config (predicted-latency-scorer over the prefix-cache producer, max-score picker); "
+          f"{args.prompt_tokens}-token prompts; µs per decision")
     print(format_table(rows))
 
 
