@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Protocol
 
 import xxhash
@@ -42,6 +43,26 @@ _WORDS = (
 )
 
 
+class SegmentCache:
+    """Token ids of long text segments (system prompts, earlier turns), least recently used out first, bounded
+    by the characters it holds."""
+
+    def __init__(self) -> None:
+        self._ids: OrderedDict[str, list[int]] = OrderedDict()
+        self._chars = 0
+
+    def ids(self, seg: str, encode: Callable[[str], list[int]]) -> list[int]:
+        found = self._ids.get(seg)
+        if found is not None:
+            self._ids.move_to_end(seg)
+            return found
+        found = self._ids[seg] = encode(seg)
+        self._chars += len(seg)
+        while self._chars > _SEGMENT_CACHE_CHARS and self._ids:
+            self._chars -= len(self._ids.popitem(last=False)[0])
+        return found
+
+
 class Tokenizer(Protocol):
     vocab_size: int
 
@@ -67,8 +88,7 @@ class PseudoTokenizer:
         self._ids: dict[str, int] = {tok: i + 1 for i, tok in enumerate(SPECIAL_TOKENS)}
         self._pieces: dict[int, str] = {i: tok for tok, i in self._ids.items()}
         self._specials = dict(self._ids)
-        self._segments: OrderedDict[str, list[int]] = OrderedDict()
-        self._segment_chars = 0
+        self._segments = SegmentCache()
 
     def _id(self, piece: str) -> int:
         tid = self._ids.get(piece)
@@ -94,21 +114,11 @@ class PseudoTokenizer:
         # Pieces never straddle a chat-template marker, so per-segment tokens concatenate exactly.
         # Long segments (system prompts, earlier turns of a conversation) are cached.
         out: list[int] = []
-        cache = self._segments
         for seg in segments:
             if len(seg) < _SEGMENT_CACHE_MIN_CHARS:
                 out += self.encode(seg)
                 continue
-            ids = cache.get(seg)
-            if ids is None:
-                ids = self.encode(seg)
-                cache[seg] = ids
-                self._segment_chars += len(seg)
-                while self._segment_chars > _SEGMENT_CACHE_CHARS and cache:
-                    self._segment_chars -= len(cache.popitem(last=False)[0])
-            else:
-                cache.move_to_end(seg)
-            out += ids
+            out += self._segments.ids(seg, self.encode)
         return out
 
     def decode(self, ids: list[int]) -> str:
@@ -137,8 +147,7 @@ class HFTokenizer:
         self._tok = _HF.from_file(path)
         self._tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        self._segments: OrderedDict[str, list[int]] = OrderedDict()
-        self._segment_chars = 0
+        self._segments = SegmentCache()
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -147,7 +156,6 @@ class HFTokenizer:
         # Every segment of chat_segments() starts and ends with a marker (a special token), so segments
         # tokenise independently; short ones are batched into one call.
         out: list[int] = []
-        cache = self._segments
         pending: list[str] = []
         for seg in segments:
             if len(seg) < _SEGMENT_CACHE_MIN_CHARS or not seg.startswith("<|") or not seg.endswith("|>"):
@@ -156,16 +164,7 @@ class HFTokenizer:
             if pending:
                 out += self.encode("".join(pending))
                 pending = []
-            ids = cache.get(seg)
-            if ids is None:
-                ids = self.encode(seg)
-                cache[seg] = ids
-                self._segment_chars += len(seg)
-                while self._segment_chars > _SEGMENT_CACHE_CHARS and cache:
-                    self._segment_chars -= len(cache.popitem(last=False)[0])
-            else:
-                cache.move_to_end(seg)
-            out += ids
+            out += self._segments.ids(seg, self.encode)
         if pending:
             out += self.encode("".join(pending))
         return out

@@ -22,9 +22,9 @@ from enum import Enum, auto
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-from epp.api.errors import EppError, bad_request, error_body, error_headers
+from epp.api.errors import EppError, error_body, error_headers
 from epp.api.fields import MAX_MODEL_NAME_CHARS, is_model_name
-from epp.api.parsing import api_for_path, parse_request
+from epp.api.parsing import api_for_path, decode_json_object, parse_request
 from epp.api.rewrite import ModelNameRestorer, rewrite_request_model
 from epp.api.types import ApiKind, ErrorStyle, InferenceRequest, ParsedBody
 from epp.api.usage import UsageExtractor
@@ -163,7 +163,7 @@ class ExtProcStream:
             raise self._too_large()
         if msg.end_of_stream:  # no body (e.g. GET /v1/models): route by load at once
             if self.headers.get(":method", "POST") == "POST" and api_for_path(self.path) is not ApiKind.OTHER:
-                raise bad_request("empty-body", "request body is empty; expected a JSON object")
+                decode_json_object(b"", self.options.max_json_depth)  # raises the parsers' own empty-body error
             self._header_only = True
             self._build_request(ParsedBody(ApiKind.OTHER), b"")
             return []

@@ -391,9 +391,10 @@ class EppMetrics:
 
     def routed(self, request: InferenceRequest, endpoint: Endpoint, schedule_seconds: float) -> None:
         s = request.attributes[_SERIES_KEY] = self._series(request)  # the end updates the same series
-        for name in {request.model, request.target_model}:
-            if name in self._provisional:
-                self._provisional[name] += 1
+        if self._provisional:
+            for name in {request.model, request.target_model}:
+                if name in self._provisional:
+                    self._provisional[name] += 1
         s.total.inc()
         s.sizes.observe(len(request.raw_body))
         s.running.inc()

@@ -9,6 +9,7 @@ import pytest
 
 from epp.api.types import Usage
 from epp.datalayer.pool import EndpointPool
+from epp.scheduling.config import EPP_DEFAULT_CONFIG, load_config
 from epp.scheduling.plugins import ProfileResult, ResponseInfo, SchedulingResult
 from plugins.scorers.latency import (
     PRIOR_BASE,
@@ -19,20 +20,11 @@ from plugins.scorers.latency import (
     _Pending,
 )
 from tests.unit.test_prefix import words
-from tests.unit.test_scorers_helpers import config, ep, req
-
-CONFIG = """plugins:
-- type: prefix-cache-scorer
-- type: predicted-latency-scorer
-schedulingProfiles:
-- name: default
-  plugins:
-  - pluginRef: predicted-latency-scorer
-"""
+from tests.unit.test_scorers_helpers import ep, req
 
 
 def setup(pool: EndpointPool | None = None):
-    cfg = config(CONFIG)
+    cfg = load_config(EPP_DEFAULT_CONFIG)  # the scorer as EPP's default configuration wires it
     if pool is not None:
         cfg.handle.pool = pool
     return cfg.plugins["predicted-latency-scorer"], cfg.plugins["prefix-cache-scorer"]
