@@ -77,6 +77,19 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--ha-enable-leader-election", type=_bool, default=d.ha_enable_leader_election,
          help="active-passive replicas: only the holder of a Lease reports ready")
 
+    flag("--state-store-url", default=d.state_store_url,
+         help="active-active replicas and --workers: share the prefix index and in-flight load through this "
+              "Valkey/Redis (redis://host:6379/0, rediss:// for TLS); empty: each process routes on its own state")
+    flag("--state-store-password-file", default=d.state_store_password_file,
+         help="file holding the store's password (a mounted Secret); default $EPP_STATE_STORE_PASSWORD")
+    flag("--state-store-namespace", default=d.state_store_namespace, help="key prefix in the store")
+    flag("--state-store-sync-interval", type=_duration, default=d.state_store_sync_interval,
+         help="how often picks and load are exchanged (one pipelined round trip; bounds staleness)")
+    flag("--state-store-max-staleness", type=_duration, default=d.state_store_max_staleness,
+         help="with no successful sync for this long, other replicas' load is dropped: local state only")
+    flag("--state-store-timeout", type=_duration, default=d.state_store_timeout,
+         help="longest wait for one round trip to the store (the request path never waits on it)")
+
     flag("--config-file", default=d.config_file, help="EndpointPickerConfig YAML file")
     flag("--config-name", default=d.config_name, choices=["", *BUILTIN_CONFIGS],
          help="a built-in EndpointPickerConfig: epp-default (used when no config is given), gie-default "

@@ -63,6 +63,13 @@ class Config:
     static_endpoints_file: str = ""
     disable_endpoint_subset_filter: bool = False
     ha_enable_leader_election: bool = False
+    # shared routing state for active-active replicas and --workers (epp.state): Valkey/Redis
+    state_store_url: str = ""  # redis://host:6379/0 or rediss://...; empty: each replica routes on its own
+    state_store_password_file: str = ""  # else $EPP_STATE_STORE_PASSWORD
+    state_store_namespace: str = "epp"  # key prefix (the pool's name follows)
+    state_store_sync_interval: float = 0.05  # batching period: how stale the others' picks and load may be
+    state_store_max_staleness: float = 2.0  # no sync for this long: route on local state only
+    state_store_timeout: float = 0.25  # one round trip to the store
     # scheduling
     config_file: str = ""
     config_text: str = ""
@@ -116,5 +123,9 @@ class Config:
             raise ValueError("--client-ca-path needs --secure-serving")
         if self.static_objectives and (self.pool_name or self.endpoint_selector):
             raise ValueError("--static-objectives is for static endpoints; on Kubernetes use InferenceObjectives")
+        if self.state_store_sync_interval < 0.005 or self.state_store_timeout <= 0:
+            raise ValueError("--state-store-sync-interval must be at least 5ms and --state-store-timeout positive")
+        if self.state_store_max_staleness < self.state_store_sync_interval:
+            raise ValueError("--state-store-max-staleness must be at least --state-store-sync-interval")
         if self.endpoint_selector and not self.endpoint_target_ports:
             raise ValueError("--endpoint-selector needs --endpoint-target-ports")

@@ -60,6 +60,14 @@ class EppServer:
         self.scraper = self._make_scraper(picker_config)
         if self.scraper:
             await self.scraper.start()
+        self.state = None
+        if cfg.state_store_url:  # active-active replicas / --workers: share picks and load (epp.state)
+            from epp.state.store import SharedState, StoreCollector, StoreOptions, prefix_producers
+
+            self.state = SharedState(StoreOptions.from_config(cfg), self.pool,
+                                     lambda: prefix_producers(self.director.config))
+            self.metrics.registry.register(StoreCollector(lambda: [self.state]))
+            await self.state.start()
 
         options = [("grpc.max_receive_message_length", cfg.grpc_max_recv_msg_size),
                    ("grpc.max_send_message_length", cfg.grpc_max_recv_msg_size),
@@ -177,6 +185,8 @@ class EppServer:
         await self._http.cleanup()
         if self.scraper:
             await self.scraper.stop()
+        if self.state is not None:
+            await self.state.stop()
         await self.discovery.stop()
         await self.director.waker.close()
         await self.observability.stop()

@@ -27,6 +27,8 @@ class EndpointMetrics:
     unreachable: bool = False  # the server stopped answering scrapes (see datalayer.scraper.UNREACHABLE_AFTER)
     sleeping: bool = False  # the engine reports it sleeps (vLLM sleep mode): not a routing candidate until woken
     woken_at: float = 0.0  # time.monotonic() when EPP last woke it (see Endpoint.asleep)
+    slept_at: float = 0.0  # time.monotonic() when EPP last put it to sleep (see Endpoint.asleep)
+    served_model: str = ""  # the model the server serves, from its metrics' labels ("" until scraped)
 
     def age(self, now: float | None = None) -> float:
         """Seconds since the last successful scrape (infinite when never scraped)."""
@@ -40,7 +42,8 @@ class Endpoint:
     """Identity is the object: the pool replaces an endpoint object when its address changes.
 
     ``inflight_*`` are EPP's first-hand counts (incremented on pick, decremented when the response
-    ends or the stream dies), which react faster than scraped metrics.
+    ends or the stream dies), which react faster than scraped metrics; with a shared store they include
+    the other replicas' (``remote_*``).
     """
 
     name: str
@@ -51,6 +54,9 @@ class Endpoint:
     metrics_port: int | None = None
     inflight_requests: int = 0
     inflight_tokens: int = 0
+    # Of the in-flight counts, what other replicas routed there (epp.state: a shared store folds it in)
+    remote_requests: int = 0
+    remote_tokens: int = 0
 
     def waiting_now(self) -> int:
         """Waiting requests as scraped, moved by the requests EPP routed there (or saw end) since: each one
@@ -71,10 +77,11 @@ class Endpoint:
 
     @property
     def asleep(self) -> bool:
-        """The engine sleeps, as last scraped; not within ``WAKE_GRACE`` s of EPP waking it (a scrape that began
-        before the wake may still report it asleep)."""
+        """The engine sleeps, as last scraped; within ``WAKE_GRACE`` s of EPP waking it or putting it to sleep,
+        as EPP left it (a scrape that began before may still report the old state)."""
         m = self.metrics
-        return m.sleeping and time.monotonic() - m.woken_at > WAKE_GRACE
+        now = time.monotonic()
+        return (m.slept_at > 0 and now - m.slept_at <= WAKE_GRACE) or (m.sleeping and now - m.woken_at > WAKE_GRACE)
 
     @property
     def hostport(self) -> str:

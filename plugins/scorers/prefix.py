@@ -44,7 +44,7 @@ import logging
 import math
 from array import array
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import xxhash
@@ -227,6 +227,8 @@ class ApproxPrefixCacheProducer(RequestObserver):
         self._key = ("approx-prefix-cache", id(self))
         self.stats = {"misses": 0, "surprise_hits": 0}
         self.audit = PredictionAudit("tokens", TOKEN_ERROR_BUCKETS, threshold=16)
+        # (producer name, endpoint name, block hashes, tokens per block) of every pick, for a shared store
+        self.share: Callable[[str, str, Sequence[int], float], None] | None = None
 
     def start(self) -> None:
         if self.handle and self.handle.pool:
@@ -384,19 +386,35 @@ class ApproxPrefixCacheProducer(RequestObserver):
                     pending_at = i
                 ages.append(seq - s)
             credited = min(matched if pending_at is None else min(matched, pending_at), len(ages))
+        block_tokens = st.unit or st.block_tokens
+        stamp = self._index(srv, endpoint, hashes, block_tokens)
+        if self.share is not None:  # other replicas learn the pick (epp.state)
+            self.share(self.name, endpoint.name, hashes, block_tokens)
+        srv.inflight.add(stamp)
+        st.stamps.append((endpoint.name, stamp))
+        if credit and self.feedback:
+            st.credit = _Credit(endpoint.name, stamp, credited, ages)
+
+    def _index(self, srv: _Server, endpoint: Endpoint, hashes: Sequence[int], block_tokens: float) -> int:
+        """Insert a chain's blocks tail first (see the module notes); the insertion's stamp."""
+        lru = srv.lru
         stamp = srv.seq + len(hashes)
         srv.seq = stamp
         move = lru.move_to_end
         for h in reversed(hashes):
             lru[h] = stamp
             move(h)
-        cap = self._capacity(endpoint, st.unit or st.block_tokens)
+        cap = self._capacity(endpoint, block_tokens)
         while len(lru) > cap:
             lru.popitem(last=False)
-        srv.inflight.add(stamp)
-        st.stamps.append((endpoint.name, stamp))
-        if credit and self.feedback:
-            st.credit = _Credit(endpoint.name, stamp, credited, ages)
+        return stamp
+
+    def insert_remote(self, endpoint: Endpoint, hashes: Sequence[int], block_tokens: float) -> None:
+        """Blocks another replica sent to ``endpoint`` (epp.state): indexed as a pick of ours, never credited."""
+        srv = self._servers.get(endpoint.name)
+        if srv is None:
+            srv = self._servers[endpoint.name] = _Server()
+        self._index(srv, endpoint, hashes, block_tokens)
 
     def on_response_complete(self, request: InferenceRequest, endpoint: Endpoint, response: ResponseInfo) -> None:
         st: PrefixState | None = request.attributes.get(self._key)

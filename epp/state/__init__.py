@@ -1,0 +1,1 @@
+"""Routing state shared by EPP replicas and worker processes through Valkey/Redis (see ``store``)."""
