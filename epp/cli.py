@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
          help="end the drain early once no stream has been open for this long and a health probe was told "
               "NOT_SERVING (0: serve the whole --drain-timeout, as GIE)")
 
+    flag("--workers", type=int, default=d.workers,
+         help="processes serving the ext_proc port (SO_REUSEPORT) under one supervisor, which aggregates health, "
+              "/metrics (a worker label) and /debug and passes drain and reload on; share routing state between "
+              "them with --state-store-url")
+    flag("--worker-index", type=int, default=d.worker_index, help=argparse.SUPPRESS)
+
     flag("--pool-name", default=d.pool_name, help="InferencePool to watch")
     flag("--pool-namespace", default=d.pool_namespace)
     flag("--pool-group", default=d.pool_group)
@@ -158,6 +164,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from epp.server import run
 
     cfg = parse_args(argv)
+    if cfg.workers > 1:
+        from epp.workers import run_supervisor
+
+        return run_supervisor(cfg, sys.argv[1:] if argv is None else argv)
     if cfg.event_loop == "uvloop":
         import uvloop  # libuv's event loop: less overhead per callback on the per-chunk ext_proc path
 

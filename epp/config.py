@@ -53,6 +53,8 @@ class Config:
     grpc_max_recv_msg_size: int = 64 << 20
     drain_timeout: float = 30.0
     drain_quiet_period: float = 0.0  # > 0: end the drain early once no stream was open for this long
+    workers: int = 1  # processes serving the ext_proc port (SO_REUSEPORT) under a supervisor (epp.workers)
+    worker_index: int = -1  # set by the supervisor on its workers' command lines
     # discovery
     pool_name: str = ""
     pool_namespace: str = ""
@@ -123,6 +125,8 @@ class Config:
             raise ValueError("--client-ca-path needs --secure-serving")
         if self.static_objectives and (self.pool_name or self.endpoint_selector):
             raise ValueError("--static-objectives is for static endpoints; on Kubernetes use InferenceObjectives")
+        if not 1 <= self.workers <= 256:
+            raise ValueError("--workers must be between 1 and 256")
         if self.state_store_sync_interval < 0.005 or self.state_store_timeout <= 0:
             raise ValueError("--state-store-sync-interval must be at least 5ms and --state-store-timeout positive")
         if self.state_store_max_staleness < self.state_store_sync_interval:

@@ -71,7 +71,7 @@ class EppServer:
 
         options = [("grpc.max_receive_message_length", cfg.grpc_max_recv_msg_size),
                    ("grpc.max_send_message_length", cfg.grpc_max_recv_msg_size),
-                   ("grpc.so_reuseport", 0)]
+                   ("grpc.so_reuseport", 1 if cfg.worker_index >= 0 else 0)]  # workers share the port
         limits = StreamOptions(max_body_bytes=cfg.max_request_body_bytes, max_json_depth=cfg.max_json_depth,
                                decision_header=cfg.decision_header, max_messages=cfg.max_request_messages,
                                max_prompt_chars=cfg.max_prompt_chars, max_prompt_tokens=cfg.max_prompt_tokens,
@@ -194,12 +194,20 @@ class EppServer:
 
 async def run(cfg: Config) -> int:
     setup_logging(cfg.verbosity, cfg.log_format)
+    if cfg.worker_index >= 0:
+        from epp.workers import die_with_parent
+
+        die_with_parent()
     server = EppServer(cfg)
     try:
         await server.start()
     except Exception as e:
         log.error("epp failed to start: %s", e)
         return 1
+    if cfg.worker_index >= 0:
+        from epp.workers import announce
+
+        announce(server.health_port, server.metrics_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
