@@ -41,6 +41,7 @@ class Decision:
     result: SchedulingResult
     tokens: int  # estimated tokens this request adds to the endpoint (prompt + output)
     extras: Any = None  # epp.observability.hooks.DecisionExtras: headers/metadata to add, trace span
+    prefill_tokens: int = 0  # P/D: prompt tokens counted in flight on the prefill endpoint until its prefill ends
 
     @property
     def primary(self) -> Endpoint:
@@ -67,15 +68,19 @@ def filter_subset(endpoints: Iterable[Endpoint], subset: Sequence[str]) -> list[
     return [e for e in endpoints if e.address in hosts or e.hostport in exact]
 
 
-def estimate_tokens(request: InferenceRequest, ratios: TokenRatios | None = None) -> int:
-    """Prompt + expected output tokens of a request, the prompt's from the learned characters per token."""
+def estimate_prompt_tokens(request: InferenceRequest, ratios: TokenRatios | None = None) -> int:
+    """Prompt tokens of a request: its token ids, or its text through the learned characters per token."""
     body = request.body
-    ratios = ratios or _PRIOR
     if body.prompt_token_ids is not None:
-        prompt = len(body.prompt_token_ids)
-    else:
-        chars = len(body.prompt_text) if body.prompt_text is not None else len(request.raw_body)
-        prompt = ratios.tokens(request.target_model or body.model, chars)
+        return len(body.prompt_token_ids)
+    chars = len(body.prompt_text) if body.prompt_text is not None else len(request.raw_body)
+    return (ratios or _PRIOR).tokens(request.target_model or body.model, chars)
+
+
+def estimate_tokens(request: InferenceRequest, ratios: TokenRatios | None = None) -> int:
+    """Prompt + expected output tokens of a request."""
+    prompt = estimate_prompt_tokens(request, ratios)
+    body = request.body
     output = body.max_output_tokens if body.max_output_tokens is not None else prompt * 3 // 2
     return prompt + min(output, MAX_OUTPUT_ESTIMATE)
 
@@ -166,10 +171,16 @@ class Director:
         elapsed = time.perf_counter() - t0
         if self.metrics:
             self.metrics.routed(request, primary, elapsed)
+            if result.disagg is not None:
+                self.metrics.disaggregated(result.disagg["decision"], result.prefill)
         if self.hooks is not None:
             self.hooks.routed(request, decision, elapsed, config, len(candidates))
         primary.inflight_requests += 1
         primary.inflight_tokens += decision.tokens
+        if result.prefill is not None:  # P/D: the prefill pod is busy until the decode pod's answer starts
+            decision.prefill_tokens = max(1, estimate_prompt_tokens(request, self.pool.tokens))
+            result.prefill.inflight_requests += 1
+            result.prefill.inflight_tokens += decision.prefill_tokens
         for obs in self.observers:
             try:
                 obs.pre_request(request, result)
@@ -184,7 +195,16 @@ class Director:
         if self.hooks is not None:
             self.hooks.rejected(request, err)
 
+    @staticmethod
+    def _prefill_done(decision: Decision) -> None:
+        prefill = decision.result.prefill
+        if prefill is not None and decision.prefill_tokens:
+            prefill.inflight_requests = max(0, prefill.inflight_requests - 1)
+            prefill.inflight_tokens = max(0, prefill.inflight_tokens - decision.prefill_tokens)
+            decision.prefill_tokens = 0
+
     def response_headers(self, request: InferenceRequest, decision: Decision, response: ResponseInfo) -> None:
+        self._prefill_done(decision)  # the decode pod answers once the remote prefill and the KV pull are done
         for obs in self.observers:
             try:
                 obs.on_response_headers(request, decision.primary, response)
@@ -203,6 +223,7 @@ class Director:
         primary = decision.primary
         primary.inflight_requests = max(0, primary.inflight_requests - 1)
         primary.inflight_tokens = max(0, primary.inflight_tokens - decision.tokens)
+        self._prefill_done(decision)
         self.admission.completed()
         u = response.usage
         text = request.body.prompt_text

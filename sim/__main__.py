@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--wake-latency-ms", type=float, default=600.0,
                     help="sleep mode: POST /wake_up takes this long after POST /sleep?level=1")
     ap.add_argument("--wake-latency-level2-ms", type=float, default=2000.0, help="... after level 2")
+    ap.add_argument("--roles", type=_csv, default=[],
+                    help="P/D: llm-d.ai/role of each pod in order, prefill|decode|both (default both); a decode "
+                         "or both pod acts as llm-d's sidecar when a request names a prefill pod")
+    ap.add_argument("--kv-transfer-fixed-ms", type=float, default=1.0, help="P/D: fixed cost of one KV pull")
+    ap.add_argument("--kv-transfer-token-us", type=float, default=5.0, help="P/D: KV pull time per token")
     ap.add_argument("--log-level", default="WARNING")
     return ap
 
@@ -75,6 +80,8 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         legacy_metrics=args.legacy_metrics, kv_events=args.kv_events, kv_events_buffer=args.kv_events_buffer,
         kv_events_topic=args.kv_events_topic, kv_events_encoding=args.kv_events_encoding,
         wake_latency_s=args.wake_latency_ms / 1000, wake_latency_level2_s=args.wake_latency_level2_ms / 1000,
+        roles=args.roles, kv_transfer_fixed_s=args.kv_transfer_fixed_ms / 1000,
+        kv_transfer_token_s=args.kv_transfer_token_us / 1e6,
     )
 
 

@@ -41,6 +41,11 @@ class SimConfig:
     kv_events_encoding: str = "array"  # "array": vLLM's positional msgpack events; "map": {"type": ..., fields}
     wake_latency_s: float = 0.6  # POST /wake_up after sleeping at level 1 (weights back from CPU RAM)
     wake_latency_level2_s: float = 2.0  # ... at level 2 (weights reloaded)
+    # P/D disaggregation (sim/pd.py): llm-d role of each pod, by pod index ("prefill" | "decode" | "both";
+    # pods past the list are "both"), and the KV pull a decode pod makes after a remote prefill.
+    roles: list[str] = field(default_factory=list)
+    kv_transfer_fixed_s: float = 0.001  # per pull: connection set-up, block-id exchange
+    kv_transfer_token_s: float = 5e-6  # per token pulled (8B model, ~128 KiB/token over RDMA at ~25 GB/s)
 
     def resolved(self) -> ResolvedConfig:
         try:

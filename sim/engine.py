@@ -220,6 +220,38 @@ class Engine:
     def reset_prefix_cache(self) -> int:
         return self.kv.reset_prefix_cache()
 
+    # -- P/D: KV blocks computed elsewhere (sim/pd.py) -----------------------------------------------------
+    def _probe(self, prompt_ids: list[int], lora: str | None, cache_salt: str | None) -> SimRequest:
+        """A request the scheduler never sees, to look up or store a prompt's blocks."""
+        root = hash_root(lora or self.rc.model_label, cache_salt, self._seed)
+        return SimRequest("kv-probe", prompt_ids, [], [], 0, block_size=self.p.block_size, root=root, lora=lora,
+                          stream=False, prefill_only=True, length_reason="stop", arrival=0.0)
+
+    def missing_prefix_tokens(self, prompt_ids: list[int], lora: str | None = None,
+                              cache_salt: str | None = None) -> int:
+        """Tokens of the prompt's cacheable blocks this cache does not hold (what a KV pull moves)."""
+        req = self._probe(prompt_ids, lora, cache_salt)
+        full = (len(prompt_ids) - 1) // self.p.block_size
+        return (full - len(self.kv.lookup(req))) * self.p.block_size
+
+    def import_prefix(self, prompt_ids: list[int], lora: str | None = None, cache_salt: str | None = None) -> int:
+        """Store the prompt's cacheable blocks as if computed here (pulled from a prefill pod): allocated,
+        hashed, then freed into the cache, where the request's own admission finds them. Returns the tokens
+        stored; 0 when they were there already or the cache has no room (the decode then recomputes them)."""
+        req = self._probe(prompt_ids, lora, cache_salt)
+        bs = self.p.block_size
+        hits = self.kv.lookup(req)
+        have, full = len(hits) * bs, (len(prompt_ids) - 1) // bs * bs
+        if full <= have or not self.kv.allocate(req, have, full - have, hits):
+            return 0
+        self.kv.free(req)
+        return full - have
+
+    def cached_block_ids(self, prompt_ids: list[int], lora: str | None = None,
+                         cache_salt: str | None = None) -> list[int]:
+        """Block ids holding the prompt's prefix (a prefill pod's ``remote_block_ids``)."""
+        return self.kv.lookup(self._probe(prompt_ids, lora, cache_salt))
+
     # -- the step loop ---------------------------------------------------------------------------------
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -432,4 +464,6 @@ class Engine:
             "running_loras": sorted({r.lora for r in self.running if r.lora}),
             "waiting_loras": sorted({r.lora for r in self.waiting if r.lora}),
             "step_time_scale": self.step_time_scale,
+            "pd": {"prefills": s.pd_prefills, "remote_prefills": s.pd_remote_prefills,
+                   "kv_pulled_tokens": s.pd_kv_pulled_tokens, "fallbacks": s.pd_fallbacks},
         }

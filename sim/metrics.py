@@ -133,6 +133,15 @@ class PodMetricsSource:
              s.iteration_tokens),
         ):
             yield Family("histogram", name, doc, hist=hist)
+        # P/D (sim/pd.py); simulator-only names: vLLM reports its KV connector's transfers in its own way
+        yield self._one(c, "sim:pd_prefill_requests", "Requests prefilled here for a remote decode pod.",
+                        s.pd_prefills)
+        yield self._one(c, "sim:pd_remote_prefill_requests", "Requests decoded here after a remote prefill.",
+                        s.pd_remote_prefills)
+        yield self._one(c, "sim:pd_kv_pulled_tokens", "Prompt tokens whose KV was pulled from prefill pods.",
+                        s.pd_kv_pulled_tokens)
+        yield self._one(c, "sim:pd_prefill_fallbacks", "Remote prefills that failed and were done here instead.",
+                        s.pd_fallbacks)
         yield Family(g, "vllm:cache_config_info", "Information of the LLMEngine CacheConfig",
                      samples=[(self.cache_info, 1.0)])
         if self.lora_enabled:

@@ -30,6 +30,7 @@ from sim.engine import Engine
 from sim.errors import ApiError, error_bytes
 from sim.kv_events import KVEventLog
 from sim.metrics import PodMetrics
+from sim.pd import ROLES
 from sim.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger("sim")
@@ -91,7 +92,8 @@ async def _control(pod: Pod, request: web.Request, doc: Any) -> web.StreamRespon
 
 
 async def _state(pod: Pod, request: web.Request, doc: Any) -> web.StreamResponse:
-    return json_response({"pod": pod.address, "model": pod.rc.model_label, "profile": pod.rc.profile.name,
+    return json_response({"pod": pod.address, "role": pod.role, "model": pod.rc.model_label,
+                          "profile": pod.rc.profile.name,
                           **pod.engine.state(), "faults": pod.faults.as_dict(), "sleep": pod.sleep.as_dict(pod)})
 
 
@@ -266,6 +268,9 @@ class SimCluster:
                  tokenizer: Tokenizer | None = None) -> None:
         if n < 1:
             raise ValueError("n must be at least 1")
+        bad = [r for r in config.roles if r not in ROLES]
+        if bad:
+            raise ValueError(f"unknown role(s) {bad}; choose among {list(ROLES)}")
         self.config = config
         self.rc = config.resolved()
         self.n = n
@@ -295,7 +300,8 @@ class SimCluster:
     async def _start_pod(self, i: int) -> None:
         engine = Engine(self.rc, self.tokenizer, pod_index=i)
         pod = Pod(index=i, host=self.host, port=0, rc=self.rc, engine=engine, tokenizer=self.tokenizer,
-                  metrics=PodMetrics(engine), rng=random.Random(self.config.seed * 1000 + i))
+                  metrics=PodMetrics(engine), rng=random.Random(self.config.seed * 1000 + i),
+                  role=self.config.roles[i] if i < len(self.config.roles) else "both")
         events = None
         port = self.base_port + i if self.base_port else 0
         sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM)
@@ -335,6 +341,10 @@ class SimCluster:
         for events in self._events:
             events.close()
         self._events.clear()
+        for pod in self.pods:
+            if pod.client is not None:
+                await pod.client.close()
+                pod.client = None
 
     async def __aenter__(self) -> SimCluster:
         await self.start()

@@ -77,3 +77,8 @@ class EngineStats:
         self.request_generation_tokens = Histogram(token_buckets)
         self.request_max_tokens = Histogram(token_buckets)
         self.iteration_tokens = Histogram(ITERATION_TOKEN_BUCKETS)
+        # P/D (sim/pd.py)
+        self.pd_prefills = 0  # requests prefilled here for a remote decode (do_remote_decode)
+        self.pd_remote_prefills = 0  # requests decoded here after a remote prefill (do_remote_prefill)
+        self.pd_kv_pulled_tokens = 0  # prompt tokens whose KV was pulled from a prefill pod
+        self.pd_fallbacks = 0  # sidecar: the prefill pod failed, prefilled here instead

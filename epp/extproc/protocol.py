@@ -20,8 +20,9 @@ DECISION_HEADER = "x-epp-endpoint"  # response header naming EPP's pick, when en
 OBJECTIVE_HEADERS = ("x-gateway-inference-objective", "x-llm-d-inference-objective")
 FAIRNESS_HEADERS = ("x-gateway-inference-fairness-id", "x-llm-d-inference-fairness-id")
 REWRITE_HEADERS = ("x-gateway-model-name-rewrite", "x-llm-d-model-name-rewrite")
+PREFILLER_HEADER = "x-prefiller-host-port"  # llm-d P/D: the prefill pod a decode pod's sidecar calls
 # Headers only the proxy or EPP may set: a client's copy is removed before the request goes upstream.
-PROTECTED_HEADERS = (DESTINATION_HEADER, SUBSET_KEY, SERVED_KEY)
+PROTECTED_HEADERS = (DESTINATION_HEADER, SUBSET_KEY, SERVED_KEY, PREFILLER_HEADER)
 
 MAX_CHUNK = 62_000  # GIE's margin under the 64 KiB some data planes allow per streamed chunk
 

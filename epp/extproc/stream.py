@@ -336,8 +336,10 @@ class ExtProcStream:
             set_headers[p.REQUEST_ID_HEADER] = self._generated_id
         if not self._header_only:
             set_headers["content-length"] = str(len(self.request.raw_body))
-        remove = [h for h in p.PROTECTED_HEADERS if h in self.headers and h != p.DESTINATION_HEADER]
-        lb: dict[str, object] = {p.DESTINATION_HEADER: dest}
+        set_headers.update(decision.result.request_headers)  # P/D: x-prefiller-host-port
+        # A client's copy of a header only EPP sets goes, unless EPP overwrites it now.
+        remove = [h for h in p.PROTECTED_HEADERS if h in self.headers and h not in set_headers]
+        lb: dict[str, object] = {p.DESTINATION_HEADER: dest, **decision.result.request_headers}  # P/D: prefill pod
         extras = decision.extras  # observability: trace context, explanation (epp.observability.hooks)
         if extras is not None:
             set_headers.update(extras.request_headers)

@@ -131,6 +131,10 @@ class RequestHooks:
         if len(decision.endpoints) > 1:
             record["fallbacks"] = [e.name for e in decision.endpoints[1:]]
         extras = DecisionExtras(record)
+        if result.disagg is not None:  # P/D: the decode pod is the pick above; the prefill pod, when split
+            record["pd"] = dict(result.disagg)
+            if result.prefill is not None:
+                record["pd"]["prefill_dest"] = result.prefill.hostport
         if EXPLAIN_HEADER in request.headers:
             extras.remove_headers.append(EXPLAIN_HEADER)
         if explanation is not None:

@@ -291,6 +291,11 @@ class EppMetrics:
                                  registry=r)
         self.rejections = Counter("epp_rejections_total", "Requests EPP answered itself, by reason and status.",
                                   ["reason", "status"], registry=r)
+        # P/D (plugins/disagg.py): llm-d's decision types; epp_decisions_total counts the decode pick
+        self.pd_decisions = Counter("epp_pd_decisions_total", "Prefill/decode decisions: decode-only or "
+                                    "prefill-decode.", ["decision_type"], registry=r)
+        self.prefill_decisions = Counter("epp_prefill_decisions_total", "Requests prefilled on a prefill endpoint, "
+                                         "by that endpoint.", ["endpoint"], registry=r)
         self.plugin_duration = FastHistogramFamily(
             "inference_extension_plugin_duration_seconds", "Time spent in one plugin call.",
             ["extension_point", "plugin_type", "plugin_name"], _PLUGIN)
@@ -328,6 +333,8 @@ class EppMetrics:
                 self._decisions.pop(e.name, None)
                 with contextlib.suppress(KeyError):
                     self.decisions.remove(e.name)
+                with contextlib.suppress(KeyError):
+                    self.prefill_decisions.remove(e.name)
 
     def _model(self, name: str) -> str:
         """The label for a model name: the name once a server answered it with success; before that, the name
@@ -404,6 +411,11 @@ class EppMetrics:
         if decisions is None:
             decisions = self._decisions[endpoint.name] = self.decisions.labels(endpoint.name)
         decisions.inc()
+
+    def disaggregated(self, decision: str, prefill: Endpoint | None) -> None:
+        self.pd_decisions.labels(decision).inc()
+        if prefill is not None:
+            self.prefill_decisions.labels(prefill.name).inc()
 
     def known_model_label(self, name: str) -> str:
         """The label for a model name without taking a provisional slot (for requests that may never reach a

@@ -202,6 +202,7 @@ def load_config(text: str | None, pool: EndpointPool | None = None,
         _expect(len(profiles) == 1, "config: several scheduling profiles need a profile handler plugin")
         handler = _default(plugins, "single-profile-handler", handle)
     assert isinstance(handler, ProfileHandler)
+    handler.check_profiles(profiles)
     admission = build_admission_config(doc, plugins, handle, gates)  # saturation detector, flow control
 
     for plugin in plugins.values():

@@ -72,6 +72,14 @@ class ProfileResult:
 class SchedulingResult:
     profile_results: dict[str, ProfileResult | None]
     primary_profile: str
+    # Headers the profile handler sets on the upstream request (e.g. P/D's x-prefiller-host-port); a client's
+    # copy of each is removed first.
+    request_headers: dict[str, str] = field(default_factory=dict)
+    # Prefill/decode disaggregation (plugins/disagg.py): the decision and why ({"decision": "decode-only" |
+    # "prefill-decode", "reason": ..., ...}; None when no disaggregating handler ran), and the prefill endpoint
+    # the primary (decode) endpoint pulls the KV cache from.
+    disagg: dict[str, Any] | None = None
+    prefill: Endpoint | None = None
 
     @property
     def endpoints(self) -> list[Endpoint]:
@@ -106,6 +114,9 @@ class ProfileHandler(Plugin):
     def process_results(self, cycle: CycleState, request: InferenceRequest,
                         results: dict[str, ProfileResult | None]) -> SchedulingResult:
         raise NotImplementedError
+
+    def check_profiles(self, profiles: Mapping[str, Any]) -> None:
+        """Called once the configuration is built: raise ``PluginConfigError`` when profiles it needs are missing."""
 
 
 @dataclass(slots=True)

@@ -42,7 +42,13 @@ from typing import Any
 
 import yaml
 
-from epp.extproc.protocol import DESTINATION_HEADER, LB_NAMESPACE, OBJECTIVE_HEADERS, PROTECTED_HEADERS, REWRITE_HEADERS
+from epp.extproc.protocol import (
+    DESTINATION_HEADER,
+    LB_NAMESPACE,
+    OBJECTIVE_HEADERS,
+    PROTECTED_HEADERS,
+    REWRITE_HEADERS,
+)
 
 _HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 _EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
@@ -53,11 +59,10 @@ _HEADER_MUTATION_ROUTE = ("type.googleapis.com/envoy.extensions.filters.http.hea
 _UPSTREAM_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 _SECRET = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 
-PREFILLER_HEADER = "x-prefiller-host-port"  # llm-d P/D: the prefill pod a decode pod's sidecar calls
 # Removed from every client request before ext_proc sees it: where a request goes (the pick, the subset
 # hint, the served endpoint, the prefill pod) and what EPP does with it (model rewrite, objective). A
 # gateway policy that sets the rewrite or objective headers must set them after this strip.
-STRIPPED_REQUEST_HEADERS = (*PROTECTED_HEADERS, PREFILLER_HEADER, *REWRITE_HEADERS, *OBJECTIVE_HEADERS)
+STRIPPED_REQUEST_HEADERS = (*PROTECTED_HEADERS, *REWRITE_HEADERS, *OBJECTIVE_HEADERS)  # PROTECTED has P/D's
 STRIP_FILTER = "envoy.filters.http.header_mutation"
 POLICY_FILTER = "gateway-policy"  # header_mutation filter setting route_headers, after the strip
 # SDS files (beside envoy.yaml) naming the files of extproc_tls_dir.
@@ -70,6 +75,7 @@ class EnvoySpec:
     admin_port: int
     extproc_port: int
     endpoints: list[str] = field(default_factory=list)  # host:port, for override_host and the baseline
+    more_extproc_ports: list[int] = field(default_factory=list)  # active-active EPP replicas: round robin per stream
     upstream: str = "original_dst"  # or "override_host"
     response_body_mode: str = "FULL_DUPLEX_STREAMED"  # or "NONE"
     # "rig": the configuration below. "gie": GIE's standard standalone Envoy as it ships (see
@@ -189,7 +195,7 @@ def envoy_config(spec: EnvoySpec) -> dict[str, Any]:
                            "no_traffic_interval": "2s", "reuse_connection": True,
                            "grpc_health_check": {"service_name": "envoy.service.ext_proc.v3.ExternalProcessor"}}],
         "load_assignment": {"cluster_name": "epp", "endpoints": [{"lb_endpoints": _lb_endpoints(
-            [f"{spec.host}:{spec.extproc_port}"])}]},
+            [f"{spec.host}:{p}" for p in (spec.extproc_port, *spec.more_extproc_ports)])}]},
     }
     if spec.extproc_tls:
         epp_cluster["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": _extproc_tls(spec)}

@@ -108,3 +108,23 @@ class ByLabelFilter(Filter):
             if (v is None and absent_ok) or (v is not None and v in valid):
                 out.append(e)
         return out
+
+
+ROLE_LABEL = "llm-d.ai/role"  # llm-d's P/D role of a pod: prefill | decode | both
+
+
+@register_plugin("prefill-filter")
+class PrefillFilter(ByLabelFilter):
+    """llm-d: keep pods labelled ``llm-d.ai/role: prefill`` (unlabelled pods are dropped)."""
+
+    def __init__(self) -> None:
+        super().__init__(ROLE_LABEL, ["prefill"], allows_no_label=False)
+
+
+@register_plugin("decode-filter")
+class DecodeFilter(ByLabelFilter):
+    """llm-d: keep pods labelled ``llm-d.ai/role: decode`` or ``both``, and unlabelled pods (an aggregated
+    pool without roles keeps working)."""
+
+    def __init__(self) -> None:
+        super().__init__(ROLE_LABEL, ["decode", "both"], allows_no_label=True)

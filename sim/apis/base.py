@@ -53,6 +53,8 @@ class Pod:
     sleep: SleepMode = field(default_factory=SleepMode)
     created: int = field(default_factory=lambda: int(time.time()))
     rng: random.Random = field(default_factory=random.Random)
+    role: str = "both"  # llm-d.ai/role: prefill | decode | both (sim/pd.py)
+    client: Any = None  # aiohttp.ClientSession of the P/D sidecar, opened on first use
 
     @property
     def address(self) -> str:

@@ -8,6 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
+from sim import pd
 from sim.apis.base import (
     DONE,
     Pod,
@@ -56,13 +57,16 @@ async def chat_completions(pod: Pod, request: web.Request, doc: Any) -> web.Stre
     max_tokens = check_length(pod, len(prompt), max_tokens, explicit)
     salt = cache_salt_of(body)
     await before_engine(pod)
+    await pd.prepare(pod, request, body, prompt, lora, salt)
     req = submit(pod, request, prompt, max_tokens, stream=stream, lora=lora, cache_salt=salt,
                  explicit_max=explicit)
     rid = f"chatcmpl-{req.rid}"
     created = int(time.time())
     if not stream:
         await run_to_end(pod, [req])
-        return json_response(chat_completion_doc(rid, created, model, req))
+        doc = chat_completion_doc(rid, created, model, req)
+        doc["kv_transfer_params"] = pd.produced(pod, body, req, prompt, lora, salt)
+        return json_response(doc)
     return await _stream_chat(pod, request, rid, created, model, req, include_usage, continuous)
 
 
@@ -142,19 +146,22 @@ async def completions(pod: Pod, request: web.Request, doc: Any) -> web.StreamRes
     limits = [check_length(pod, len(p), max_tokens, explicit) for p in prompts]
     salt = cache_salt_of(body)
     await before_engine(pod)
+    if len(prompts) == 1:  # P/D for one prompt, as llm-d's sidecar
+        await pd.prepare(pod, request, body, prompts[0], lora, salt)
     reqs = [submit(pod, request, p, m, stream=stream, lora=lora, cache_salt=salt, explicit_max=explicit)
             for p, m in zip(prompts, limits, strict=True)]
     rid = f"cmpl-{reqs[0].rid}"
     created = int(time.time())
     if not stream:
         await run_to_end(pod, reqs)
+        params = pd.produced(pod, body, reqs[0], prompts[0], lora, salt) if len(prompts) == 1 else None
         return json_response({
             "id": rid, "object": "text_completion", "created": created, "model": model,
             "choices": [{"index": i, "text": "".join(r.output_text[:r.num_output]), "logprobs": None,
                          "finish_reason": r.finish_reason, "stop_reason": None, "prompt_logprobs": None}
                         for i, r in enumerate(reqs)],
             "service_tier": None, "system_fingerprint": None, "usage": req_usage(reqs),
-            "kv_transfer_params": None,
+            "kv_transfer_params": params,
         })
     w = await SseWriter(pod, request).open()
     head = (f'data: {{"id":"{rid}","object":"text_completion","created":{created},'

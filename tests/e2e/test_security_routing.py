@@ -20,8 +20,15 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from epp.extproc.protocol import DESTINATION_HEADER, OBJECTIVE_HEADERS, REWRITE_HEADERS, SERVED_KEY, SUBSET_KEY
-from epp.stack.envoy import POLICY_FILTER, PREFILLER_HEADER, STRIP_FILTER, EnvoySpec, envoy_config
+from epp.extproc.protocol import (
+    DESTINATION_HEADER,
+    OBJECTIVE_HEADERS,
+    PREFILLER_HEADER,
+    REWRITE_HEADERS,
+    SERVED_KEY,
+    SUBSET_KEY,
+)
+from epp.stack.envoy import POLICY_FILTER, STRIP_FILTER, EnvoySpec, envoy_config
 from epp.stack.local import LocalStack, free_port
 from epp.stack.tour import MODEL
 from tests.e2e.conftest import POLICIES, SIM_ARGS
