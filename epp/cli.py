@@ -35,6 +35,18 @@ def _objectives(text: str) -> dict[str, int]:
     return out
 
 
+def _deployments(text: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        name, sep, model = (x.strip() for x in part.partition("="))
+        if not sep or not name or not model or "/" in name:
+            raise ValueError("deployment=served-model,... (a deployment name has no '/')")
+        out[name] = model
+    return out
+
+
 _bool = _typed(parse_bool, "boolean")
 _duration = _typed(parse_duration, "duration")
 
@@ -129,6 +141,18 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--wake-timeout", type=_duration, default=d.wake_timeout,
          help="a request whose endpoints all sleep (vLLM sleep mode) wakes one and waits this long for it, "
               "then gets 503 wake-failed")
+    flag("--sleep-idle-time", type=_duration, default=d.sleep_idle_time,
+         help="put an endpoint to sleep (vLLM sleep mode) once no request went to it for this long, behind a drain "
+              "barrier (0: never)")
+    flag("--sleep-level", type=int, default=d.sleep_level, choices=[1, 2],
+         help="the level EPP puts endpoints to sleep at: 1 offloads weights to CPU RAM, 2 discards them")
+    flag("--accelerator-budget", type=float, default=d.accelerator_budget,
+         help="models awake at once on one accelerator (or memory, with the epp.io/accelerator-memory label), unless "
+              "the epp.io/accelerator-budget label says; waking one more puts the least-recently-used to sleep "
+              "(0: no limit)")
+    flag("--model-deployments", type=_typed(_deployments, "deployments"), default=d.model_deployments,
+         help="path prefixes: deployment=served-model,... (http://<gateway>/<deployment>/v1/...); a served model "
+              "name is its own prefix")
 
     flag("-v", "--v", dest="verbosity", type=int, default=d.verbosity, help="log verbosity like GIE: 2 info, 4 debug")
     flag("--decision-header", type=_bool, default=d.decision_header,

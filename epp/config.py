@@ -93,6 +93,11 @@ class Config:
     # objective name -> priority without Kubernetes (--static-objectives); InferenceObjectives replace it
     static_objectives: dict[str, int] = field(default_factory=dict)
     wake_timeout: float = 60.0  # a sleeping model server EPP wakes for a request must serve within this, else 503
+    sleep_idle_time: float = 0.0  # an endpoint with no request for this long is put to sleep (0: never)
+    sleep_level: int = 1  # vLLM's POST /sleep?level=: 1 offloads weights to CPU RAM, 2 discards them
+    accelerator_budget: float = 0.0  # models awake at once per accelerator (epp.admission.accelerator); 0: no limit
+    # /<deployment>/ path prefix -> served model (epp.admission.models); served names are prefixes without one
+    model_deployments: dict[str, str] = field(default_factory=dict)
     # observability
     decision_header: bool = False
     verbosity: int = 2
@@ -117,6 +122,10 @@ class Config:
             raise ValueError("--log-format must be text or json")
         if self.wake_timeout <= 0:
             raise ValueError("--wake-timeout must be positive")
+        if self.sleep_idle_time < 0 or self.accelerator_budget < 0:
+            raise ValueError("--sleep-idle-time and --accelerator-budget must not be negative")
+        if self.sleep_level not in (1, 2):
+            raise ValueError("--sleep-level must be 1 or 2")
         if self.drain_timeout < 0 or self.drain_quiet_period < 0:
             raise ValueError("--drain-timeout and --drain-quiet-period must not be negative")
         if self.enable_cert_reload and not self.cert_path:

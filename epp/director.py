@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from epp.admission.controller import Admission
+from epp.admission.models import ModelPaths
 from epp.admission.wake import Waker
 from epp.api.errors import EppError
 from epp.api.types import InferenceRequest
@@ -96,7 +97,8 @@ class Director:
         self.disable_subset_filter = disable_subset_filter
         self.explain = explain
         self.admission = Admission(self, metrics)  # saturation, priority, flow control (epp.admission)
-        self.waker = Waker(self, metrics=metrics)  # wake-on-request for sleeping model servers
+        self.models = ModelPaths(pool)  # the /<model>/ path prefixes
+        self.waker = Waker(self, metrics=metrics)  # wake-on-request, accelerator budget, idle sleep
         self.set_config(config)
 
     def set_config(self, config: PickerConfig) -> None:
@@ -126,11 +128,17 @@ class Director:
                 return found[0]
         return header_target or model
 
-    def candidates(self, subset: Sequence[str] | None, awake_only: bool = True) -> list[Endpoint]:
-        """The pool (or the proxy's subset of it), minus endpoints that stopped answering; all of them
-        when every one has, since a guess beats a certain 503 while metrics are what is broken. Minus
-        sleeping endpoints (``awake_only``): the waker woke one first when all of them slept."""
+    def candidates(self, subset: Sequence[str] | None, awake_only: bool = True,
+                   model: str | None = None) -> list[Endpoint]:
+        """The pool (or the proxy's subset of it; or the endpoints serving ``model``, the one a path prefix
+        selected), minus endpoints that stopped answering; all of them when every one has, since a guess beats a
+        certain 503 while metrics are what is broken. Minus sleeping and draining endpoints (``awake_only``): the
+        waker woke one first when all of them slept."""
         endpoints = self.pool.endpoints
+        if model is not None:
+            endpoints = tuple(self.models.endpoints(model))
+            if not endpoints:
+                raise EppError(503, "rejected-no-endpoints", f"no endpoint serves the model {model!r} (yet)")
         found: Sequence[Endpoint]
         if subset is not None and not self.disable_subset_filter:
             found = filter_subset(endpoints, subset)
@@ -145,7 +153,8 @@ class Director:
             found = endpoints
         answering = [e for e in found if not e.metrics.unreachable] or list(found)
         if awake_only:
-            awake = [e for e in answering if not e.asleep]
+            draining = self.waker.draining
+            awake = [e for e in answering if not e.asleep and e not in draining]
             if not awake:
                 raise EppError(503, "wake-failed", "every endpoint that could serve the request is asleep")
             return awake
@@ -155,13 +164,14 @@ class Director:
         """Admission first (it may hold the request, or refuse it), then the pick. No await between the two: a
         request flow control releases is counted in flight before the next saturation check."""
         if self.admission.applies(request):
-            await self.waker.ensure_awake(subset)  # may hold the request while a sleeping endpoint wakes
+            # may hold the request while a sleeping endpoint wakes
+            await self.waker.ensure_awake(subset, request.path_model)
             await self.admission.admit(request, subset)
         return self.schedule(request, subset)
 
     def schedule(self, request: InferenceRequest, subset: Sequence[str] | None) -> Decision:
         # a request without a body (GET /v1/models) may go to a sleeping engine: it answers those
-        candidates = self.candidates(subset, awake_only=self.admission.applies(request))
+        candidates = self.candidates(subset, awake_only=self.admission.applies(request), model=request.path_model)
         explain = self.explain or (self.hooks is not None and self.hooks.wants_explain(request))
         config = self.config
         t0 = time.perf_counter()
@@ -177,6 +187,7 @@ class Director:
             self.hooks.routed(request, decision, elapsed, config, len(candidates))
         primary.inflight_requests += 1
         primary.inflight_tokens += decision.tokens
+        self.waker.touch(primary)
         if result.prefill is not None:  # P/D: the prefill pod is busy until the decode pod's answer starts
             decision.prefill_tokens = max(1, estimate_prompt_tokens(request, self.pool.tokens))
             result.prefill.inflight_requests += 1
@@ -223,6 +234,7 @@ class Director:
         primary = decision.primary
         primary.inflight_requests = max(0, primary.inflight_requests - 1)
         primary.inflight_tokens = max(0, primary.inflight_tokens - decision.tokens)
+        self.waker.touch(primary)
         self._prefill_done(decision)
         self.admission.completed()
         u = response.usage

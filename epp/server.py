@@ -80,7 +80,9 @@ class EppServer:
                                trust_rewrite_header=cfg.trust_model_rewrite_header,
                                trust_objective_header=cfg.trust_objective_header)
         self.director.admission.budget = limits.budget  # bodies held by flow control count against it too
-        self.director.waker.timeout = cfg.wake_timeout
+        self.director.waker.configure(cfg.wake_timeout, cfg.sleep_idle_time, cfg.sleep_level, cfg.accelerator_budget)
+        self.director.waker.start()
+        self.director.models.deployments = dict(cfg.model_deployments)
         self.servicer = ExtProcServicer(self.director, limits)
         self.grpc_server = grpc.aio.server(options=options)
         pb_grpc.add_ExternalProcessorServicer_to_server(self.servicer, self.grpc_server)

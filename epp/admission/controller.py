@@ -118,13 +118,15 @@ class Admission:
         fc = cfg.flow_control
         director = self.director
         if fc is None:
-            if request.priority < 0 and cfg.detector.saturation(director.candidates(subset)) >= 1.0:
+            if request.priority < 0 and \
+                    cfg.detector.saturation(director.candidates(subset, model=request.path_model)) >= 1.0:
                 raise _saturated("system saturated, sheddable request dropped")
             return
         self._seen[request.priority] = time.monotonic()
         pool_empty = not director.pool.endpoints
         if not pool_empty:
-            candidates = director.candidates(subset)  # a subset matching nothing is refused here, not held
+            # a subset (or model) matching nothing is refused here, not held
+            candidates = director.candidates(subset, model=request.path_model)
             if not self._waiting_at_or_above(request.priority) and \
                     cfg.detector.saturation(candidates) < self._ceiling(request.priority):
                 self._outcome(request, "Dispatched", 0.0)
@@ -322,7 +324,7 @@ class Admission:
                 return
             item, band = found
             try:
-                candidates = director.candidates(item.subset)
+                candidates = director.candidates(item.subset, model=item.request.path_model)
             except EppError as e:  # its subset matches nothing any more
                 self._finish(item, band, "RejectedNoEndpoints", e)
                 continue

@@ -82,6 +82,7 @@ class InferenceRequest:
     fairness_id: str = "default-flow"
     priority: int = 0
     received_at: float = 0.0  # time.monotonic() when the request headers arrived
+    path_model: str | None = None  # the served model a /<model>/ path prefix selected (epp.admission.models)
     attributes: dict[str, Any] = field(default_factory=dict)  # plugin scratch space for this request
     response_headers: dict[str, str] = field(default_factory=dict)  # plugins' additions to the client's response
 

@@ -28,6 +28,7 @@ DEFAULT_ENGINE = "vllm"
 LORA_RUNNING_LABEL = "running_lora_adapters"
 LORA_WAITING_LABEL = "waiting_lora_adapters"
 LORA_MAX_LABEL = "max_lora"
+MODEL_NAME_LABEL = "model_name"  # the served model on vLLM's and SGLang's series
 
 
 class EngineConfigError(ValueError):
@@ -47,6 +48,7 @@ class Extracted:
     block_size: int | None = None
     num_gpu_blocks: int | None = None
     sleeping: bool | None = None  # vLLM sleep mode (vllm:engine_sleep_state); None: not reported
+    served_model: str | None = None  # the ``model_name`` label of the load series (vLLM, SGLang)
     missing: list[str] = field(default_factory=list)  # optional families absent from the page
     warnings: list[str] = field(default_factory=list)  # optional values present but unreadable
 
@@ -69,6 +71,8 @@ class Extracted:
         if self.num_gpu_blocks is not None:
             m.num_gpu_blocks = self.num_gpu_blocks
         m.sleeping = bool(self.sleeping)
+        if self.served_model:
+            m.served_model = self.served_model
 
 
 class ExtractError(Exception):
@@ -150,6 +154,8 @@ class EngineSpec:
             out.waiting_requests = int(_required(self.queued, families))
         if self.running is not None:
             out.running_requests = int(_required(self.running, families))
+            latest = self.running.latest(families[self.running.family])
+            out.served_model = latest.labels.get(MODEL_NAME_LABEL) if latest is not None else None
         if self.kv_usage is not None:
             out.kv_cache_usage = _required(self.kv_usage, families)
         if self.lora is not None:

@@ -13,6 +13,7 @@ for one, immediately, so streams stay incremental.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -22,6 +23,7 @@ from enum import Enum, auto
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
+from epp.admission.models import ModelPath, is_status
 from epp.api.errors import EppError, error_body, error_headers
 from epp.api.fields import MAX_MODEL_NAME_CHARS, is_model_name
 from epp.api.parsing import api_for_path, decode_json_object, parse_request
@@ -121,6 +123,7 @@ class ExtProcStream:
         self._usage: UsageExtractor | None = None
         self._restorer: ModelNameRestorer | None = None
         self._completed = False
+        self._model_path: ModelPath | None = None  # the /<model>/ prefix, stripped from what is forwarded
 
     # -- inputs -------------------------------------------------------------------------------
 
@@ -158,6 +161,11 @@ class ExtProcStream:
             return []
         self.headers = p.header_map(msg)
         self.path = self.headers.get(":path", "/")
+        self._model_path = self.director.models.resolve(self.path)
+        if self._model_path is not None:
+            self.path = self._model_path.path
+            if is_status(self._model_path, self.headers.get(":method", "GET")):
+                return self._status(self._model_path)
         declared = _header_int(self.headers.get("content-length", ""))
         if declared is not None and declared > self.options.max_body_bytes:
             raise self._too_large()
@@ -312,7 +320,7 @@ class ExtProcStream:
             body=parsed, raw_body=raw, target_model=target,
             objective=objective, priority=self.director.objectives.priority(objective),
             fairness_id=(p.first_header(headers, p.FAIRNESS_HEADERS) or "default-flow")[:MAX_MODEL_NAME_CHARS],
-            received_at=self.started)
+            received_at=self.started, path_model=self._model_path.model if self._model_path else None)
         self.phase = Phase.ROUTING
 
     # -- routing ------------------------------------------------------------------------------
@@ -336,6 +344,8 @@ class ExtProcStream:
             set_headers[p.REQUEST_ID_HEADER] = self._generated_id
         if not self._header_only:
             set_headers["content-length"] = str(len(self.request.raw_body))
+        if self._model_path is not None:  # the model server sees the path without the /<model> prefix
+            set_headers[":path"] = self.path
         set_headers.update(decision.result.request_headers)  # P/D: x-prefiller-host-port
         # A client's copy of a header only EPP sets goes, unless EPP overwrites it now.
         remove = [h for h in p.PROTECTED_HEADERS if h in self.headers and h not in set_headers]
@@ -365,6 +375,13 @@ class ExtProcStream:
         log.debug("request %s rejected: %r", request_id, err)
         headers = {**error_headers(err), p.REQUEST_ID_HEADER: request_id}
         return [p.immediate_response(err.status, headers, error_body(err, style, request_id), err.reason)]
+
+    def _status(self, route: ModelPath) -> list[pb.ProcessingResponse]:
+        """``GET /<model>/status``, answered by EPP (see ``Waker.status``)."""
+        self.phase = Phase.DONE
+        body = json.dumps(self.director.waker.status(route.name, route.model)).encode()
+        headers = {"content-type": "application/json", p.REQUEST_ID_HEADER: self._request_id()}
+        return [p.immediate_response(200, headers, body, "model-status")]
 
     def passthrough(self, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
         """After an internal error: let a response message through untouched, reject a request."""

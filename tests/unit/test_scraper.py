@@ -428,3 +428,9 @@ async def test_endpoints_that_stop_answering_leave_the_candidates_until_they_ans
             await runner.cleanup()
     finally:
         await scraper.stop()
+
+
+def test_the_served_model_comes_from_the_model_name_label():
+    m = _extract(BUILTIN_ENGINES["vllm"], 'vllm:num_requests_waiting{model_name="org/m"} 0\n'
+                 'vllm:num_requests_running{model_name="org/m"} 1\nvllm:kv_cache_usage_perc{model_name="org/m"} 0\n')
+    assert m.served_model == "org/m"
