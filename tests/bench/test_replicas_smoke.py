@@ -1,0 +1,30 @@
+"""CI smoke for ``python -m bench.replicas``: 1 and 2 EPPs behind one Envoy, with and without a real redis-server,
+then the store killed halfway; a few seconds each on fast pods. Checks the table and that no request failed (the
+store's death included); no timing assertions."""
+
+from __future__ import annotations
+
+from bench.quality import QualityConfig
+from bench.replicas import HEADER, WORKLOAD, ReplicasConfig, run_replicas
+from tests.state_helpers import start_redis
+
+
+async def test_replicas_benchmark_runs_and_a_killed_store_loses_no_request(tmp_path) -> None:
+    start_redis().stop()  # skips when redis-server cannot be had
+    small = {WORKLOAD: {"groups": 3, "system_tokens": 300, "question_tokens": (10, 30), "output_tokens": (4, 8)}}
+    cfg = ReplicasConfig(replicas=[1, 2], out=tmp_path, quality=QualityConfig(
+        pods=2, sim_profile="fast", num_gpu_blocks=512, rate=6.0, duration=3.0, warmup=0.5, drain=20.0,
+        workload_kw=small, plots=False, quiet=True))
+    result = await run_replicas(cfg)
+    runs = result["runs"]
+    assert [(r["n"], r["store"], r["store_killed"]) for r in runs] == [
+        (1, False, False), (1, True, False), (2, True, False), (2, False, False), (2, True, True)]
+    for r in runs:
+        s = r["summary"]
+        assert s["requests"] > 0 and s["error_pct"] == 0 and s["ok"] == s["measured"], (r["n"], r["store"],
+                                                                                        s["errors_sample"])
+        assert s["hit_rate"] is not None
+    shared = next(r for r in runs if r["n"] == 2 and r["store"] and not r["store_killed"])
+    assert shared["store_stats"].get("epp_state_store_prefix_received_total", 0) > 0  # the replicas shared picks
+    assert result["table"].splitlines()[0].split()[: 3] == HEADER[:3]
+    assert len(result["table"].splitlines()) == 1 + len(runs)
