@@ -100,8 +100,8 @@ class EppFleet(Target):
 async def run_fleet(cfg: ReplicasConfig, pods: SimPods, http: aiohttp.ClientSession, n: int, store: RedisProcess | None,
                     kill: bool = False) -> dict[str, Any]:
     fleet = EppFleet(pods.endpoints, n, cfg.mode, store.url if store else None, cfg.sync_interval)
-    await asyncio.to_thread(fleet.start)
     try:
+        await asyncio.to_thread(fleet.start)
         killer = None
         if kill and store is not None:
             async def kill_halfway() -> None:

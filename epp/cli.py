@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--endpoint-target-ports", type=_ports, default=d.endpoint_target_ports)
     flag("--static-endpoints", default=d.static_endpoints, help="host:port,host:port (no Kubernetes)")
     flag("--static-endpoints-file", default=d.static_endpoints_file, help="YAML endpoint list, reloaded on change")
+    flag("--pools-file", default=d.pools_file,
+         help="several pools in one EPP: a YAML list of pools, each with its endpoints (or InferencePool) and "
+              "scheduling configuration; the gateway's route names a request's pool in x-epp-pool (see epp/pools.py)")
     flag("--disable-endpoint-subset-filter", type=_bool, default=d.disable_endpoint_subset_filter)
     flag("--ha-enable-leader-election", type=_bool, default=d.ha_enable_leader_election,
          help="active-passive replicas: only the holder of a Lease reports ready")

@@ -63,6 +63,7 @@ class Config:
     endpoint_target_ports: list[int] = field(default_factory=list)
     static_endpoints: str = ""
     static_endpoints_file: str = ""
+    pools_file: str = ""  # several pools in one EPP (epp.pools): each its endpoints and scheduling configuration
     disable_endpoint_subset_filter: bool = False
     ha_enable_leader_election: bool = False
     # shared routing state for active-active replicas and --workers (epp.state): Valkey/Redis
@@ -110,10 +111,10 @@ class Config:
 
     def validate(self) -> None:
         sources = [bool(self.pool_name), bool(self.endpoint_selector), bool(self.static_endpoints),
-                   bool(self.static_endpoints_file)]
+                   bool(self.static_endpoints_file), bool(self.pools_file)]
         if sum(sources) != 1:
             raise ValueError("exactly one endpoint source is required: --pool-name, --endpoint-selector, "
-                             "--static-endpoints or --static-endpoints-file")
+                             "--static-endpoints, --static-endpoints-file or --pools-file")
         if sum(map(bool, (self.config_file, self.config_text, self.config_name))) > 1:
             raise ValueError("--config-file, --config-text and --config-name are mutually exclusive")
         if self.refresh_metrics_interval < 0.01:

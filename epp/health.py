@@ -43,6 +43,7 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
     def __init__(self, ready: Callable[[], bool] = lambda: False) -> None:
         self.ready = ready  # e.g. pool synced and (with leader election) leading
         self.strict_names = False  # unknown service names answer SERVICE_UNKNOWN (GIE with leader election)
+        self.named: dict[str, Callable[[], bool]] = {}  # more readiness services, e.g. pool/<name> (epp.pools)
         self._draining = False
         self._closed = False
         self._changed: asyncio.Event | None = None
@@ -69,14 +70,14 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
         return "serving" if self._ready() else "starting"
 
     def _ready(self) -> bool:
-        try:
-            return bool(self.ready())
-        except Exception:
-            return False
+        return _safe(self.ready)
 
     def status(self, service: str) -> int:
         if service == LIVENESS:
             return _SERVING
+        check = self.named.get(service)
+        if check is not None:
+            return _SERVING if not self._draining and _safe(check) else _NOT_SERVING
         if self.strict_names and service not in SERVICES:
             return _UNKNOWN
         return _SERVING if not self._draining and self._ready() else _NOT_SERVING
@@ -123,3 +124,10 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
         for name in (LIVENESS, READINESS, EXT_PROC_SERVICE):
             resp.statuses[name].status = self.status(name)
         return resp
+
+
+def _safe(check: Callable[[], bool]) -> bool:
+    try:
+        return bool(check())
+    except Exception:
+        return False

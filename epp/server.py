@@ -8,6 +8,7 @@ import logging
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from aiohttp import web
@@ -29,8 +30,13 @@ from epp.objectives import Objectives
 from epp.observability.debug import add_debug_routes
 from epp.observability.metrics import EppMetrics
 from epp.observability.wiring import Observability
+from epp.pools import PoolSelector, parse_pools
 from epp.scheduling.config import BUILTIN_CONFIGS, PickerConfig, load_config
+from epp.workers import merge_metrics
 from plugins.datalayer import CoreMetricsExtractor, MetricsDataSource
+
+if TYPE_CHECKING:
+    from epp.state.store import SharedState
 
 log = logging.getLogger("epp")
 
@@ -47,6 +53,25 @@ class EppServer:
     cert_reloader: tls.CertReloader | None = None  # set with --enable-cert-reload
 
     async def start(self) -> None:
+        specs = parse_pools(Path(self.cfg.pools_file).read_text(), self.cfg) if self.cfg.pools_file else []
+        if specs:  # --pools-file: this server routes the first pool and serves them all
+            self.cfg, self.pool = specs[0].cfg, EndpointPool(specs[0].name)
+        await self.start_routing()
+        self.units: dict[str, EppServer] = {specs[0].name if specs else self.pool.name: self}  # pool -> its routing
+        for spec in specs[1:]:
+            unit = self.units[spec.name] = EppServer(spec.cfg, pool=EndpointPool(spec.name))
+            await unit.start_routing()
+        selector = None
+        if specs:
+            units = list(self.units.values())
+            selector = PoolSelector({n: u.director for n, u in self.units.items()},
+                                    next((s.name for s in specs if s.default), None))
+            self.health.ready = lambda: all(u.routing_ready() for u in units)
+            self.health.named = {f"pool/{n}": u.routing_ready for n, u in self.units.items()}  # readiness per pool
+        await self.start_serving(selector)
+
+    async def start_routing(self) -> None:
+        """One pool's routing: configuration, director, discovery, scraping, shared state (no listeners)."""
         cfg = self.cfg
         picker_config = load_config(self._config_text(), self.pool)
         self.metrics = EppMetrics(self.pool)
@@ -56,11 +81,11 @@ class EppServer:
         self.observability = Observability.attach(self)  # decision log, tracing, plugin timings, config reload
         self.discovery = make_discovery(cfg, self.pool, self.objectives)
         await self.discovery.start()
-        self.health.ready = lambda: self.pool.synced and self.discovery.is_leader()
+        self.health.ready = self.routing_ready
         self.scraper = self._make_scraper(picker_config)
         if self.scraper:
             await self.scraper.start()
-        self.state = None
+        self.state: SharedState | None = None
         if cfg.state_store_url:  # active-active replicas / --workers: share picks and load (epp.state)
             from epp.state.store import SharedState, StoreCollector, StoreOptions, prefix_producers
 
@@ -69,6 +94,11 @@ class EppServer:
             self.metrics.registry.register(StoreCollector(lambda: [self.state]))
             await self.state.start()
 
+    def routing_ready(self) -> bool:
+        return self.pool.synced and self.discovery.is_leader()
+
+    async def start_serving(self, selector: PoolSelector | None) -> None:
+        cfg = self.cfg
         options = [("grpc.max_receive_message_length", cfg.grpc_max_recv_msg_size),
                    ("grpc.max_send_message_length", cfg.grpc_max_recv_msg_size),
                    ("grpc.so_reuseport", 1 if cfg.worker_index >= 0 else 0)]  # workers share the port
@@ -79,11 +109,13 @@ class EppServer:
                                budget=BodyBudget(cfg.max_buffered_body_bytes),
                                trust_rewrite_header=cfg.trust_model_rewrite_header,
                                trust_objective_header=cfg.trust_objective_header)
-        self.director.admission.budget = limits.budget  # bodies held by flow control count against it too
-        self.director.waker.configure(cfg.wake_timeout, cfg.sleep_idle_time, cfg.sleep_level, cfg.accelerator_budget)
-        self.director.waker.start()
-        self.director.models.deployments = dict(cfg.model_deployments)
-        self.servicer = ExtProcServicer(self.director, limits)
+        for unit in self.units.values():
+            d = unit.director
+            d.admission.budget = limits.budget  # bodies held by flow control count against it too
+            d.waker.configure(cfg.wake_timeout, cfg.sleep_idle_time, cfg.sleep_level, cfg.accelerator_budget)
+            d.waker.start()
+            d.models.deployments = dict(cfg.model_deployments)
+        self.servicer = ExtProcServicer(self.director, limits, selector)
         self.grpc_server = grpc.aio.server(options=options)
         pb_grpc.add_ExternalProcessorServicer_to_server(self.servicer, self.grpc_server)
         # Envoy health-checks the ext_proc cluster on the ext_proc port itself (GIE's Envoy config does).
@@ -107,7 +139,8 @@ class EppServer:
         site = web.TCPSite(self._http, cfg.host, cfg.metrics_port)
         await site.start()
         self.metrics_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        await self.observability.start()
+        for unit in self.units.values():
+            await unit.observability.start()
         log.info("epp serving: ext_proc %s:%d (%s), health %d, metrics %d, %d endpoints",
                  cfg.host, self.grpc_port,
                  ("mutual tls" if cfg.client_ca_path else "tls") if cfg.secure_serving else "plaintext",
@@ -135,6 +168,9 @@ class EppServer:
 
     def _metrics_app(self) -> web.Application:
         def render() -> bytes:
+            if len(self.units) > 1:  # one page, each pool's series labelled pool="name"
+                pages = [(n, generate_latest(u.metrics.registry).decode()) for n, u in self.units.items()]
+                return merge_metrics(pages, "pool").encode() + generate_latest(REGISTRY)
             return generate_latest(self.metrics.registry) + generate_latest(REGISTRY)  # ours + process/python
 
         async def metrics(_: web.Request) -> web.Response:
@@ -185,6 +221,10 @@ class EppServer:
         await self.grpc_server.stop(grace)
         await self.health_server.stop(0)
         await self._http.cleanup()
+        for unit in self.units.values():
+            await unit.stop_routing()
+
+    async def stop_routing(self) -> None:
         if self.scraper:
             await self.scraper.stop()
         if self.state is not None:

@@ -259,8 +259,9 @@ def _number(value: float) -> str:
     return repr(float(value)) if not float(value).is_integer() else str(int(value))
 
 
-def merge_metrics(pages: list[tuple[int, str]]) -> str:
-    """Workers' Prometheus pages as one: each family once, every sample with ``worker="i"``."""
+def merge_metrics(pages: Sequence[tuple[object, str]], label: str = "worker") -> str:
+    """Prometheus pages as one: each family once, every sample labelled with its page's key (``worker="i"``, or
+    ``pool="name"`` for epp.pools); a sample that has the label already keeps its own value."""
     families: dict[str, tuple[str, str, list[str]]] = {}
     for index, text in pages:
         for fam in text_string_to_metric_families(text):
@@ -271,7 +272,7 @@ def merge_metrics(pages: list[tuple[int, str]]) -> str:
             for s in fam.samples:
                 if s.name.endswith("_created"):
                     continue
-                labels = {**s.labels, "worker": str(index)}
+                labels = {label: str(index), **s.labels}
                 rendered = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
                 entry[2].append(f"{s.name}{{{rendered}}} {_number(s.value)}")
     out = []

@@ -11,19 +11,21 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from epp.director import Director
 from epp.extproc.stream import ExtProcStream, Phase, StreamOptions
+from epp.pools import PoolSelector
 
 log = logging.getLogger(__name__)
 
 
 class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
-    def __init__(self, director: Director, options: StreamOptions) -> None:
+    def __init__(self, director: Director, options: StreamOptions, selector: PoolSelector | None = None) -> None:
         self.director = director
         self.options = options
+        self.selector = selector  # several pools: the request's pool from the gateway-set header
         self.active_streams = 0
 
     async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ProcessingResponse]:
-        stream = ExtProcStream(self.director, self.options)
+        stream = ExtProcStream(self.director, self.options, self.selector)
         self.active_streams += 1
         try:
             async for msg in request_iterator:

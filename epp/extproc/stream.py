@@ -32,6 +32,7 @@ from epp.api.types import ApiKind, ErrorStyle, InferenceRequest, ParsedBody
 from epp.api.usage import UsageExtractor
 from epp.director import Decision, Director
 from epp.extproc import protocol as p
+from epp.pools import PoolSelector
 from epp.scheduling.plugins import ResponseInfo
 
 log = logging.getLogger(__name__)
@@ -101,8 +102,10 @@ def _header_int(text: str) -> int | None:
 
 
 class ExtProcStream:
-    def __init__(self, director: Director, options: StreamOptions | None = None) -> None:
-        self.director = director
+    def __init__(self, director: Director, options: StreamOptions | None = None,
+                 selector: PoolSelector | None = None) -> None:
+        self.director = director  # with several pools, the request's pool's once its headers are in
+        self.selector = selector
         self.options = options or StreamOptions()
         self.phase = Phase.REQUEST_HEADERS
         self.started = time.monotonic()
@@ -161,6 +164,8 @@ class ExtProcStream:
             return []
         self.headers = p.header_map(msg)
         self.path = self.headers.get(":path", "/")
+        if self.selector is not None:
+            self.director = self.selector.select(self.headers)
         self._model_path = self.director.models.resolve(self.path)
         if self._model_path is not None:
             self.path = self._model_path.path

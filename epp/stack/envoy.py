@@ -49,6 +49,7 @@ from epp.extproc.protocol import (
     PROTECTED_HEADERS,
     REWRITE_HEADERS,
 )
+from epp.pools import POOL_HEADER
 
 _HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 _EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
@@ -62,7 +63,8 @@ _SECRET = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 # Removed from every client request before ext_proc sees it: where a request goes (the pick, the subset
 # hint, the served endpoint, the prefill pod) and what EPP does with it (model rewrite, objective). A
 # gateway policy that sets the rewrite or objective headers must set them after this strip.
-STRIPPED_REQUEST_HEADERS = (*PROTECTED_HEADERS, *REWRITE_HEADERS, *OBJECTIVE_HEADERS)  # PROTECTED has P/D's
+STRIPPED_REQUEST_HEADERS = (*PROTECTED_HEADERS, *REWRITE_HEADERS, *OBJECTIVE_HEADERS,  # PROTECTED has P/D's
+                            POOL_HEADER)  # a route names the pool (epp.pools), a client never
 STRIP_FILTER = "envoy.filters.http.header_mutation"
 POLICY_FILTER = "gateway-policy"  # header_mutation filter setting route_headers, after the strip
 # SDS files (beside envoy.yaml) naming the files of extproc_tls_dir.

@@ -188,7 +188,7 @@ class LocalStack:
                 "--grpc-health-port", str(self.health_port), "--metrics-port", str(self.metrics_port),
                 f"--secure-serving={str(self.tls).lower()}", "--decision-header",
                 "--debug-endpoints",  # loopback-only rig: the tests and the demo read /debug
-                *(() if any(a.startswith(("--static-endpoints", "--pool-name", "--endpoint-selector"))
+                *(() if any(a.startswith(("--static-endpoints", "--pool-name", "--endpoint-selector", "--pools-file"))
                             for a in self.epp_args)
                   else ("--static-endpoints", ",".join(self.endpoints))),
                 "--drain-timeout=0s",  # teardown SIGTERMs EPP: exit at once (a test wanting a drain passes its own)
