@@ -330,7 +330,11 @@ def test_overlay_builds_and_holds_together(overlay):
     assert {cfg.grpc_port, cfg.grpc_health_port, cfg.metrics_port} <= ports
     ref = pools[cfg.pool_name]["spec"]["endpointPickerRef"]
     assert ref["port"]["number"] in {p["port"] for p in services[ref["name"]]["spec"]["ports"]}
-    assert cfg.ha_enable_leader_election == (deployments["epp"]["spec"]["replicas"] > 1)
+    # several replicas: active-passive (a Lease) or active-active over the shared store, never neither
+    assert bool(cfg.ha_enable_leader_election or cfg.state_store_url) == (deployments["epp"]["spec"]["replicas"] > 1)
+    if cfg.state_store_url:  # the store, its Service and its password are in the overlay
+        assert "epp-state" in deployments and "epp-state" in services
+        assert cfg.state_store_url == "redis://epp-state:6379/0" and cfg.state_store_password_file
 
     # Every Service selects pods that some Deployment runs; every ConfigMap volume exists.
     for name, svc in services.items():
