@@ -1,6 +1,7 @@
 """Regenerate the manifests that are derived from EPP's own code, so they cannot drift from it.
 
 * ``base/epp/config.yaml``: the default ``EndpointPickerConfig`` (``epp.scheduling.config.DEFAULT_CONFIG``).
+* ``overlays/envoy-pd/epp-config.yaml``: ``examples/pd-disaggregation.yaml`` as the ConfigMap EPP reads.
 * ``gateways/envoy/{fail-closed,fail-open}/envoy.yaml``: the Envoy configuration our end-to-end tests use
   (``epp.stack.envoy.envoy_config``), adapted to a cluster: listen on all interfaces, admin on loopback
   only, and DNS names (resolved through the pod's search domains) instead of loopback addresses. Envoy
@@ -82,6 +83,8 @@ def _configmap(name: str, key: str, text: str, **more: str) -> str:
 
 def rendered() -> dict[Path, str]:
     out = {HERE / "base/epp/config.yaml": _configmap("epp-config", "config.yaml", DEFAULT_CONFIG)}
+    pd = (HERE / "examples/pd-disaggregation.yaml").read_text()
+    out[HERE / "overlays/envoy-pd/epp-config.yaml"] = _configmap("epp-config", "config.yaml", pd)
     for variant, fail_open in (("fail-closed", False), ("fail-open", True)):
         text = yaml.safe_dump(cluster_envoy_config(fail_open), sort_keys=False, width=120)
         sds = {name: yaml.safe_dump(doc, sort_keys=False, width=120)
