@@ -1,6 +1,6 @@
 """Overload: two priorities through Envoy + EPP + simulated pods, offered 2x the pods' capacity, then a burst.
 
-    python -m bench.overload                          # three configurations, about 3.5 minutes
+    python -m bench.overload                          # four configurations, about 4.5 minutes
     python -m bench.overload --configs flow-control --out /tmp/overload
 
 Traffic: ``interactive`` requests (priority 10, path prefix ``/interactive/``) and ``batch`` requests
@@ -22,6 +22,8 @@ Configurations (each a fresh stack):
   pods' batch size, sheddable band limited to a few waiting requests, 30 s TTL.
 * ``holdback``: the same plus ``priority-holdback-policy``: the sheddable band dispatches only while the pool
   is below ``--min-ceiling`` of its slots, so a slot is free when an interactive request comes.
+* ``reserve``: the same as ``flow-control`` plus ``priority-reserve-policy``: the sheddable band leaves free as
+  many slots as the interactive band recently had in flight at once (its own demand, not a fixed fraction).
 
 Output: a table of TTFT p50/p99 and outcomes per configuration, phase and band; a PNG of TTFT over time per
 band (drops marked) per configuration; the raw results as JSON. Every request has exactly one outcome on the
@@ -64,7 +66,7 @@ class OverloadConfig:
     durations: dict[str, float] = field(default_factory=lambda: {"unloaded": 10.0, "2x": 25.0, "burst": 5.0,
                                                                   "after": 10.0})
     calibrate_s: float = 5.0
-    configs: tuple[str, ...] = ("default", "flow-control", "holdback")
+    configs: tuple[str, ...] = ("default", "flow-control", "holdback", "reserve")
     min_ceiling: float = 0.5  # holdback: the sheddable band dispatches while the pool is below this
     seed: int = 11
     out: Path | None = None  # where to write the PNG and the JSON
@@ -76,18 +78,18 @@ class OverloadConfig:
     def epp_config(self, name: str) -> str | None:
         if name == "default":
             return None
-        holdback = name == "holdback"
+        policy, params = {"holdback": ("priority-holdback-policy", f"{{minCeiling: {self.min_ceiling}}}"),
+                          "reserve": ("priority-reserve-policy", "{}")}.get(name, ("", ""))
         return (
             "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nfeatureGates: [flowControl]\nplugins:\n"
             "- type: queue-scorer\n- type: kv-cache-utilization-scorer\n- type: prefix-cache-scorer\n"
             f"- type: concurrency-detector\n  parameters: {{maxConcurrency: {self.max_num_seqs}}}\n"
-            + (f"- type: priority-holdback-policy\n  parameters: {{minCeiling: {self.min_ceiling}}}\n"
-               if holdback else "") +
+            + (f"- type: {policy}\n  parameters: {params}\n" if policy else "") +
             "schedulingProfiles:\n- name: default\n  plugins:\n  - {pluginRef: queue-scorer, weight: 2}\n"
             "  - {pluginRef: kv-cache-utilization-scorer, weight: 2}\n  - {pluginRef: prefix-cache-scorer, weight: 3}\n"
             "saturationDetector: {pluginRef: concurrency-detector}\n"
             "flowControl:\n  defaultRequestTTL: 30s\n"
-            + ("  usageLimitPolicyPluginRef: priority-holdback-policy\n" if holdback else "") +
+            + (f"  usageLimitPolicyPluginRef: {policy}\n" if policy else "") +
             f"  defaultNegativePriorityBand: {{maxRequests: {max(2, self.pods * self.max_num_seqs // 2)}}}\n")
 
 
@@ -315,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--burst", type=float, default=d.burst, help="total load during the burst, x capacity")
     ap.add_argument("--high-share", type=float, default=d.high_share, help="interactive load, x capacity")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every phase's duration")
-    ap.add_argument("--configs", default=",".join(d.configs), help="default,flow-control,holdback")
+    ap.add_argument("--configs", default=",".join(d.configs), help="default,flow-control,holdback,reserve")
     ap.add_argument("--min-ceiling", type=float, default=d.min_ceiling, help="holdback: the sheddable band's ceiling")
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--out", type=Path, default=Path("bench/results/overload"))

@@ -188,6 +188,7 @@ class Director:
         primary.inflight_requests += 1
         primary.inflight_tokens += decision.tokens
         self.waker.touch(primary)
+        self.admission.started(request)
         if result.prefill is not None:  # P/D: the prefill pod is busy until the decode pod's answer starts
             decision.prefill_tokens = max(1, estimate_prompt_tokens(request, self.pool.tokens))
             result.prefill.inflight_requests += 1
@@ -236,7 +237,7 @@ class Director:
         primary.inflight_tokens = max(0, primary.inflight_tokens - decision.tokens)
         self.waker.touch(primary)
         self._prefill_done(decision)
-        self.admission.completed()
+        self.admission.completed(request)
         u = response.usage
         text = request.body.prompt_text
         if u is not None and u.prompt_tokens and text and request.body.prompt_token_ids is None \

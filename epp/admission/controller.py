@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from epp.admission.config import AdmissionConfig, FlowControlConfig, parse_ttl
+from epp.admission.demand import Demand
 from epp.admission.metrics import FlowControlMetrics
 from epp.admission.queue import BandQueue, QueueItem
 from epp.api.errors import EppError
@@ -43,6 +44,7 @@ from epp.api.types import InferenceRequest
 from epp.scheduling.registry import PluginConfigError
 
 if TYPE_CHECKING:
+    from epp.datalayer.endpoint import Endpoint
     from epp.director import Director
     from epp.observability.metrics import EppMetrics
 
@@ -78,6 +80,7 @@ class Admission:
         self._wake: asyncio.Event | None = None
         self._next_sweep = 0.0
         self._seen: dict[int, float] = {}  # priority -> when a request of it last arrived
+        self.demand = Demand()  # requests in flight per priority (usage-limit policies' reserve)
         self.metrics: FlowControlMetrics | None = None
         if metrics is not None:
             self.metrics = FlowControlMetrics(metrics.registry, self, lambda: director.pool.name,
@@ -127,14 +130,18 @@ class Admission:
         if not pool_empty:
             # a subset (or model) matching nothing is refused here, not held
             candidates = director.candidates(subset, model=request.path_model)
-            if not self._waiting_at_or_above(request.priority) and \
-                    cfg.detector.saturation(candidates) < self._ceiling(request.priority):
+            if not self._waiting_at_or_above(request.priority) and self._has_room(request.priority, candidates):
                 self._outcome(request, "Dispatched", 0.0)
                 return
         await self._enqueue_and_wait(request, subset, fc, pool_empty)
 
-    def completed(self) -> None:
+    def started(self, request: InferenceRequest) -> None:
+        """``request`` was routed (it counts in flight until ``completed``)."""
+        self.demand.started(request.priority)
+
+    def completed(self, request: InferenceRequest) -> None:
         """A routed request ended: capacity may have freed."""
+        self.demand.ended(request.priority)
         if self.queued:
             self._wakeup()
 
@@ -248,6 +255,19 @@ class Admission:
     def _waiting_at_or_above(self, priority: int) -> bool:
         return any(b.count for p, b in self.bands.items() if p >= priority)
 
+    def _has_room(self, priority: int, candidates: Sequence[Endpoint]) -> bool:
+        """The candidates' saturation, plus the room the usage-limit policy keeps free for higher bands (in
+        requests, converted at the saturation one request in flight adds), is below the band's ceiling."""
+        cfg, fc = self.config, self.flow_control
+        assert cfg is not None
+        saturation = cfg.detector.saturation(candidates)
+        reserve = fc.usage_limit.reserve(priority, self.demand) if fc is not None and fc.usage_limit else 0.0
+        if reserve > 0:
+            inflight = sum(e.inflight_requests for e in candidates)
+            if inflight:
+                saturation += reserve * saturation / inflight
+        return saturation < self._ceiling(priority)
+
     def _ceiling(self, priority: int) -> float:
         fc = self.flow_control
         if fc is None or fc.usage_limit is None:
@@ -328,7 +348,7 @@ class Admission:
             except EppError as e:  # its subset matches nothing any more
                 self._finish(item, band, "RejectedNoEndpoints", e)
                 continue
-            if cfg.detector.saturation(candidates) >= self._ceiling(band.priority):
+            if not self._has_room(band.priority, candidates):
                 return
             self._release(item, band, "Dispatched")
             fc.band(band.priority).fairness.dispatched(band, item)  # type: ignore[union-attr]

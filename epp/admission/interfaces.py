@@ -4,7 +4,8 @@
   sheds sheddable requests at saturation; flow control dispatches queued requests only below it.
 * ``OrderingPolicy``: the order of requests *within one flow* (a sort key computed when a request is queued).
 * ``FairnessPolicy``: which flow of a priority band is served next.
-* ``UsageLimitPolicy``: the saturation ceiling below which a band may dispatch.
+* ``UsageLimitPolicy``: the saturation ceiling below which a band may dispatch, and the room it must leave free
+  for higher bands.
 
 Like every plugin, each is registered under a kebab-case type name and configured in ``plugins:``; the
 ``flowControl`` section refers to them by name (``fairnessPolicyRef``, ``orderingPolicyRef``,
@@ -20,6 +21,7 @@ from epp.datalayer.endpoint import Endpoint
 from epp.scheduling.plugins import Plugin
 
 if TYPE_CHECKING:
+    from epp.admission.demand import Demand
     from epp.admission.queue import BandQueue, QueueItem
 
 
@@ -49,3 +51,8 @@ class UsageLimitPolicy(Plugin):
         """Band ``priority`` dispatches while the pool's saturation is below this. ``priorities``: the priority
         levels with recent traffic, highest first (``priority`` among them)."""
         return 1.0
+
+    def reserve(self, priority: int, demand: Demand) -> float:
+        """Requests' worth of capacity band ``priority`` must leave free for higher bands (added to the
+        saturation before comparing it with the ceiling)."""
+        return 0.0

@@ -17,7 +17,8 @@ Ordering within a flow:
   ``x-llm-d-slo-ttft-ms`` header; requests without a valid header after those with one, FCFS among them.
 
 Usage limits: ``static-usage-limit-policy`` (the default): every band dispatches while saturation < 1.0;
-``priority-holdback-policy``: lower priorities stop dispatching at lower saturations (below).
+``priority-holdback-policy``: lower priorities stop dispatching at lower saturations (below);
+``priority-reserve-policy`` (EPP's): a band leaves free the capacity higher bands recently needed (below).
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from epp.admission.demand import Demand
 from epp.admission.interfaces import FairnessPolicy, OrderingPolicy, UsageLimitPolicy
 from epp.admission.queue import BandQueue, QueueItem
 from epp.scheduling.registry import register_plugin
-from plugins.scorers.common import check_float, check_str
+from plugins.scorers.common import check_duration, check_float, check_str
 
 SLO_TTFT_HEADER = "x-llm-d-slo-ttft-ms"
 _INF = math.inf
@@ -121,3 +123,24 @@ class PriorityHoldback(UsageLimitPolicy):
             lo, hi = levels[-1], levels[0]
             return self.min + (priority - lo) / (hi - lo) * (self.max - self.min)
         return self.max - levels.index(priority) * (self.max - self.min) / (len(levels) - 1)
+
+
+@register_plugin("priority-reserve-policy")
+class PriorityReserve(UsageLimitPolicy):
+    """A band dispatches only while the pool, after it, would still have room for the most requests each higher
+    band had in flight at once over the last ``window`` (default 10s), less those it has in flight now. A higher
+    band's arrivals then find a free slot instead of waiting for one to end (a whole decode), so its TTFT holds
+    under overload; the room follows the higher bands' own demand rather than a fixed fraction. Every band
+    dispatches up to saturation 1.0 (strict priority still orders what waits)."""
+
+    def __init__(self, window: object = "10s") -> None:
+        self.window = check_duration(window, "window")
+        if self.window <= 0:
+            raise ValueError("window must be positive")
+
+    def ceiling(self, priority: int, priorities: Sequence[int]) -> float:
+        return 1.0
+
+    def reserve(self, priority: int, demand: Demand) -> float:
+        return float(sum(max(0, demand.peak(p, self.window) - demand.inflight(p))
+                         for p in demand.priorities() if p > priority))
