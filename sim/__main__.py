@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ZMQ topic of the KV events (default kv@<host:port>@<model>; vLLM's own default is '')")
     ap.add_argument("--kv-events-encoding", choices=("array", "map"), default="array",
                     help="msgpack form of each event: vLLM's positional arrays, or tagged maps (vllm-router 0.1.x)")
+    ap.add_argument("--kv-events-hash", choices=("int", "bytes"), default="int",
+                    help="block hashes as 64-bit integers (vLLM's default) or 32-byte digests")
+    ap.add_argument("--kv-events-replay", metavar="ENDPOINT",
+                    help="ZMQ ROUTER endpoint for vLLM's replay protocol (e.g. tcp://*:5600); port offset per pod")
     ap.add_argument("--kv-events-buffer", type=int, default=0,
                     help="keep this many event batches for GET /sim/kv_events")
     ap.add_argument("--wake-latency-ms", type=float, default=600.0,
@@ -79,6 +83,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         decode_seq_s=scaled(args.decode_seq_us, 1e-6), tokenizer=args.tokenizer,
         legacy_metrics=args.legacy_metrics, kv_events=args.kv_events, kv_events_buffer=args.kv_events_buffer,
         kv_events_topic=args.kv_events_topic, kv_events_encoding=args.kv_events_encoding,
+        kv_events_hash=args.kv_events_hash, kv_events_replay=args.kv_events_replay,
         wake_latency_s=args.wake_latency_ms / 1000, wake_latency_level2_s=args.wake_latency_level2_ms / 1000,
         roles=args.roles, kv_transfer_fixed_s=args.kv_transfer_fixed_ms / 1000,
         kv_transfer_token_s=args.kv_transfer_token_us / 1e6,

@@ -39,6 +39,8 @@ class SimConfig:
     kv_events_buffer: int = 0  # batches kept for GET /sim/kv_events; 0 disables event collection entirely
     kv_events_topic: str | None = None  # ZMQ topic; None -> "kv@<host:port>@<model>" (llm-d's); vLLM's default is ""
     kv_events_encoding: str = "array"  # "array": vLLM's positional msgpack events; "map": {"type": ..., fields}
+    kv_events_hash: str = "int"  # block hashes as 64-bit ints (vLLM's default) or "bytes" (32-byte digests)
+    kv_events_replay: str | None = None  # ZMQ ROUTER endpoint answering vLLM's replay requests; port offset per pod
     wake_latency_s: float = 0.6  # POST /wake_up after sleeping at level 1 (weights back from CPU RAM)
     wake_latency_level2_s: float = 2.0  # ... at level 2 (weights reloaded)
     # P/D disaggregation (sim/pd.py): llm-d role of each pod, by pod index ("prefill" | "decode" | "both";

@@ -101,6 +101,14 @@ async def _kv_events(pod: Pod, request: web.Request, doc: Any) -> web.StreamResp
     events = request.app.get(EVENTS_KEY)
     if events is None:
         raise ApiError(404, "KV events are off; start the sim with --kv-events-buffer N or --kv-events")
+    if request.method == "POST":  # publish faults for tests (sim.kv_events)
+        body = parse_json(request)
+        if not isinstance(body, dict):
+            raise ApiError(400, "body must be a JSON object")
+        try:
+            return json_response(events.control(body))
+        except (TypeError, ValueError) as e:
+            raise ApiError(400, str(e)) from None
     try:
         after = int(request.query.get("after", "-1"))
     except ValueError:
@@ -139,7 +147,7 @@ ROUTES: tuple[Route, ...] = (
     Route("/metrics", _GET, _metrics, inference=False, json=False),
     Route("/sim/control", ("GET", "POST"), _control, inference=False, json=False),
     Route("/sim/state", _GET, _state, inference=False, json=False),
-    Route("/sim/kv_events", _GET, _kv_events, inference=False, json=False),
+    Route("/sim/kv_events", (*_GET, "POST"), _kv_events, inference=False, json=False),
     Route("/reset_prefix_cache", _POST, _reset_prefix_cache, inference=False, json=False),
     Route("/sleep", _POST, sleep.sleep, inference=False, json=False),
     Route("/wake_up", _POST, sleep.wake_up, inference=False, json=False),
@@ -318,7 +326,8 @@ class SimCluster:
             topic = cfg.kv_events_topic
             if topic is None:
                 topic = f"kv@{pod.address}@{self.rc.model_label}"
-            events = KVEventLog(cfg.kv_events_buffer or 1024, cfg.kv_events, topic, i, cfg.kv_events_encoding)
+            events = KVEventLog(cfg.kv_events_buffer or 1024, cfg.kv_events, topic, i, cfg.kv_events_encoding,
+                                cfg.kv_events_hash, cfg.kv_events_replay)
             self._events.append(events)
             engine.on_kv_events.append(events.on_events)
         runner = web.AppRunner(build_app(pod, events), handle_signals=False, access_log=None,

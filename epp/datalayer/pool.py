@@ -21,6 +21,8 @@ class EndpointSpec:
     port: int
     labels: dict[str, str] = field(default_factory=dict)
     metrics_port: int | None = None
+    kv_events: str | None = None  # KV-event publisher (ZMQ address), replay socket
+    kv_events_replay: str | None = None
 
 
 Listener = Callable[[list[Endpoint], list[Endpoint]], None]  # (added, removed)
@@ -66,9 +68,11 @@ class EndpointPool:
             else:
                 ep.labels = dict(spec.labels)
                 ep.metrics_port = spec.metrics_port
+                ep.kv_events, ep.kv_events_replay = spec.kv_events, spec.kv_events_replay
         for name, spec in wanted.items():
             if name not in self._by_name:
-                ep = Endpoint(spec.name, spec.address, spec.port, dict(spec.labels), metrics_port=spec.metrics_port)
+                ep = Endpoint(spec.name, spec.address, spec.port, dict(spec.labels), metrics_port=spec.metrics_port,
+                              kv_events=spec.kv_events, kv_events_replay=spec.kv_events_replay)
                 self._by_name[name] = ep
                 added.append(ep)
         self.synced = True

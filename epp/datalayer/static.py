@@ -9,6 +9,8 @@ File format::
       name: vllm-b                       # optional, defaults to address:port
       labels: {gpu: h100}                # optional, for label-selector-filter
       metricsPort: 8001                  # optional, defaults to port
+      kvEventsPort: 5557                 # optional: its vLLM KV-event publisher (or kvEventsEndpoint: tcp://...),
+      kvEventsReplayPort: 5558           #   and replay socket (or kvEventsReplayEndpoint), for precise prefix routing
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def _spec(item: Any) -> EndpointSpec:
         return EndpointSpec(f"{host}:{port}", host, port)
     if not isinstance(item, dict):
         raise DiscoveryError(f"endpoint entry must be 'host:port' or a mapping, got {item!r}")
-    unknown = set(item) - {"address", "port", "name", "labels", "metricsPort"}
+    unknown = set(item) - {"address", "port", "name", "labels", "metricsPort", *_KV_EVENT_FIELDS}
     if unknown:
         raise DiscoveryError(f"endpoint entry {item!r}: unknown field(s) {sorted(unknown)}")
     try:
@@ -66,7 +68,25 @@ def _spec(item: Any) -> EndpointSpec:
     if not isinstance(labels, dict) or not all(isinstance(k, str) for k in labels):
         raise DiscoveryError(f"endpoint entry {item!r}: labels must be a mapping of strings")
     return EndpointSpec(str(item.get("name") or f"{host}:{port}"), host, port,
-                        {k: str(v) for k, v in labels.items()}, item.get("metricsPort"))
+                        {k: str(v) for k, v in labels.items()}, item.get("metricsPort"), *_kv_events(item, host))
+
+
+_KV_EVENT_FIELDS = ("kvEventsPort", "kvEventsEndpoint", "kvEventsReplayPort", "kvEventsReplayEndpoint")
+
+
+def _kv_events(item: dict[str, Any], host: str) -> tuple[str | None, str | None]:
+    """The endpoint's KV-event publisher and replay socket: a full ZMQ address, or a port on its host."""
+    zhost = f"[{host}]" if ":" in host else host
+    out: list[str | None] = []
+    for port_key, address_key in (("kvEventsPort", "kvEventsEndpoint"),
+                                  ("kvEventsReplayPort", "kvEventsReplayEndpoint")):
+        address, port = item.get(address_key), item.get(port_key)
+        if address is not None and not isinstance(address, str):
+            raise DiscoveryError(f"endpoint entry {item!r}: {address_key} must be a string like tcp://host:5557")
+        if port is not None and (not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536):
+            raise DiscoveryError(f"endpoint entry {item!r}: {port_key} must be a port number")
+        out.append(address or (f"tcp://{zhost}:{port}" if port else None))
+    return out[0], out[1]
 
 
 def parse_endpoint_list(text: str) -> list[EndpointSpec]:

@@ -214,6 +214,10 @@ class _PoolCollector(Collector):
                                 "the growth is outside Python objects.", value=sys.getallocatedblocks())
         yield GaugeMetricFamily("epp_draining", "1 after SIGTERM, while EPP drains.", value=1 if rt.draining() else 0)
         yield from _audit_families(plugin_audits(rt.config()))
+        for plugin in list(getattr(rt.config(), "plugins", {}).values()):  # a plugin's own families, if any
+            families = getattr(plugin, "metric_families", None)
+            if callable(families):
+                yield from families()
         size = prefix_index_size(rt.config())
         if size is not None:
             yield GaugeMetricFamily("inference_extension_prefix_indexer_size",

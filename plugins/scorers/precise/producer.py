@@ -1,0 +1,318 @@
+"""``precise-prefix-cache-producer``: the prefix match from what the endpoints report they hold (vLLM KV events).
+
+It is an ``approx-prefix-cache-producer`` whose block keys come from the engine's own token ids and whose match,
+for every endpoint with a live event stream, comes from the events instead of from EPP's guesses. So every
+plugin that reads a prefix match (``prefix-cache-scorer``, ``predicted-latency-scorer``, the affinity filter,
+no-hit-lru) reads this one the same way, and endpoints without events (none configured, the stream stopped, a
+request EPP cannot tokenize) fall back to the approximate index, which keeps learning from every pick.
+
+Parameters (llm-d names where llm-d has them):
+
+* ``tokenProcessorConfig``: ``blockSizeTokens`` (16; ``blockSize`` accepted), ``hashSeed`` (""),
+  ``hashAlgorithm`` (accepted for compatibility; keys are always ours, see ``plugins.scorers.precise.index``).
+* ``kvEventsConfig``: ``zmqEndpoint`` (centralized mode: bind a SUB there, pods connect and name themselves in
+  the topic ``kv@<pod>@<model>``), ``topicFilter`` ("" -- vLLM's default topic is empty), ``discoverPods``
+  (true: subscribe to each endpoint of the pool), ``podDiscoveryConfig`` {``socketPort`` 5557,
+  ``replaySocketPort`` 0 = none}, ``maxEventsPerSecond`` (per endpoint, 100000), ``staleAfter`` ("10s": an
+  endpoint that was sent uncached blocks this long ago and published nothing since is served by the
+  approximate index), ``concurrency`` / ``engineType`` (accepted). An endpoint's own ``kvEventsPort`` /
+  ``kvEventsEndpoint`` / ``kvEventsReplayPort`` (static endpoints file) win over the pod defaults.
+* ``speculativeIndexing`` (false), ``speculativeTTL`` ("2s"): index a pick's blocks until its events arrive.
+* ``tokenizer``: a model directory (``tokenizer.json`` + ``tokenizer_config.json``) or a ``tokenizer.json``;
+  ``chatTemplate``: a template (file or text) overriding the directory's. Without a tokenizer the pods render
+  (``/v1/chat/completions/render``, ``/v1/completions/render``, ``/tokenize``), ``renderTimeout`` ("2s"),
+  ``renderCacheSize`` (4096).
+* ``maxPrefixBlocksToMatch``, ``lruCapacityPerServer``, ``cachedTokensFeedback``: for the approximate fallback.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from epp.api.types import InferenceRequest
+from epp.datalayer.endpoint import Endpoint
+from epp.scheduling.plugins import SchedulingResult
+from epp.scheduling.registry import register_plugin
+from plugins.scorers.common import check_bool, check_duration, check_int, check_mapping, check_str
+from plugins.scorers.precise.events import BlockStored, Event
+from plugins.scorers.precise.index import BlockIndex, BlockKeys
+from plugins.scorers.precise.tokenize import LocalTokenizer, PodRenderer
+from plugins.scorers.prefix import ApproxPrefixCacheProducer, PrefixState
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SOCKET_PORT = 5557  # vLLM's default publisher port
+_TOKEN_KEYS = ("blockSizeTokens", "blockSize", "hashSeed", "hashAlgorithm")
+_EVENT_KEYS = ("zmqEndpoint", "topicFilter", "concurrency", "engineType", "discoverPods", "podDiscoveryConfig",
+               "maxEventsPerSecond", "staleAfter")
+_DISCOVERY_KEYS = ("podLabelSelector", "podNamespace", "socketPort", "replaySocketPort")
+
+
+@dataclass(slots=True)
+class PreciseState(PrefixState):
+    precise: bool = False  # keys from the engine's token ids (else the approximate producer's hashes)
+
+
+@register_plugin("precise-prefix-cache-producer")
+class PrecisePrefixCacheProducer(ApproxPrefixCacheProducer):
+    def __init__(self, token_processor_config: Any = None, kv_events_config: Any = None,
+                 speculative_indexing: bool = False, speculative_ttl: Any = "2s", indexer_config: Any = None,
+                 tokenizer: str | None = None, chat_template: str | None = None, render_timeout: Any = "2s",
+                 render_cache_size: int = 4096, max_prefix_blocks_to_match: int = 2048,
+                 lru_capacity_per_server: int = 31250, cached_tokens_feedback: bool = True) -> None:
+        tp = check_mapping(token_processor_config or {}, "tokenProcessorConfig", _TOKEN_KEYS)
+        block = check_int(tp.get("blockSizeTokens", tp.get("blockSize", 16)), "blockSizeTokens", 1, 4096)
+        super().__init__(block_size_tokens=block, max_prefix_blocks_to_match=max_prefix_blocks_to_match,
+                         lru_capacity_per_server=lru_capacity_per_server, auto_tune=False,
+                         cached_tokens_feedback=cached_tokens_feedback)
+        ev = check_mapping(kv_events_config or {}, "kvEventsConfig", _EVENT_KEYS)
+        disc = check_mapping(ev.get("podDiscoveryConfig") or {}, "podDiscoveryConfig", _DISCOVERY_KEYS)
+        self.bind = check_str(ev["zmqEndpoint"], "zmqEndpoint") if ev.get("zmqEndpoint") else None
+        topic = ev.get("topicFilter", "")
+        self.topic_filter = check_str(topic, "topicFilter") if topic else ""  # "": every topic
+        self.discover = check_bool(ev.get("discoverPods", True), "discoverPods")
+        self.socket_port = check_int(disc.get("socketPort", DEFAULT_SOCKET_PORT), "socketPort", 1, 65535)
+        self.replay_port = check_int(disc.get("replaySocketPort", 0), "replaySocketPort", 0, 65535)
+        self.max_rate = check_int(ev.get("maxEventsPerSecond", 100_000), "maxEventsPerSecond", 1)
+        self.stale_after = check_duration(ev.get("staleAfter", "10s"), "staleAfter")
+        self.speculative = check_bool(speculative_indexing, "speculativeIndexing")
+        ttl = check_duration(speculative_ttl, "speculativeTTL")
+        seed = tp.get("hashSeed") or ""
+        self.keys = BlockKeys(block, check_str(seed, "hashSeed") if seed else "")
+        self.index = BlockIndex(self.keys, ttl if self.speculative else 0.0)
+        self.local = LocalTokenizer(check_str(tokenizer, "tokenizer"), chat_template) if tokenizer else None
+        self.renderer = None if self.local else PodRenderer(check_duration(render_timeout, "renderTimeout"),
+                                                           check_int(render_cache_size, "renderCacheSize", 1))
+        self.adapters: set[str] = set()  # LoRA names seen in events: requests for them use the adapter's root
+        self.ingestor: Any = None
+        self._expect: dict[str, float] = {}  # endpoint -> first pick since its last frame that should make events
+        self.lookups: Counter[str] = Counter()  # "precise" | "fallback" | "untokenized", per endpoint match
+        self.fallbacks: Counter[str] = Counter()  # endpoint -> matches served by the approximate index
+        self._key = ("precise-prefix-cache", id(self))
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        super().start()
+        from plugins.scorers.precise.subscriber import EventIngestor  # pyzmq only when the plugin is configured
+
+        self.ingestor = EventIngestor(self._apply, self.index.drop_endpoint, bind=self.bind,
+                                      resolve_pod=self._resolve_pod, topic_filter=self.topic_filter,
+                                      max_frames_per_second=self.max_rate)
+        self.ingestor.start()
+        pool = self.handle.pool if self.handle else None
+        if pool is not None:
+            pool.add_listener(self._follow_pool)
+            self._follow_pool(list(pool.endpoints), [])
+
+    def stop(self) -> None:
+        super().stop()
+        if self.handle and self.handle.pool:
+            self.handle.pool.remove_listener(self._follow_pool)
+        if self.ingestor is not None:
+            self.ingestor.stop()
+            self.ingestor = None
+
+    def _follow_pool(self, added: list[Endpoint], removed: list[Endpoint]) -> None:
+        for e in removed:
+            self._expect.pop(e.name, None)
+            if self.ingestor is not None:
+                self.ingestor.remove(e.name)
+        for e in added:
+            self.index.slot(e.name)
+            if self.ingestor is None or not self.discover:
+                continue
+            address, replay = self.addresses(e)
+            self.ingestor.add(e.name, address, replay)
+
+    def addresses(self, e: Endpoint) -> tuple[str, str | None]:
+        """The endpoint's publisher and replay addresses: its own (static file) or the pool's defaults."""
+        host = f"[{e.address}]" if ":" in e.address else e.address
+        address = e.kv_events or f"tcp://{host}:{self.socket_port}"
+        replay = e.kv_events_replay or (f"tcp://{host}:{self.replay_port}" if self.replay_port else None)
+        return address, replay
+
+    def _resolve_pod(self, pod: str) -> str | None:
+        pool = self.handle.pool if self.handle else None
+        for e in pool.endpoints if pool else ():
+            if pod in (e.hostport, e.address, e.name):
+                return e.name
+        return None
+
+    def _apply(self, name: str, events: list[Event]) -> None:
+        for ev in events:
+            if isinstance(ev, BlockStored) and ev.lora and ev.lora not in self.adapters:
+                self.adapters.add(ev.lora)
+        self.index.apply(self.index.slot(name), events)
+
+    # -- tokens and keys -------------------------------------------------------------------------------
+
+    def block_tokens_for(self, endpoints: Sequence[Endpoint]) -> int:
+        return self.block_tokens
+
+    def _tokens(self, request: InferenceRequest) -> list[int] | None:
+        if self.local is not None:
+            return self.local.request_tokens(request)
+        if request.body.prompt_token_ids is not None:
+            return request.body.prompt_token_ids
+        return request.attributes.get((self._key, "rendered"))
+
+    async def prepare_request(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> None:
+        """Without a local tokenizer: the prompt's token ids from a pod's renderer (cached), before scheduling."""
+        if self.renderer is None or request.body.prompt_token_ids is not None or not endpoints:
+            return
+        found = self.renderer.cached(request)
+        if found is None or isinstance(found, list):
+            request.attributes[(self._key, "rendered")] = found
+            return
+        key, query = found
+        e = endpoints[hash(request.request_id) % len(endpoints)]
+        request.attributes[(self._key, "rendered")] = await self.renderer.render(
+            f"http://{e.hostport}", key, query)
+
+    def state(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> PrefixState:
+        st = request.attributes.get(self._key)
+        if st is None:
+            ids = self._tokens(request)
+            if ids is None:
+                base = self._hash(request, self.block_tokens)
+                st = PreciseState(base.hashes, base.block_tokens, base.covered_tokens, base.prompt_tokens,
+                                  base.kind, base.unit)
+            else:
+                model = request.target_model or request.body.model
+                root = self.keys.root(model if model in self.adapters or self._is_adapter(model, endpoints)
+                                      else None, request.body.cache_salt)
+                keys = self.keys.chain(ids, root, self.max_blocks)
+                bs = self.block_tokens
+                st = PreciseState(keys, bs, len(keys) * bs, len(ids), "ids", float(bs), precise=True)
+            request.attributes[self._key] = st
+        return st
+
+    @staticmethod
+    def _is_adapter(model: str, endpoints: Sequence[Endpoint]) -> bool:
+        return any(model in e.metrics.active_models or model in e.metrics.waiting_models for e in endpoints)
+
+    # -- matching ---------------------------------------------------------------------------------
+
+    def live(self, e: Endpoint, now: float | None = None) -> bool:
+        """Whether the endpoint's events can be trusted: it has published, and not gone quiet after picks that
+        should have made it publish."""
+        ing = self.ingestor
+        last = ing.stats.last_frame.get(e.name) if ing is not None else None
+        if last is None:
+            return False
+        expect = self._expect.get(e.name)
+        if expect is None:
+            return True
+        if last >= expect:
+            self._expect.pop(e.name, None)
+            return True
+        return (time.monotonic() if now is None else now) - expect <= self.stale_after
+
+    def match(self, state: PrefixState, endpoint: Endpoint) -> int:
+        return self.match_all(state, [endpoint])[0]
+
+    def match_all(self, state: PrefixState, endpoints: Sequence[Endpoint]) -> list[int]:
+        if not state.hashes:
+            return [0] * len(endpoints)
+        memo = state.matches
+        todo = [e for e in endpoints if e.name not in memo]
+        if todo:
+            precise = isinstance(state, PreciseState) and state.precise
+            now = time.monotonic()
+            slots: dict[int, str] = {}
+            fallback: list[Endpoint] = []
+            for e in todo:
+                s = self.index.slot_of(e.name) if precise and self.live(e, now) else None
+                if s is None:
+                    fallback.append(e)
+                else:
+                    slots[s] = e.name
+            if slots:
+                memo.update(self.index.match(state.hashes, slots))
+                self.lookups["precise"] += len(slots)
+            if fallback:
+                self.lookups["fallback" if precise else "untokenized"] += len(fallback)
+                for e, m in zip(fallback, super().match_all(state, fallback), strict=True):
+                    memo[e.name] = m
+                    self.fallbacks[e.name] += 1
+        return [memo[e.name] for e in endpoints]
+
+    def pre_request(self, request: InferenceRequest, result: SchedulingResult) -> None:
+        super().pre_request(request, result)
+        st = request.attributes.get(self._key)
+        if not st or not result.endpoints:
+            return
+        e = result.endpoints[0]
+        if st.matches.get(e.name, 0) < len(st.hashes) and e.name not in self._expect:
+            self._expect[e.name] = time.monotonic()  # blocks to store: its events should follow
+        if self.speculative and isinstance(st, PreciseState) and st.precise:
+            self.index.speculate(e.name, st.hashes)
+
+    # -- observability ------------------------------------------------------------------------------
+
+    def indexer_size(self) -> int:
+        return super().indexer_size() + self.index.size()
+
+    def debug_state(self) -> dict[str, object]:
+        ing = self.ingestor
+        pool = self.handle.pool if self.handle else None
+        now = time.monotonic()
+        return {"blocks": self.index.size(), "speculative": len(self.index.speculative),
+                "live": {e.name: self.live(e, now) for e in (pool.endpoints if pool else ())},
+                "lookups": dict(self.lookups), "dropped": dict(ing.stats.dropped) if ing else {},
+                "tokenCache": {"hits": self.local.cache.hits, "misses": self.local.cache.misses}
+                if self.local else None}
+
+    def metric_families(self) -> Iterator[Any]:
+        """``epp_kv_events_*`` and ``epp_precise_prefix_*`` (llm-d's ``kvcache_index_*`` in our naming)."""
+        ing = self.ingestor
+        name = self.name
+        pool = self.handle.pool if self.handle else None
+        now = time.monotonic()
+        live = GaugeMetricFamily("epp_kv_events_endpoint_live", "1 when the endpoint's KV events drive its prefix "
+                                 "match; 0: the approximate index does (no events yet, or they stopped).",
+                                 labels=["plugin", "endpoint"])
+        for e in pool.endpoints if pool else ():
+            live.add_metric([name, e.name], 1.0 if self.live(e, now) else 0.0)
+        yield live
+        lookups = CounterMetricFamily("epp_precise_prefix_lookups", "Per-endpoint prefix matches by source: precise "
+                                      "(KV events), fallback (approximate index), untokenized (no token ids).",
+                                      labels=["plugin", "source"])
+        for source in ("precise", "fallback", "untokenized"):
+            lookups.add_metric([name, source], self.lookups[source])
+        yield lookups
+        fb = CounterMetricFamily("epp_precise_prefix_fallback", "Prefix matches served by the approximate index, per "
+                                 "endpoint.", labels=["plugin", "endpoint"])
+        for ep, n in list(self.fallbacks.items()):
+            fb.add_metric([name, ep], n)
+        yield fb
+        yield GaugeMetricFamily("epp_precise_prefix_index_blocks", "Blocks (keys) in the KV-event index.",
+                                value=self.index.size())
+        if ing is None:
+            return
+        st = ing.stats
+        per_endpoint = (("epp_kv_events_frames", "KV event batches applied.", st.frames),
+                        ("epp_kv_events_events", "KV events applied.", st.events),
+                        ("epp_kv_events_gaps", "Sequence gaps seen.", st.gaps),
+                        ("epp_kv_events_replays", "Replays requested from the publisher.", st.replays),
+                        ("epp_kv_events_replay_failures", "Replays that timed out.", st.replay_failures),
+                        ("epp_kv_events_restarts", "Publisher restarts detected.", st.restarts),
+                        ("epp_kv_events_connects", "ZMQ (re)connections to the publisher.", st.connects))
+        for metric, doc, counter in per_endpoint:
+            fam = CounterMetricFamily(metric, doc, labels=["plugin", "endpoint"])
+            for ep, n in list(counter.items()):
+                fam.add_metric([name, ep], n)
+            yield fam
+        dropped = CounterMetricFamily("epp_kv_events_dropped", "KV event frames or events dropped, by reason.",
+                                      labels=["plugin", "reason"])
+        for reason, n in list(st.dropped.items()) + [(f"skipped-{k}", v) for k, v in self.index.skipped.items()]:
+            dropped.add_metric([name, reason], n)
+        yield dropped

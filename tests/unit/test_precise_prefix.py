@@ -1,0 +1,98 @@
+"""Precise prefix pieces without sockets: the decoder (both encodings, both hash forms), the index (stores,
+removals, clears, LoRA roots, speculative entries) and tokenization matching the simulator's."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import msgpack
+import pytest
+
+from epp.api.types import ApiKind, InferenceRequest, ParsedBody
+from plugins.scorers.precise.events import BadEvent, BlockStored, decode_batch
+from plugins.scorers.precise.index import BlockIndex, BlockKeys
+from plugins.scorers.precise.tokenize import LocalTokenizer
+from sim.kv_events import msgpack_encode, to_map, to_wire
+from sim.model_files import write_model_dir
+from sim.prompts import chat_segments
+from sim.tokenizer import load_tokenizer
+
+TOKENS = list(range(100, 164))  # 4 blocks of 16
+
+
+@pytest.mark.parametrize("wire", [to_wire, to_map])
+@pytest.mark.parametrize("form", ["int", "bytes"])
+def test_both_encodings_and_hash_forms_decode_alike(wire, form):
+    stored = ("BlockStored", [2**64 - 1, 7, 8, 9], None, TOKENS, 16, "lora-a")
+    payload = msgpack_encode([1.5, [wire(stored, form), wire(("BlockRemoved", [7]), form),
+                                    wire(("AllBlocksCleared",), form)], 0])
+    events, rejects = decode_batch(payload)
+    assert not rejects and len(events) == 3
+    ev = events[0]
+    assert isinstance(ev, BlockStored) and ev.hashes == [2**64 - 1, 7, 8, 9] and ev.lora == "lora-a"
+    assert ev.medium == "gpu" and ev.tokens == TOKENS
+
+
+def test_bad_events_are_rejected_one_by_one():
+    payload = msgpack.packb([0.0, [["BlockExploded"], ["BlockStored", "x"], ["AllBlocksCleared"]], 0])
+    events, rejects = decode_batch(payload)
+    assert len(events) == 1 and sorted(r.reason for r in rejects) == ["unknown-tag", "wrong-type"]
+    with pytest.raises(BadEvent):
+        decode_batch(payload[:-2])
+
+
+def test_index_follows_stores_removals_and_clears():
+    keys = BlockKeys(16)
+    index = BlockIndex(keys)
+    a, b = index.slot("a"), index.slot("b")
+    index.store(a, BlockStored([1, 2], None, TOKENS[:32], 16, None, "gpu", None))
+    index.store(a, BlockStored([3, 4], 2, TOKENS[32:], 16, None, "gpu", None))
+    index.store(b, BlockStored([11], None, TOKENS[:16], 16, None, "gpu", None))
+    request = keys.chain(TOKENS, keys.root(None, None))
+    assert index.match(request, {a: "a", b: "b"}) == {"a": 4, "b": 1}
+    index.remove(a, [3])
+    assert index.match(request, {a: "a", b: "b"}) == {"a": 2, "b": 1}
+    index.clear(a)
+    assert index.match(request, {a: "a", b: "b"}) == {"a": 0, "b": 1}
+    # engine blocks of 64 tokens = 4 of ours; an orphan (unknown parent) is skipped
+    index.store(a, BlockStored([99], None, TOKENS, 64, None, "gpu", None))
+    index.store(a, BlockStored([100], 12345, TOKENS, 64, None, "gpu", None))
+    assert index.skipped["orphan"] == 1
+    assert index.match(request, {a: "a"}) == {"a": 4}
+    lora = keys.chain(TOKENS, keys.root("lora-a", None))
+    assert index.match(lora, {a: "a"}) == {"a": 0}  # an adapter's blocks are not the base model's
+
+
+def test_speculative_entries_expire():
+    keys = BlockKeys(16)
+    index = BlockIndex(keys, speculative_ttl=2.0)
+    request = keys.chain(TOKENS, keys.root(None, None))
+    index.speculate("a", request)
+    assert index.match(request, {index.slot("a"): "a"}) == {"a": 4}
+    index.expire(now=time.monotonic() + 3.0)
+    assert index.match(request, {index.slot("a"): "a"}) == {"a": 0}
+
+
+def _request(api: ApiKind, payload: dict) -> InferenceRequest:
+    return InferenceRequest("r", "/", "POST", {}, ParsedBody(api=api, model="m", payload=payload), b"")
+
+
+def test_tokens_match_the_simulator_for_every_chat_api(tmp_path: Path):
+    local = LocalTokenizer(str(write_model_dir(tmp_path / "model")))
+    sim = load_tokenizer("deepseek", 128256)
+    system = "You answer questions about the ledger.\nBe brief. " * 40
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"b": 1, "a": 2}}}]
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "What is due?"}]
+    want = sim.encode_segments(chat_segments(messages, tools))
+    chat = local.request_tokens(_request(ApiKind.CHAT_COMPLETIONS, {"messages": messages, "tools": tools}))
+    responses = local.request_tokens(_request(ApiKind.RESPONSES, {"instructions": system, "input": "What is due?",
+                                                                  "tools": tools}))
+    anthropic = local.request_tokens(_request(ApiKind.MESSAGES, {"system": system, "tools": tools, "messages": [
+        {"role": "user", "content": "What is due?"}]}))
+    assert chat == responses == anthropic == want
+    hits = local.cache.hits
+    local.request_tokens(_request(ApiKind.CHAT_COMPLETIONS, {"messages": messages, "tools": tools}))
+    assert local.cache.hits > hits  # the system prompt's tokens came from the cache
+    long = ("A paragraph of text about ledgers and audits.\n" * 2000)  # cut into cached chunks, exactly
+    assert local.encode(long, add_special_tokens=False) == sim.encode(long)
