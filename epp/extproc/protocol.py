@@ -79,16 +79,24 @@ def response_headers_response(set_headers: Mapping[str, str] | None = None,
 
 def body_responses(body: bytes, end_of_stream: bool, request: bool) -> list[pb.ProcessingResponse]:
     """The body as streamed_response pieces of at most MAX_CHUNK bytes; EoS on the last one only.
-    An empty body still yields one piece (Envoy needs the EoS)."""
-    field = "request_body" if request else "response_body"
-    pieces = [body[i: i + MAX_CHUNK] for i in range(0, len(body), MAX_CHUNK)] or [b""]
+    An empty body still yields one piece (Envoy needs the EoS).
+
+    Every streamed response chunk takes this path: assigning through the nested fields builds the message
+    about 4x faster than nesting constructors (upb), which shows in EPP's CPU per streamed token."""
+    if len(body) <= MAX_CHUNK:
+        return [_body_piece(body, end_of_stream, request)]
+    pieces = [body[i: i + MAX_CHUNK] for i in range(0, len(body), MAX_CHUNK)]
     last = len(pieces) - 1
-    out = []
-    for i, piece in enumerate(pieces):
-        streamed = pb.StreamedBodyResponse(body=piece, end_of_stream=end_of_stream and i == last)
-        common = pb.CommonResponse(body_mutation=pb.BodyMutation(streamed_response=streamed))
-        out.append(pb.ProcessingResponse(**{field: pb.BodyResponse(response=common)}))
-    return out
+    return [_body_piece(piece, end_of_stream and i == last, request) for i, piece in enumerate(pieces)]
+
+
+def _body_piece(body: bytes, end_of_stream: bool, request: bool) -> pb.ProcessingResponse:
+    resp = pb.ProcessingResponse()
+    streamed = (resp.request_body if request else resp.response_body).response.body_mutation.streamed_response
+    streamed.body = body
+    if end_of_stream:
+        streamed.end_of_stream = True
+    return resp
 
 
 def trailers_response(request: bool) -> pb.ProcessingResponse:

@@ -143,11 +143,11 @@ class ExtProcStream:
         kind = msg.WhichOneof("request")
         if self.error is not None:  # answered with an immediate response: the exchange is over
             return []
+        handler = _HANDLERS.get(kind) if kind else None
+        if handler is None:
+            return []
         try:
-            handler = getattr(self, f"_on_{kind}", None) if kind else None
-            if handler is None:
-                return []
-            return handler(getattr(msg, kind))
+            return handler(self, getattr(msg, kind))
         except EppError as e:
             return self.reject(e)
 
@@ -430,3 +430,8 @@ class ExtProcStream:
         self._release_body()  # a stream that died mid-body
         if not self._completed:
             self._complete(None if self._response_bodies else self.response.status > 0)
+
+
+# One lookup per message (every streamed response chunk is one): the handler for each ``request`` oneof case.
+_HANDLERS = {kind: getattr(ExtProcStream, f"_on_{kind}") for kind in (
+    "request_headers", "request_body", "request_trailers", "response_headers", "response_body", "response_trailers")}
