@@ -63,7 +63,7 @@ class PreciseState(PrefixState):
 @register_plugin("precise-prefix-cache-producer")
 class PrecisePrefixCacheProducer(ApproxPrefixCacheProducer):
     def __init__(self, token_processor_config: Any = None, kv_events_config: Any = None,
-                 speculative_indexing: bool = False, speculative_ttl: Any = "2s", indexer_config: Any = None,
+                 speculative_indexing: bool = False, speculative_t_t_l: Any = "2s", indexer_config: Any = None,
                  tokenizer: str | None = None, chat_template: str | None = None, render_timeout: Any = "2s",
                  render_cache_size: int = 4096, max_prefix_blocks_to_match: int = 2048,
                  lru_capacity_per_server: int = 31250, cached_tokens_feedback: bool = True) -> None:
@@ -83,7 +83,7 @@ class PrecisePrefixCacheProducer(ApproxPrefixCacheProducer):
         self.max_rate = check_int(ev.get("maxEventsPerSecond", 100_000), "maxEventsPerSecond", 1)
         self.stale_after = check_duration(ev.get("staleAfter", "10s"), "staleAfter")
         self.speculative = check_bool(speculative_indexing, "speculativeIndexing")
-        ttl = check_duration(speculative_ttl, "speculativeTTL")
+        ttl = check_duration(speculative_t_t_l, "speculativeTTL")  # the registry maps speculativeTTL to this name
         seed = tp.get("hashSeed") or ""
         self.keys = BlockKeys(block, check_str(seed, "hashSeed") if seed else "")
         self.index = BlockIndex(self.keys, ttl if self.speculative else 0.0)
