@@ -8,8 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from epp.datalayer.engines import EngineRegistry
-from epp.scheduling.plugins import Plugin
-from epp.scheduling.registry import register_plugin
+from epp.plugin import Plugin, register_plugin
 
 
 @register_plugin("metrics-data-source")

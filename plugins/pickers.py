@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import random
 
-from epp.api.types import InferenceRequest
-from epp.datalayer.endpoint import Endpoint
-from epp.scheduling.plugins import CycleState, Picker, ScoredEndpoint
-from epp.scheduling.registry import register_plugin
+from epp.plugin import CycleState, Endpoint, InferenceRequest, Picker, ScoredEndpoint, register_plugin
 
 
 def _check_count(n: object) -> int:

@@ -5,9 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from epp.api.types import InferenceRequest
-from epp.scheduling.plugins import CycleState, ProfileHandler, ProfileResult, SchedulingResult
-from epp.scheduling.registry import register_plugin
+from epp.plugin import CycleState, InferenceRequest, ProfileHandler, ProfileResult, SchedulingResult, register_plugin
 
 
 @register_plugin("single-profile-handler")

@@ -15,6 +15,7 @@ import yaml
 
 from epp.admission.config import AdmissionConfig, build_admission_config
 from epp.datalayer.pool import EndpointPool
+from epp.scheduling.datakeys import check_data_keys
 from epp.scheduling.plugins import Filter, Picker, Plugin, ProfileHandler, Scorer
 from epp.scheduling.registry import PluginConfigError, PluginHandle, instantiate, registered_types
 from epp.scheduling.scheduler import Scheduler, SchedulerProfile
@@ -203,6 +204,7 @@ def load_config(text: str | None, pool: EndpointPool | None = None,
         handler = _default(plugins, "single-profile-handler", handle)
     assert isinstance(handler, ProfileHandler)
     handler.check_profiles(profiles)
+    check_data_keys(plugins, profiles)
     admission = build_admission_config(doc, plugins, handle, gates)  # saturation detector, flow control
 
     for plugin in plugins.values():

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from epp.api.types import InferenceRequest
-from epp.datalayer.endpoint import Endpoint
-from epp.scheduling.plugins import CycleState, Filter
-from epp.scheduling.registry import register_plugin
-from plugins.scorers.common import check_bool, check_mapping, check_str
+from epp.plugin import (
+    CycleState,
+    Endpoint,
+    Filter,
+    InferenceRequest,
+    check_bool,
+    check_mapping,
+    check_str,
+    register_plugin,
+)
 
 OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from epp.api.types import InferenceRequest
-from epp.datalayer.endpoint import Endpoint
-from epp.scheduling.plugins import CycleState, Filter
-from epp.scheduling.registry import register_plugin
+from epp.plugin import CycleState, Endpoint, Filter, InferenceRequest, register_plugin
 from plugins.scorers.session import SessionAffinity
 
 

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from epp.api.types import InferenceRequest
-from epp.datalayer.endpoint import Endpoint
-from epp.scheduling.plugins import CycleState, Filter
-from epp.scheduling.registry import register_plugin
-from plugins.scorers.common import check_duration, check_float, check_int, fresh_mask
+from epp.plugin import (
+    CycleState,
+    Endpoint,
+    Filter,
+    InferenceRequest,
+    check_duration,
+    check_float,
+    check_int,
+    fresh_mask,
+    register_plugin,
+)
 
 
 @register_plugin("utilization-filter")

@@ -53,12 +53,21 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from epp.api.types import InferenceRequest
-from epp.datalayer.endpoint import Endpoint
 from epp.observability.audit import SECONDS_ERROR_BUCKETS, PredictionAudit
-from epp.scheduling.plugins import CycleState, RequestObserver, ResponseInfo, SchedulingResult, Scorer
-from epp.scheduling.registry import register_plugin
-from plugins.scorers.common import DEFAULT_SCORER_STALENESS, check_duration, check_str, fresh_mask
+from epp.plugin import (
+    DEFAULT_SCORER_STALENESS,
+    CycleState,
+    Endpoint,
+    InferenceRequest,
+    RequestObserver,
+    ResponseInfo,
+    SchedulingResult,
+    Scorer,
+    check_duration,
+    check_str,
+    fresh_mask,
+    register_plugin,
+)
 from plugins.scorers.prefix import PrefixSource, resolve_prefix_source
 
 SLO_TTFT_HEADER = "x-llm-d-slo-ttft-ms"

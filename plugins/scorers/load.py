@@ -16,18 +16,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from epp.api.types import InferenceRequest
-from epp.datalayer.endpoint import Endpoint
-from epp.scheduling.plugins import CycleState, Scorer
-from epp.scheduling.registry import register_plugin
-from plugins.scorers.common import (
+from epp.plugin import (
     DEFAULT_SCORER_STALENESS,
+    CycleState,
+    Endpoint,
+    InferenceRequest,
+    Scorer,
     check_duration,
     check_float,
     check_int,
     check_str,
     fresh_mask,
     min_max_inverse,
+    register_plugin,
 )
 from plugins.scorers.prefix import PrefixSource, resolve_prefix_source
 

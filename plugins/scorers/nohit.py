@@ -5,11 +5,17 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from epp.api.types import InferenceRequest
-from epp.datalayer.endpoint import Endpoint
-from epp.scheduling.plugins import CycleState, RequestObserver, SchedulingResult, Scorer
-from epp.scheduling.registry import register_plugin
-from plugins.scorers.common import check_int, check_str
+from epp.plugin import (
+    CycleState,
+    Endpoint,
+    InferenceRequest,
+    RequestObserver,
+    SchedulingResult,
+    Scorer,
+    check_int,
+    check_str,
+    register_plugin,
+)
 from plugins.scorers.prefix import PrefixSource, resolve_prefix_source
 
 

@@ -49,12 +49,25 @@ from dataclasses import dataclass, field
 
 import xxhash
 
-from epp.api.types import InferenceRequest
-from epp.datalayer.endpoint import Endpoint
 from epp.observability.audit import TOKEN_ERROR_BUCKETS, PredictionAudit
-from epp.scheduling.plugins import CycleState, Plugin, RequestObserver, ResponseInfo, SchedulingResult, Scorer
-from epp.scheduling.registry import PluginConfigError, register_plugin
-from plugins.scorers.common import check_bool, check_float, check_int, check_str
+from epp.plugin import (
+    PREFIX_MATCH,
+    CycleState,
+    Endpoint,
+    InferenceRequest,
+    Plugin,
+    PluginConfigError,
+    PrefixMatch,
+    RequestObserver,
+    ResponseInfo,
+    SchedulingResult,
+    Scorer,
+    check_bool,
+    check_float,
+    check_int,
+    check_str,
+    register_plugin,
+)
 
 log = logging.getLogger(__name__)
 
@@ -517,6 +530,8 @@ class PrefixCacheScorer(Scorer, RequestObserver):
     selects llm-d's blend ``w * min(1, matchedTokens / scale)^2 + (1 - w) * ratio`` instead (scale 8192).
     """
 
+    produces = (PREFIX_MATCH,)
+
     category = "affinity"
 
     def __init__(self, score_mode: str | None = None, match_length_scale_tokens: int | None = None,
@@ -592,6 +607,8 @@ class PrefixCacheScorer(Scorer, RequestObserver):
         if not st.hashes:
             return [0.0] * len(endpoints)
         matches = prod.match_all(st, endpoints)
+        PREFIX_MATCH.put(request, PrefixMatch(st.prompt_tokens, {e.name: st.matched_tokens(m)
+                                                                 for e, m in zip(endpoints, matches, strict=True)}))
         n = len(st.hashes)
         if self.weight is not None:
             w, scale = self.weight, self.scale

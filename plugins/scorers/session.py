@@ -22,11 +22,18 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from epp.api.types import InferenceRequest
-from epp.datalayer.endpoint import Endpoint
-from epp.scheduling.plugins import CycleState, RequestObserver, SchedulingResult, Scorer
-from epp.scheduling.registry import register_plugin
-from plugins.scorers.common import check_float, check_mapping, check_str
+from epp.plugin import (
+    CycleState,
+    Endpoint,
+    InferenceRequest,
+    RequestObserver,
+    SchedulingResult,
+    Scorer,
+    check_float,
+    check_mapping,
+    check_str,
+    register_plugin,
+)
 
 STRATEGIES = ("encoded_endpoint_header", "session_id")
 
