@@ -6,10 +6,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test lint bench bench-overhead clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml examples/epp-tenant-scorer/pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
+	# The example out-of-tree plugin package (examples/epp-tenant-scorer), as a plugin author installs one.
+	$(BIN)/pip install -q --no-deps -e ./examples/epp-tenant-scorer
 	# xds-protos bundles an old copy of OpenTelemetry's protos: put opentelemetry-proto's own files back on top.
 	$(BIN)/pip install -q --force-reinstall --no-deps "opentelemetry-proto==$$($(BIN)/python -c \
 		'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')"

@@ -48,7 +48,7 @@ from epp.scheduling.plugins import (
     ScoredEndpoint,
     Scorer,
 )
-from epp.scheduling.registry import PluginConfigError, PluginHandle, register_plugin
+from epp.scheduling.registry import PluginConfigError, PluginHandle, register_plugin, registered_types
 
 __all__ = [
     "DEFAULT_SCORER_STALENESS",
@@ -83,4 +83,5 @@ __all__ = [
     "fresh_mask",
     "min_max_inverse",
     "register_plugin",
+    "registered_types",
 ]
