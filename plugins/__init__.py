@@ -4,4 +4,13 @@ Loaded through the ``epp.plugins`` entry point declared in ``pyproject.toml``, e
 plugin package would be: importing this package registers every built-in type.
 """
 
-from plugins import admission, datalayer, disagg, filters, pickers, profile_handlers, scorers  # noqa: F401
+from plugins import (  # noqa: F401
+    admission,
+    conformance,
+    datalayer,
+    disagg,
+    filters,
+    pickers,
+    profile_handlers,
+    scorers,
+)
