@@ -373,6 +373,12 @@ class Admission:
                     self._finish(item, band, "EvictedTTL", EppError(
                         503, "rejected-ttl-expired", f"request timed out in queue after {ttl:g}s"))
 
+    def queued_for(self, model: str) -> int:
+        """Requests for ``model`` (the served model a /<model>/ prefix selected, else the body's after rewrite)
+        that flow control holds: ``GET /<model>/status`` counts them with those held for a wake."""
+        return sum(1 for b in list(self.bands.values()) for item in b.items()
+                   if (item.request.path_model or item.request.target_model) == model)
+
     def describe(self) -> dict[str, Any]:
         """For /debug: what waits, per band and flow."""
         return {"enabled": self.flow_control is not None, "queued": self.queued, "queued_bytes": self.queued_bytes,

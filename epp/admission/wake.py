@@ -252,7 +252,8 @@ class Waker:
         return {"model": name, "state": self.model_state(model, endpoints),
                 "bootReady": any(not e.metrics.unreachable for e in endpoints),
                 "queue": {"inFlight": sum(e.inflight_requests for e in endpoints),
-                          "barriered": self._barriered.get(model, 0)}}
+                          # held for a wake, or by flow control while the model's endpoints are saturated
+                          "barriered": self._barriered.get(model, 0) + self.director.admission.queued_for(model)}}
 
     # -- plumbing -----------------------------------------------------------------------------
 

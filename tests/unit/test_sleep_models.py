@@ -19,7 +19,7 @@ from epp.director import Director
 from epp.scheduling.plugins import ResponseInfo
 from sim.config import SimConfig
 from sim.server import SimCluster
-from tests.unit.test_admission import req
+from tests.unit.test_admission import Flow, director_for, fc_config, req, settle
 from tests.unit.test_wake import director_on, wakes
 
 A, B = "org/model-a", "model-b"
@@ -151,3 +151,23 @@ async def test_idle_endpoints_sleep_and_wake_on_the_next_request(two):
     decision = await d.route(for_model(B), None)  # wakes B only
     assert decision.primary is d.pool.endpoints[1] and await wakes(http, d) == [0, 1]
     await d.waker.close()
+
+
+async def test_status_barriered_counts_requests_flow_control_holds_for_the_model():
+    d = director_for(fc_config(1))
+    d.pool.endpoints[0].metrics.served_model = A
+    f = Flow(d)
+    for tag in "abc":
+        f.start(for_model(A), tag)
+    f.start(req(), "other")  # held too, but for the body's model, not A
+    await settle()
+    assert f.order == ["a"] and d.admission.queued == 3
+    assert d.waker.status("a", A)["queue"] == {"inFlight": 1, "barriered": 2}
+    assert d.waker.status("m", "m")["queue"]["barriered"] == 1
+    f.finish("a")
+    await settle()
+    assert d.waker.status("a", A)["queue"] == {"inFlight": 1, "barriered": 1}
+    for tag in ("b", "c", "other"):
+        f.finish(tag)
+        await settle()
+    assert d.waker.status("a", A)["queue"]["barriered"] == 0
