@@ -2,8 +2,8 @@
 
 Endpoints whose engines share one accelerator (a node's GPUs) form a group; each awake (or waking) endpoint takes
 its model's memory from the group's budget. Before EPP wakes an endpoint whose group has no room, it puts the
-least-recently-used awake endpoints there to sleep. From the endpoints' labels (pod labels on Kubernetes, ``labels``
-in a static endpoints file):
+least-recently-used awake endpoints there to sleep. From the endpoints' pod annotations (Kubernetes) or labels (pod
+labels, or ``labels`` in a static endpoints file); an annotation wins over a label of the same name:
 
 * ``epp.io/accelerator``: the group (default: the endpoint's address, i.e. engines on the same host share one);
 * ``epp.io/accelerator-memory``: what the endpoint's model takes while awake, in any unit (default 1: the budget
@@ -32,16 +32,20 @@ def _number(text: str | None) -> float | None:
     return value if value is not None and math.isfinite(value) and value >= 0 else None
 
 
+def _value(e: Endpoint, key: str) -> str | None:
+    return e.annotations.get(key) or e.labels.get(key)
+
+
 def group(e: Endpoint) -> str:
-    return e.labels.get(GROUP_LABEL) or e.address
+    return _value(e, GROUP_LABEL) or e.address
 
 
 def memory(e: Endpoint) -> float:
-    value = _number(e.labels.get(MEMORY_LABEL))
+    value = _number(_value(e, MEMORY_LABEL))
     return 1.0 if value is None else value
 
 
 def budget(members: Iterable[Endpoint], default: float) -> float:
     """The group's capacity; 0: no limit."""
-    found = [v for e in members if (v := _number(e.labels.get(BUDGET_LABEL))) is not None]
+    found = [v for e in members if (v := _number(_value(e, BUDGET_LABEL))) is not None]
     return min(found) if found else default

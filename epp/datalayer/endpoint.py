@@ -54,6 +54,7 @@ class Endpoint:
     metrics_port: int | None = None
     kv_events: str | None = None  # ZMQ address of its KV-event publisher, when the endpoints file names one
     kv_events_replay: str | None = None  # ... and of the publisher's replay socket
+    annotations: dict[str, str] = field(default_factory=dict)  # its pod's (Kubernetes discovery)
     inflight_requests: int = 0
     inflight_tokens: int = 0
     # Of the in-flight counts, what other replicas routed there (epp.state: a shared store folds it in)

@@ -23,6 +23,7 @@ class EndpointSpec:
     metrics_port: int | None = None
     kv_events: str | None = None  # KV-event publisher (ZMQ address), replay socket
     kv_events_replay: str | None = None
+    annotations: dict[str, str] = field(default_factory=dict)  # pod annotations (the accelerator budget)
 
 
 Listener = Callable[[list[Endpoint], list[Endpoint]], None]  # (added, removed)
@@ -66,13 +67,14 @@ class EndpointPool:
             if spec is None or (spec.address, spec.port) != (ep.address, ep.port):
                 removed.append(self._by_name.pop(name))
             else:
-                ep.labels = dict(spec.labels)
+                ep.labels, ep.annotations = dict(spec.labels), dict(spec.annotations)
                 ep.metrics_port = spec.metrics_port
                 ep.kv_events, ep.kv_events_replay = spec.kv_events, spec.kv_events_replay
         for name, spec in wanted.items():
             if name not in self._by_name:
                 ep = Endpoint(spec.name, spec.address, spec.port, dict(spec.labels), metrics_port=spec.metrics_port,
-                              kv_events=spec.kv_events, kv_events_replay=spec.kv_events_replay)
+                              kv_events=spec.kv_events, kv_events_replay=spec.kv_events_replay,
+                              annotations=dict(spec.annotations))
                 self._by_name[name] = ep
                 added.append(ep)
         self.synced = True

@@ -6,6 +6,7 @@ import logging
 
 import pytest
 
+from epp.admission.accelerator import BUDGET_LABEL, GROUP_LABEL, MEMORY_LABEL, budget, group, memory
 from epp.cli import parse_args
 from epp.datalayer.k8s import KubernetesDiscovery
 from epp.datalayer.pool import EndpointPool
@@ -75,6 +76,20 @@ async def test_active_ports_annotation(kube, start_discovery):
     await eventually(lambda: not view(disc))
     kube.apply(pod("a"))  # annotation removed: every target port
     await eventually(lambda: set(view(disc)) == {"a-rank-0", "a-rank-1", "a-rank-2"})
+
+
+async def test_pod_annotations_reach_the_endpoints_accelerator_budget(kube, start_discovery):
+    budget_of = {MEMORY_LABEL: "40", BUDGET_LABEL: "80", GROUP_LABEL: "node-1"}
+    kube.apply(inference_pool())
+    kube.apply(pod("a", annotations=budget_of))
+    disc = await start_discovery(*POOL_ARGS)
+    await eventually(lambda: disc.pool.synced)
+    a0 = disc.pool.get("a-rank-0")
+    assert a0.annotations == budget_of and a0.labels == {"app": "vllm"}
+    assert (group(a0), memory(a0), budget([a0], 0.0)) == ("node-1", 40.0, 80.0)
+    kube.apply(pod("a", annotations={MEMORY_LABEL: "20"}))  # edited in place: the same endpoint, new values
+    await eventually(lambda: a0.annotations == {MEMORY_LABEL: "20"}, what="annotation update")
+    assert disc.pool.get("a-rank-0") is a0 and (group(a0), memory(a0)) == ("10.0.0.1", 20.0)
 
 
 async def test_pool_selector_and_target_ports_changes(kube, start_discovery):

@@ -70,6 +70,11 @@ def test_accelerator_groups_memory_and_budget_from_labels():
     assert (group(p0), group(p1)) == ("10.0.0.1", "node-b")
     assert (memory(p0), memory(p1)) == (40.0, 1.0)
     assert budget([p0], 2.0) == 80.0 and budget([p1], 2.0) == 2.0  # an unreadable label: the configured default
+    # pod annotations (Kubernetes discovery) give the same values, and win over a label of the same name
+    pool.sync([EndpointSpec("p0", "10.0.0.1", 8000, {MEMORY_LABEL: "40"}, annotations={
+        MEMORY_LABEL: "24", BUDGET_LABEL: "48", GROUP_LABEL: "node-a"})])
+    (p0,) = pool.endpoints
+    assert (group(p0), memory(p0), budget([p0], 2.0)) == ("node-a", 24.0, 48.0)
 
 
 async def cluster_of(n: int):

@@ -116,7 +116,8 @@ def pod_endpoints(pod: Obj, spec: PoolSpec) -> list[EndpointSpec]:
         return []
     ip = pod["status"]["podIP"]
     active = active_ports(pod, spec.target_ports)
-    return [EndpointSpec(f"{meta['name']}-rank-{i}", ip, port, labels)
+    annotations = {str(k): str(v) for k, v in (meta.get("annotations") or {}).items()}
+    return [EndpointSpec(f"{meta['name']}-rank-{i}", ip, port, labels, annotations=annotations)
             for i, port in enumerate(spec.target_ports) if port in active]
 
 
