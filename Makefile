@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench bench-overhead clean
+.PHONY: install demo test lint bench bench-overhead clean proto
 
 $(STAMP): pyproject.toml examples/epp-tenant-scorer/pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -25,6 +25,9 @@ demo: $(STAMP)  ## sim pods + EPP + real Envoy, then real requests through every
 test: $(STAMP)  ## lint + unit + end-to-end tests
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q -p no:cacheprovider
+
+proto: $(STAMP)  ## compile proto/ (EPP's own gRPC contracts) into epp/remote/, committed with the .proto
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=. $$(find proto -name '*.proto')
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

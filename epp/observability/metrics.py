@@ -133,6 +133,19 @@ def prefix_index_size(config: Any) -> int | None:
     return total if found else None
 
 
+class _PluginCollector(Collector):
+    """Metrics a plugin of the configuration in force offers (``metric_families()``), at scrape time."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    def collect(self) -> Iterator[Any]:
+        for plugin in list(getattr(self.runtime.config(), "plugins", {}).values()):
+            families = getattr(plugin, "metric_families", None)
+            if callable(families):
+                yield from families()
+
+
 class _PoolCollector(Collector):
     """Pool gauges computed at scrape time from the live endpoints (no timer to keep them fresh)."""
 
@@ -321,6 +334,7 @@ class EppMetrics:
                                    "When the scheduling configuration in force was loaded.", registry=r)
         self.config_loaded.set_to_current_time()
         r.register(_PoolCollector(pool, self.runtime))
+        r.register(_PluginCollector(self.runtime))
         self.info.labels("dev", "main").set(1)
         self._models: set[str] = set()  # model names a server answered with success
         self._provisional: dict[str, int] = {}  # name -> requests in flight, until one succeeds

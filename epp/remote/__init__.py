@@ -1,0 +1,1 @@
+"""EPP's own gRPC contracts (proto/), compiled."""
