@@ -35,6 +35,7 @@ from epp.api.errors import EppError
 from epp.config import Config
 
 POOL_HEADER = "x-epp-pool"  # set by the gateway's route, after the client's copy was stripped
+UNKNOWN_POOL = "unknown-pool"  # the refusal's reason; recorded by the first pool's decision log, in no pool
 _FIELDS = {"name", "default", "endpoints", "endpointsFile", "inferencePool", "configName", "configText", "configFile"}
 
 
@@ -93,6 +94,6 @@ class PoolSelector:
         name = (headers.get(POOL_HEADER) or "").strip() or self.default
         director = self.directors.get(name) if name else None
         if director is None:
-            raise EppError(400, "unknown-pool", "the request's route names no pool this EPP serves"
+            raise EppError(400, UNKNOWN_POOL, "the request's route names no pool this EPP serves"
                            if name else "the request's route names no pool (x-epp-pool) and no pool is the default")
         return director

@@ -7,6 +7,9 @@
   explained decisions carry their per-scorer breakdown).
 * ``GET /debug`` (and ``/``): a page that shows both, refreshed every second (plain HTML and JS).
 
+With several pools (``--pools-file``) both cover every pool: each endpoint and decision carries its ``pool``,
+``/debug/endpoints`` adds each pool's own view under ``pools``, and ``?pool=<name>`` narrows either to one pool.
+
 No prompt text or header values are exposed; endpoint addresses and model names are. Like
 ``/metrics``, the port belongs on a network only operators reach; ``--debug-endpoints=false`` turns
 these off.
@@ -22,6 +25,7 @@ from aiohttp import web
 
 from epp.observability.audit import plugin_audits
 from epp.observability.page import PAGE
+from epp.pools import UNKNOWN_POOL
 
 MAX_LIMIT = 256
 
@@ -30,7 +34,34 @@ def _age(a: float) -> float | None:
     return None if math.isinf(a) else round(a, 3)
 
 
-def endpoints_view(server: Any) -> dict[str, Any]:
+def _units(server: Any, pool: str | None = None) -> dict[str, Any]:
+    """Pool name -> the server routing it (one, unless --pools-file); only ``pool``'s when given."""
+    units = getattr(server, "units", None) or {server.pool.name: server}
+    if pool is None:
+        return units
+    if pool not in units:
+        raise web.HTTPNotFound(text=f"no pool {pool!r} (pools: {', '.join(units)})")
+    return {pool: units[pool]}
+
+
+def endpoints_view(server: Any, pool: str | None = None) -> dict[str, Any]:
+    units = _units(server, pool)
+    if len(units) == 1:
+        (unit,) = units.values()
+        return _pool_view(unit, server)
+    views = {name: _pool_view(unit, server) for name, unit in units.items()}
+    first = next(iter(views.values()))
+    return {
+        "pool": ", ".join(views), "now": first["now"], "state": first["state"], "streams": first["streams"],
+        "decisions": sum(v["decisions"] for v in views.values()),
+        "rejected": sum(v["rejected"] for v in views.values()),
+        "config": {},  # each pool's under pools
+        "endpoints": [{**e, "pool": name} for name, v in views.items() for e in v["endpoints"]],
+        "pools": views}
+
+
+def _pool_view(server: Any, process: Any) -> dict[str, Any]:
+    """One pool's view; ``process`` is the server holding the listeners (state, streams)."""
     pool = server.pool
     hooks = getattr(server, "hooks", None)
     picks = hooks.decisions.picks if hooks is not None else {}
@@ -48,7 +79,7 @@ def endpoints_view(server: Any) -> dict[str, Any]:
             "metrics_age_s": _age(age), "stale": age > threshold, "last_error": m.last_error,
             "unreachable": m.unreachable, "sleeping": e.asleep,
             "picks": picks.get(e.name, 0)})
-    servicer = getattr(server, "servicer", None)
+    servicer = getattr(process, "servicer", None)
     reloader = getattr(server, "reloader", None)
     director = getattr(server, "director", None)
     config: dict[str, Any] = {}
@@ -60,7 +91,7 @@ def endpoints_view(server: Any) -> dict[str, Any]:
                                for name, p in profiles.items()}}
     if reloader is not None:
         config.update(reloader.describe())
-    health = getattr(server, "health", None)
+    health = getattr(process, "health", None)
     return {
         "pool": pool.name, "now": round(time.time(), 3),
         "state": health.state if health is not None else "unknown",
@@ -79,25 +110,37 @@ def endpoints_view(server: Any) -> dict[str, Any]:
                     if callable(getattr(plugin, "debug_state", None))}}
 
 
-def decisions_view(server: Any, limit: int = 50) -> dict[str, Any]:
-    hooks = getattr(server, "hooks", None)
-    if hooks is None:
+def decisions_view(server: Any, limit: int = 50, pool: str | None = None) -> dict[str, Any]:
+    limit = max(1, min(limit, MAX_LIMIT))
+    units = _units(server, pool)
+    logs = {name: hooks.decisions for name, unit in units.items() if (hooks := getattr(unit, "hooks", None))}
+    if not logs:
         return {"total": 0, "rejected": 0, "decisions": []}
-    log = hooks.decisions
-    return {"total": log.total, "rejected": log.rejected, "size": log.records.maxlen,
-            "decisions": log.recent(max(1, min(limit, MAX_LIMIT)))}
+    if len(_units(server)) == 1:
+        (log,) = logs.values()
+        return {"total": log.total, "rejected": log.rejected, "size": log.records.maxlen,
+                "decisions": log.recent(limit)}
+    merged = [{**rec, "pool": None if rec.get("rejected") == UNKNOWN_POOL else name}
+              for name, log in logs.items() for rec in log.recent(limit)]
+    if pool is not None:
+        merged = [rec for rec in merged if rec["pool"] == pool]
+    merged.sort(key=lambda rec: rec.get("t", 0.0), reverse=True)  # newest first across pools
+    return {"total": sum(log.total for log in logs.values()), "rejected": sum(log.rejected for log in logs.values()),
+            "size": sum(log.records.maxlen or 0 for log in logs.values()), "decisions": merged[:limit]}
 
 
 def add_debug_routes(app: web.Application, server: Any) -> None:
-    async def endpoints(_: web.Request) -> web.Response:
-        return web.json_response(endpoints_view(server), headers={"Cache-Control": "no-store"})
+    async def endpoints(request: web.Request) -> web.Response:
+        return web.json_response(endpoints_view(server, request.query.get("pool")),
+                                 headers={"Cache-Control": "no-store"})
 
     async def decisions(request: web.Request) -> web.Response:
         try:
             limit = int(request.query.get("limit", "50"))
         except ValueError:
             raise web.HTTPBadRequest(text="limit must be an integer") from None
-        return web.json_response(decisions_view(server, limit), headers={"Cache-Control": "no-store"})
+        return web.json_response(decisions_view(server, limit, request.query.get("pool")),
+                                 headers={"Cache-Control": "no-store"})
 
     async def page(_: web.Request) -> web.Response:
         return web.Response(text=PAGE, content_type="text/html", headers={"Cache-Control": "no-store"})

@@ -92,7 +92,7 @@ function renderEndpoints(d) {
   for (const e of d.endpoints) {
     const tr = el("tr");
     tr.dataset.endpoint = e.name;
-    tr.appendChild(el("td", e.name));
+    tr.appendChild(el("td", e.pool ? e.pool + " / " + e.name : e.name));  // several pools: each labelled
     tr.appendChild(el("td", e.address, "dim"));
     tr.appendChild(el("td", e.waiting, "num"));
     tr.appendChild(el("td", e.running, "num"));
@@ -118,7 +118,8 @@ function renderDecisions(d) {
     tr.appendChild(el("td", new Date(r.t * 1000).toLocaleTimeString(), "dim"));
     tr.appendChild(el("td", (r.id || "-").slice(0, 13)));
     tr.appendChild(el("td", r.model || "-"));
-    tr.appendChild(el("td", r.rejected ? "rejected: " + r.rejected : r.endpoint, r.rejected ? "err" : ""));
+    tr.appendChild(el("td", (r.pool ? r.pool + " / " : "") + (r.rejected ? "rejected: " + r.rejected : r.endpoint),
+                      r.rejected ? "err" : ""));
     tr.appendChild(el("td", r.sched_us === undefined ? "-" : num(r.sched_us, 0) + " \\u00b5s", "num"));
     tr.appendChild(el("td", r.margin === undefined || r.margin === null ? "-" : num(r.margin, 3), "num"));
     tr.appendChild(el("td", r.status === undefined ? "in flight" : r.status,

@@ -65,3 +65,27 @@ def test_one_epp_two_pools_each_with_its_profile_and_no_crossing(tmp_path):
             for service in ("pool/a", "pool/b", ""):
                 assert stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status == \
                     health_pb2.HealthCheckResponse.SERVING
+        check_debug_pages(f"http://{HOST}:{stack.metrics_port}", a, b)
+
+
+def check_debug_pages(base: str, a: set[str], b: set[str]) -> None:
+    """/debug covers every pool, each endpoint and decision labelled with its pool."""
+    view = httpx.get(base + "/debug/endpoints", timeout=10).json()
+    assert {(e["pool"], e["address"]) for e in view["endpoints"]} == {("a", x) for x in a} | {("b", x) for x in b}
+    assert {e["pool"]: 0 for e in view["endpoints"]} == {"a": 0, "b": 0}
+    picks = {name: sum(e["picks"] for e in v["endpoints"]) for name, v in view["pools"].items()}
+    assert picks == {"a": 18, "b": 30} and view["decisions"] == 48
+    profiles = {name: v["config"]["profiles"] for name, v in view["pools"].items()}
+    assert profiles["a"] != profiles["b"]  # each pool's own scheduling configuration
+    only_b = httpx.get(base + "/debug/endpoints", params={"pool": "b"}, timeout=10).json()
+    assert only_b["pool"] == "b" and {e["address"] for e in only_b["endpoints"]} == b
+    assert httpx.get(base + "/debug/endpoints", params={"pool": "c"}, timeout=10).status_code == 404
+    recent = httpx.get(base + "/debug/decisions", params={"limit": 100}, timeout=10).json()
+    refused, routed = recent["decisions"][0], recent["decisions"][1:]  # the request no route named a pool
+    assert (refused["rejected"], refused["pool"]) == ("unknown-pool", None)
+    assert recent["total"] == 48 and len(routed) == 48
+    assert all(d["endpoint"] in (a if d["pool"] == "a" else b) for d in routed)
+    times = [d["t"] for d in recent["decisions"]]
+    assert times == sorted(times, reverse=True) and routed[0]["pool"] == "b"  # b's were routed last
+    only_a = httpx.get(base + "/debug/decisions", params={"pool": "a", "limit": 100}, timeout=10).json()
+    assert only_a["total"] == 18 and {d["endpoint"] for d in only_a["decisions"]} <= a
