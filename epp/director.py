@@ -23,7 +23,7 @@ from epp.datalayer.tokens import TokenRatios
 from epp.objectives import Objectives
 from epp.observability.metrics import EppMetrics
 from epp.scheduling.config import PickerConfig
-from epp.scheduling.plugins import RequestObserver, ResponseInfo, SchedulingResult
+from epp.scheduling.plugins import RequestObserver, RequestPreparer, ResponseInfo, SchedulingResult
 
 if TYPE_CHECKING:
     from epp.observability.hooks import RequestHooks
@@ -107,6 +107,7 @@ class Director:
         self.admission.configure(getattr(config, "admission", None))
         self.observers: list[RequestObserver] = config.plugins_of(RequestObserver)
         self.body_observers = [o for o in self.observers if o.needs_response_body]
+        self.preparers = [p for p in config.plugins_of(RequestPreparer) if p.prepares]
         self._warned_no_bodies = False
         if self.body_observers:
             log.info("plugins %s read response bodies: configure Envoy with response_body_mode "
@@ -166,8 +167,25 @@ class Director:
         if self.admission.applies(request):
             # may hold the request while a sleeping endpoint wakes
             await self.waker.ensure_awake(subset, request.path_model)
+            if self.preparers:
+                await self.prepare(request, subset)
             await self.admission.admit(request, subset)
+        elif self.preparers and request.method.upper() == "POST":
+            await self.prepare(request, subset)
         return self.schedule(request, subset)
+
+    async def prepare(self, request: InferenceRequest, subset: Sequence[str] | None) -> None:
+        """The preparing plugins' awaits (each bounded by the plugin); a failure leaves the request unprepared
+        (those plugins fall back), and candidate errors are left for scheduling to report."""
+        try:
+            candidates = self.candidates(subset, model=request.path_model)
+        except EppError:
+            return
+        for p in self.preparers:
+            try:
+                await p.prepare_request(request, candidates)
+            except Exception:
+                log.exception("plugin %s failed in prepare_request", p.name)
 
     def schedule(self, request: InferenceRequest, subset: Sequence[str] | None) -> Decision:
         # a request without a body (GET /v1/models) may go to a sleeping engine: it answers those

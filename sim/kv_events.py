@@ -96,8 +96,8 @@ def _bad_frame(kind: str, seq: int) -> list[bytes]:
         return [b"", struct.pack(">Q", seq), msgpack_encode([time.time(), [["BlockStored", "x", 7, {"a": 1}, "y"]]])]
     if kind == "unknown-tag":
         return [b"", struct.pack(">Q", seq), msgpack_encode([time.time(), [["BlockExploded", [1]]], 0])]
-    if kind == "backwards":
-        return [b"", struct.pack(">Q", max(0, seq - 5)), good]
+    if kind == "backwards":  # an earlier number, never 0 (which reads as a publisher restart)
+        return [b"", struct.pack(">Q", max(1, seq - 2)), good]
     if kind == "not-msgpack":
         return [b"", struct.pack(">Q", seq), b"\xc1\xc1\xc1"]
     if kind == "short-frame":
@@ -155,7 +155,14 @@ class KVEventLog:
             self.paused = bool(doc["pause"])
         if self._socket is not None:
             if doc.get("inject"):
-                frame = _bad_frame(str(doc["inject"]), self.seq + 1)
+                kind = str(doc["inject"])
+                with self._lock:
+                    frame = _bad_frame(kind, self.seq + 1)
+                    if len(frame) == 3 and kind != "backwards":
+                        # a bad batch takes its sequence number (and its replay slot), as a real one would: a
+                        # reused number would read as a duplicate, not as the fault injected
+                        self.seq += 1
+                        self._payloads.append((self.seq, frame[2]))
                 if len(frame) == 3:
                     frame[0] = self.topic
                 self._send(frame)

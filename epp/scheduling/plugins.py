@@ -13,6 +13,9 @@ Scheduling roles, called in this order for each request (one *cycle*):
   ``weight * score`` over its scorers.
 * ``Picker`` chooses the endpoint(s) from the scored candidates, best first (the rest are fallbacks).
 
+Before the cycle, a ``RequestPreparer`` may await work the cycle needs (a pod tokenizing the prompt); it bounds
+its own wait and, failing, leaves the request as it was.
+
 Request-lifecycle roles (``RequestObserver``): ``pre_request`` once the pick is made,
 ``on_response_headers``, ``on_response_body`` (only if ``needs_response_body``), and
 ``on_response_complete`` exactly once per routed request, even when the client went away.
@@ -151,4 +154,14 @@ class RequestObserver(Plugin):
         pass
 
     def on_response_complete(self, request: InferenceRequest, endpoint: Endpoint, response: ResponseInfo) -> None:
+        pass
+
+
+class RequestPreparer(Plugin):
+    """Awaited by the director before admission and scheduling (after a sleeping endpoint woke), only while
+    ``prepares`` is true: the one await a plugin gets on the request path, so it must be bounded."""
+
+    prepares: bool = True
+
+    async def prepare_request(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> None:
         pass

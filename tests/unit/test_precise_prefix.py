@@ -96,3 +96,83 @@ def test_tokens_match_the_simulator_for_every_chat_api(tmp_path: Path):
     assert local.cache.hits > hits  # the system prompt's tokens came from the cache
     long = ("A paragraph of text about ledgers and audits.\n" * 2000)  # cut into cached chunks, exactly
     assert local.encode(long, add_special_tokens=False) == sim.encode(long)
+
+
+async def test_pods_render_when_no_tokenizer_is_configured(tmp_path: Path):
+    """Without ``tokenizer`` the producer asks a pod (render, else ``/tokenize`` with messages), in the request's
+    prepare step: every chat API gets the ids the pod's engine uses; an unreachable pod leaves the request to the
+    approximate index."""
+    from epp.datalayer.endpoint import Endpoint
+    from plugins.scorers.precise.producer import PrecisePrefixCacheProducer
+    from sim.config import DEFAULT_MODEL, SimConfig
+    from sim.server import SimCluster
+
+    local = LocalTokenizer(str(write_model_dir(tmp_path / "model")))
+    system = "You answer questions about the ledger.\nBe brief. " * 40
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "What is due?"}]
+    payloads = [(ApiKind.CHAT_COMPLETIONS, {"messages": messages}),
+                (ApiKind.RESPONSES, {"instructions": system, "input": "What is due?"}),
+                (ApiKind.MESSAGES, {"system": system, "messages": [{"role": "user", "content": "What is due?"}]}),
+                (ApiKind.COMPLETIONS, {"prompt": system})]
+    producer = PrecisePrefixCacheProducer()
+    assert producer.prepares
+    async with SimCluster(SimConfig(tokenizer="deepseek"), n=1) as c:
+        host, port = c.addresses[0].rsplit(":", 1)
+        pod = Endpoint("pod", host, int(port))
+        for no_render in (False, True):  # vLLM without the render endpoints: /tokenize
+            producer.renderer._cache.clear()
+            if no_render:
+                producer.renderer._no_render.add(f"http://{pod.hostport}")
+            got = []
+            for api, payload in payloads:
+                r = _request(api, payload)
+                r.body.model = DEFAULT_MODEL
+                if api == ApiKind.COMPLETIONS:
+                    r.body.prompt_text = payload["prompt"]
+                await producer.prepare_request(r, [pod])
+                st = producer.state(r, [pod])
+                assert st.precise, (api, no_render)
+                got.append(producer._tokens(r))
+            want = local.request_tokens(_request(ApiKind.CHAT_COMPLETIONS, {"messages": messages}))
+            assert got[0] == got[1] == got[2] == want
+            assert got[3] == local.encode(system, add_special_tokens=True)
+        await producer.renderer.close()
+    gone = _request(ApiKind.CHAT_COMPLETIONS, {"messages": [*messages, {"role": "user", "content": "again"}]})
+    await producer.prepare_request(gone, [pod])  # the pod is gone: connection refused
+    assert not producer.state(gone, [pod]).precise and producer.renderer.failures == 1
+    await producer.renderer.close()
+
+
+async def test_director_renders_on_a_pod_with_the_shipped_config():
+    """manifests/examples/precise-prefix.yaml as shipped (no tokenizer): the director awaits the pod render
+    before scheduling, so the request is keyed by the pod's own token ids."""
+    import json
+
+    from epp.datalayer.pool import EndpointPool, EndpointSpec
+    from epp.director import Director
+    from epp.scheduling.config import load_config
+    from sim.config import DEFAULT_MODEL, SimConfig
+    from sim.server import SimCluster
+
+    shipped = Path(__file__).parents[2] / "manifests/examples/precise-prefix.yaml"
+    async with SimCluster(SimConfig(tokenizer="deepseek"), n=1) as c:
+        host, port = c.addresses[0].rsplit(":", 1)
+        pool = EndpointPool()
+        pool.sync([EndpointSpec("pod", host, int(port), {})])
+        config = load_config(shipped.read_text(), pool)
+        try:
+            director = Director(pool, config)
+            producer = config.plugins["precise-prefix-cache-producer"]
+            assert director.preparers == [producer]
+            doc = {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "Close the month. " * 50}]}
+            body = ParsedBody(api=ApiKind.CHAT_COMPLETIONS, model=DEFAULT_MODEL, payload=doc)
+            r = InferenceRequest("r1", "/v1/chat/completions", "POST", {}, body, json.dumps(doc).encode(),
+                                 target_model=DEFAULT_MODEL)
+            decision = await director.route(r, None)
+            assert decision.primary.name == "pod"
+            assert producer.state(r, [decision.primary]).precise
+            assert producer.renderer.failures == 0
+        finally:
+            for p in config.plugins.values():
+                p.stop()
+            await config.plugins["precise-prefix-cache-producer"].renderer.close()

@@ -27,6 +27,7 @@ Parameters (llm-d names where llm-d has them):
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import Counter
@@ -38,7 +39,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from epp.api.types import InferenceRequest
 from epp.datalayer.endpoint import Endpoint
-from epp.scheduling.plugins import SchedulingResult
+from epp.scheduling.plugins import RequestPreparer, SchedulingResult
 from epp.scheduling.registry import register_plugin
 from plugins.scorers.common import check_bool, check_duration, check_int, check_mapping, check_str
 from plugins.scorers.precise.events import BlockStored, Event
@@ -61,7 +62,7 @@ class PreciseState(PrefixState):
 
 
 @register_plugin("precise-prefix-cache-producer")
-class PrecisePrefixCacheProducer(ApproxPrefixCacheProducer):
+class PrecisePrefixCacheProducer(ApproxPrefixCacheProducer, RequestPreparer):
     def __init__(self, token_processor_config: Any = None, kv_events_config: Any = None,
                  speculative_indexing: bool = False, speculative_t_t_l: Any = "2s", indexer_config: Any = None,
                  tokenizer: str | None = None, chat_template: str | None = None, render_timeout: Any = "2s",
@@ -90,6 +91,7 @@ class PrecisePrefixCacheProducer(ApproxPrefixCacheProducer):
         self.local = LocalTokenizer(check_str(tokenizer, "tokenizer"), chat_template) if tokenizer else None
         self.renderer = None if self.local else PodRenderer(check_duration(render_timeout, "renderTimeout"),
                                                            check_int(render_cache_size, "renderCacheSize", 1))
+        self.prepares = self.renderer is not None  # the director awaits prepare_request only for pod rendering
         self.adapters: set[str] = set()  # LoRA names seen in events: requests for them use the adapter's root
         self.ingestor: Any = None
         self._expect: dict[str, float] = {}  # endpoint -> first pick since its last frame that should make events
@@ -165,17 +167,23 @@ class PrecisePrefixCacheProducer(ApproxPrefixCacheProducer):
         return request.attributes.get((self._key, "rendered"))
 
     async def prepare_request(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> None:
-        """Without a local tokenizer: the prompt's token ids from a pod's renderer (cached), before scheduling."""
-        if self.renderer is None or request.body.prompt_token_ids is not None or not endpoints:
+        """Without a local tokenizer: the prompt's token ids from a pod's renderer (cached), before scheduling;
+        within ``renderTimeout`` in all, else the request is matched by the approximate index."""
+        r = self.renderer
+        if r is None or request.body.prompt_token_ids is not None or not endpoints:
             return
-        found = self.renderer.cached(request)
+        found = r.cached(request)
         if found is None or isinstance(found, list):
             request.attributes[(self._key, "rendered")] = found
             return
         key, query = found
-        e = endpoints[hash(request.request_id) % len(endpoints)]
-        request.attributes[(self._key, "rendered")] = await self.renderer.render(
-            f"http://{e.hostport}", key, query)
+        e = min(endpoints, key=lambda x: x.inflight_requests)  # the least busy pod answers soonest
+        try:
+            ids = await asyncio.wait_for(r.render(f"http://{e.hostport}", key, query), r.timeout)
+        except TimeoutError:
+            r.failures += 1
+            ids = None
+        request.attributes[(self._key, "rendered")] = ids
 
     def state(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> PrefixState:
         st = request.attributes.get(self._key)

@@ -12,8 +12,9 @@ Per endpoint, frames are applied in sequence order (reference: llmd.md §3.5, si
 * After ZMQ reconnects (a socket monitor sees it), missed frames are replayed when possible.
 
 Malformed frames and events are dropped and counted by reason (``stats.dropped``); a frame rate above
-``max_frames_per_second`` per endpoint is dropped as a flood (the sequence gap it leaves is then replayed or
-counted). ZMQ reconnects by itself, backing off from 100 ms to ``reconnect_max`` seconds.
+``max_frames_per_second`` per endpoint is dropped as a flood: the gap it leaves is replayed when the rate window
+ends (bounded by the publisher's buffer), or counted at the next frame without a replay endpoint. ZMQ reconnects
+by itself, backing off from 100 ms to ``reconnect_max`` seconds.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ class _Stream:
     held: deque[tuple[int, bytes]] = field(default_factory=deque)
     window: float = 0.0
     window_frames: int = 0
+    flooded: bool = False  # frames were dropped in the current rate window
     connected_once: bool = False
 
 
@@ -153,6 +155,11 @@ class EventIngestor:
                     self.stats.replay_failures[st.name] += 1
                     st.cooldown_until = now + REPLAY_COOLDOWN
                     self._end_replay(st, now)
+                elif st.flooded and now - st.window >= 1.0:
+                    # The window that dropped frames is over: fetch them back now rather than at the next frame,
+                    # which may never come (a quiet publisher) or fall in another flood.
+                    st.flooded = False
+                    self._replay(st, st.last + 1, now)
         for st in list(self._streams.values()):
             self._close(st, poller)
 
@@ -232,6 +239,7 @@ class EventIngestor:
             st.window_frames += 1
             if st.window_frames > self.max_rate:
                 self.stats.dropped["flood"] += 1
+                st.flooded = True
                 continue
             self._live(st, seq, frames[2], now)
 
