@@ -260,6 +260,39 @@ class EnvoyEpp(Target):
         return {"predictions": doc.get("predictions"), "chars_per_token": doc.get("chars_per_token")}
 
 
+PRECISE_EXAMPLE = Path(__file__).parents[1] / "manifests" / "examples" / "precise-prefix.yaml"
+
+
+class EnvoyEppPrecise(EnvoyEpp):
+    """EPP with the shipped ``precise-prefix.yaml``, fed by the pods' KV events (each pod's publisher named in a
+    static endpoints file, as on a real deployment with per-pod ports). With the pods' ``tokenizer`` (a file or a
+    name the simulator knows) EPP tokenizes itself, as the pods do; without, each pod renders the prompt."""
+
+    def __init__(self, endpoints: list[str], kv_event_endpoints: list[str], tokenizer: str | None = None,
+                 name: str = "epp-precise") -> None:
+        import yaml
+
+        from sim.model_files import write_model_dir
+
+        self.dir = Path(tempfile.mkdtemp(prefix="epp-precise-"))
+        doc = yaml.safe_load(PRECISE_EXAMPLE.read_text())
+        if tokenizer:
+            doc["plugins"][0]["parameters"]["tokenizer"] = str(write_model_dir(self.dir / "model", tokenizer))
+        lines = []
+        for ep, zmq in zip(endpoints, kv_event_endpoints, strict=True):
+            host, port = ep.rsplit(":", 1)
+            lines.append(f"- {{address: '{host}', port: {port}, kvEventsEndpoint: '{zmq}'}}")
+        (self.dir / "endpoints.yaml").write_text("endpoints:\n" + "\n".join(lines) + "\n")
+        super().__init__(endpoints, name, config_text=yaml.safe_dump(doc, sort_keys=False),
+                         epp_args=["--static-endpoints-file", str(self.dir / "endpoints.yaml")])
+        how = "EPP tokenizes (the pods' tokenizer.json and chat template)" if tokenizer else "the pods render"
+        self.description = f"Envoy + EPP, precise-prefix.yaml (the pods' KV events over ZMQ; {how})"
+
+    def stop(self) -> None:
+        super().stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 def vllm_router_binary() -> str | None:
     return shutil.which("vllm-router") or shutil.which("vllm-router", path=str(Path(sys.executable).parent))
 
@@ -376,9 +409,10 @@ def sglang_router_installed() -> bool:
 
 
 def make_targets(names: list[str], endpoints: list[str], kv_event_endpoints: list[str] | None = None,
-                 model: str = "") -> list[Target]:
+                 model: str = "", tokenizer: str | None = None) -> list[Target]:
     """The quality benchmark's targets by name (see TARGETS). ``kv_event_endpoints``: the pods' ZMQ KV event
-    publishers (SimPods(kv_events=True)), needed by vllm-router-kv-aware."""
+    publishers (SimPods(kv_events=True)), needed by vllm-router-kv-aware and epp-precise; ``tokenizer``: the
+    pods' --tokenizer, which epp-precise tokenizes with."""
     out: list[Target] = []
     for n in names:
         if n == "envoy-rr":
@@ -400,6 +434,10 @@ def make_targets(names: list[str], endpoints: list[str], kv_event_endpoints: lis
             t = EnvoyEpp(endpoints, f"epp-{path.stem}", config_text=path.read_text())
             t.description = f"Envoy + EPP ({path})"
             out.append(t)
+        elif n == "epp-precise":
+            if not kv_event_endpoints:
+                raise ValueError("epp-precise needs pods publishing KV events (SimPods(kv_events=True))")
+            out.append(EnvoyEppPrecise(endpoints, kv_event_endpoints, tokenizer, name=n))
         elif n == "vllm-router-kv-aware":
             if not kv_event_endpoints:
                 raise ValueError("vllm-router-kv-aware needs pods publishing KV events (SimPods(kv_events=True))")
@@ -416,11 +454,12 @@ def make_targets(names: list[str], endpoints: list[str], kv_event_endpoints: lis
 
 
 TARGETS = ("envoy-rr", "epp-default", "epp-gie", "vllm-router-cache-aware", "vllm-router-round-robin")
-OPTIONAL_TARGETS = ("epp-default-none", "epp-prefix", "vllm-router-power-of-two", "vllm-router-consistent-hash",
-                    "vllm-router-kv-aware", "sglang-router", "sglang-router-round-robin")
-# The pressure suite's: round robin, EPP's default, and the peers at their best policies.
-PRESSURE_TARGETS = ("envoy-rr", "epp-default", "epp-gie", "vllm-router-cache-aware", "vllm-router-kv-aware",
-                    "sglang-router")
+OPTIONAL_TARGETS = ("epp-default-none", "epp-prefix", "epp-precise", "vllm-router-power-of-two",
+                    "vllm-router-consistent-hash", "vllm-router-kv-aware", "sglang-router", "sglang-router-round-robin")
+# The pressure suite's: round robin, EPP's default and precise configurations, and the peers at their best policies.
+PRESSURE_TARGETS = ("envoy-rr", "epp-default", "epp-precise", "epp-gie", "vllm-router-cache-aware",
+                    "vllm-router-kv-aware", "sglang-router")
+KV_EVENT_TARGETS = ("epp-precise", "vllm-router-kv-aware")  # the pods publish KV events when one of these runs
 # Routers that are not EPP and not a cache-blind baseline: what "best peer" means in the verdicts.
 PEERS = ("vllm-router-cache-aware", "vllm-router-kv-aware", "sglang-router", "vllm-router-power-of-two",
          "vllm-router-consistent-hash")

@@ -159,6 +159,7 @@ def tokenization(sizes: list[int], model_dir: Path) -> list[dict[str, Any]]:
     for n in sizes:
         system = text.text(random.Random(n), n)
         tok = LocalTokenizer(str(model_dir))  # a fresh token cache
+        tok.request_tokens(_chat_request("hi", "hi"))  # compiles the template (once per process); caches nothing
         first, again = _chat_request(system, "First question?"), _chat_request(system, "Another question?")
         cold, ids = _ms(lambda t=tok, r=first: t.request_tokens(r))
         warm, ids = _ms(lambda t=tok, r=again: t.request_tokens(r), 3)

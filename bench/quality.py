@@ -13,7 +13,8 @@ The simulated pods (``python -m sim``, profile ``realistic`` with a smaller KV c
 shared by every target; before each run they are waited for until idle and their prefix caches are reset
 (``POST /sim/control {"reset_prefix_cache": true}``). For each workload the targets run one after another,
 each freshly started and stopped after its run, so only the router under test uses CPU. Optional targets:
-epp-default-none (response_body_mode NONE), vllm-router-power-of-two, vllm-router-consistent-hash.
+epp-precise (precise-prefix.yaml on the pods' KV events; in the pressure suite), epp-default-none
+(response_body_mode NONE), vllm-router-power-of-two, vllm-router-consistent-hash.
 Method, parameters and results: bench/README.md.
 """
 
@@ -35,7 +36,7 @@ from typing import Any
 
 from bench import workloads as wl
 from bench.client import RunOutput, new_session, run_open_loop
-from bench.harness import PEERS, PRESSURE_TARGETS, TARGETS, CpuMeter, SimPods, Target, make_targets
+from bench.harness import KV_EVENT_TARGETS, PEERS, PRESSURE_TARGETS, TARGETS, CpuMeter, SimPods, Target, make_targets
 from bench.report import fmt, markdown_table, pct, plot_quality, table
 
 RESULTS = Path(__file__).parent / "results"
@@ -271,7 +272,7 @@ async def run_quality(cfg: QualityConfig) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     log = (lambda *a: None) if cfg.quiet else (lambda *a: print(*a, flush=True))
     seeds = cfg.seeds or [cfg.seed]
-    kv_events = "vllm-router-kv-aware" in cfg.targets
+    kv_events = any(t in KV_EVENT_TARGETS for t in cfg.targets)
     runs: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
     t_start = time.monotonic()
@@ -296,7 +297,8 @@ async def run_quality(cfg: QualityConfig) -> dict[str, Any]:
                     for seed in seeds:
                         log(f"workload {job.workload} (seed {seed}, {job.rate:g} req/s)")
                         for name in cfg.targets:
-                            target = make_targets([name], pods.endpoints, pods.kv_event_endpoints, wl.MODEL)[0]
+                            target = make_targets([name], pods.endpoints, pods.kv_event_endpoints, wl.MODEL,
+                                                  cfg.tokenizer)[0]
                             descriptions[target.name] = target.description
                             try:
                                 await asyncio.to_thread(target.start)
@@ -400,7 +402,8 @@ def suite_tables(runs: list[dict[str, Any]], targets: list[str], markdown: bool 
     return "\n\n".join(blocks)
 
 
-EPP_VARIANTS = ("epp-default", "epp-gie", "epp-default-none")  # those that get a verdict line when they ran
+# those that get a verdict line when they ran
+EPP_VARIANTS = ("epp-default", "epp-precise", "epp-gie", "epp-default-none")
 
 
 def suite_verdicts(runs: list[dict[str, Any]], epps: tuple[str, ...] = EPP_VARIANTS,
