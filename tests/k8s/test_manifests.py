@@ -22,8 +22,9 @@ import yaml
 
 from epp import tls
 from epp.cli import parse_args
-from epp.scheduling.config import load_config
-from epp.stack.envoy import STRIP_FILTER, STRIPPED_REQUEST_HEADERS, envoy_binary
+from epp.pools import POOL_HEADER, PoolSpec, parse_pools
+from epp.scheduling.config import BUILTIN_CONFIGS, load_config
+from epp.stack.envoy import POLICY_FILTER, STRIP_FILTER, STRIPPED_REQUEST_HEADERS, envoy_binary
 
 ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = ROOT / "manifests"
@@ -251,7 +252,7 @@ def test_generated_files_are_current():
     assert not stale, f"run `python manifests/render.py`: out of date: {stale}"
 
 
-@pytest.mark.parametrize("variant", ["fail-closed", "fail-open"])
+@pytest.mark.parametrize("variant", ["fail-closed", "fail-open", "two-pools"])
 def test_envoy_accepts_the_rendered_configs(tmp_path, variant):
     render = _render_module()
     cm = yaml.safe_load((MANIFESTS / f"gateways/envoy/{variant}/envoy.yaml").read_text())
@@ -323,13 +324,15 @@ def test_overlay_builds_and_holds_together(overlay):
     epp = deployments["epp"]["spec"]["template"]["spec"]
     container = epp["containers"][0]
     cfg = parse_args(container["args"])  # SystemExit on a flag EPP does not know
-    assert cfg.pool_name in pools and cfg.config_file.startswith("/etc/epp/")
-    load_config(configmaps["epp-config"]["data"][Path(cfg.config_file).name])
+    served = epp_pools(cfg, configmaps["epp-config"]["data"])  # --pool-name's, or each of --pools-file's
     assert container["readinessProbe"]["grpc"]["port"] == cfg.grpc_health_port
     ports = {p["containerPort"] for p in container["ports"]}
     assert {cfg.grpc_port, cfg.grpc_health_port, cfg.metrics_port} <= ports
-    ref = pools[cfg.pool_name]["spec"]["endpointPickerRef"]
-    assert ref["port"]["number"] in {p["port"] for p in services[ref["name"]]["spec"]["ports"]}
+    for spec in served:  # each an InferencePool of the overlay, picked by this EPP's Service
+        assert spec.cfg.pool_name in pools
+        ref = pools[spec.cfg.pool_name]["spec"]["endpointPickerRef"]
+        assert ref["port"]["number"] in {p["port"] for p in services[ref["name"]]["spec"]["ports"]}
+    assert set(pools) == {s.cfg.pool_name for s in served}  # no pool left without its picker
     # several replicas: active-passive (a Lease) or active-active over the shared store, never neither
     assert bool(cfg.ha_enable_leader_election or cfg.state_store_url) == (deployments["epp"]["spec"]["replicas"] > 1)
     if cfg.state_store_url:  # the store, its Service and its password are in the overlay
@@ -345,13 +348,18 @@ def test_overlay_builds_and_holds_together(overlay):
         for vol in d["spec"]["template"]["spec"].get("volumes", []):
             if "configMap" in vol:
                 assert vol["configMap"]["name"] in configmaps, f"{name}: missing ConfigMap"
-    # The pool selects the model-server pods, on the port they serve.
-    pool = pools["vllm"]["spec"]
-    servers = [d for d in deployments.values()
-               if pool["selector"]["matchLabels"].items() <= d["spec"]["template"]["metadata"]["labels"].items()]
-    assert servers and all({p["number"] for p in pool["targetPorts"]} <= {
-        p["containerPort"] for c in s["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])}
-        for s in servers)
+    # Each pool selects model-server pods (its own), on the port they serve.
+    selected: list[str] = []
+    for pool in (p["spec"] for p in pools.values()):
+        servers = [name for name, d in deployments.items()
+                   if pool["selector"]["matchLabels"].items() <= d["spec"]["template"]["metadata"]["labels"].items()]
+        assert servers and all({p["number"] for p in pool["targetPorts"]} <= {
+            p["containerPort"] for c in deployments[s]["spec"]["template"]["spec"]["containers"]
+            for p in c.get("ports", [])} for s in servers)
+        selected += servers
+    assert len(selected) == len(set(selected)), "a model server in two pools"
+    if len(served) > 1 and "envoy-config" in configmaps:
+        check_pool_routes(configmaps["envoy-config"], served)
     # Routes point at this pool.
     for route in by_kind(docs, "HTTPRoute").values():
         for rule in route["spec"]["rules"]:
@@ -388,6 +396,36 @@ def test_overlay_builds_and_holds_together(overlay):
         assert policy["mode"] in ("SIMPLE", "MUTUAL") and "insecureSkipVerify" not in policy
         assert policy["credentialName"] in certificates
         assert set(policy["subjectAltNames"]) <= set(certificates["epp-tls"]["spec"]["dnsNames"])
+
+
+def epp_pools(cfg: Any, files: dict[str, str]) -> list[PoolSpec]:
+    """The pools EPP serves, each with a configuration that loads; ``files``: the ConfigMap at /etc/epp."""
+    specs = [PoolSpec(cfg.pool_name, cfg)]
+    if cfg.pools_file:
+        assert cfg.pools_file.startswith("/etc/epp/")
+        specs = parse_pools(files[Path(cfg.pools_file).name], cfg)
+    for spec in specs:
+        c = spec.cfg
+        assert not c.config_file or c.config_file.startswith("/etc/epp/")
+        load_config(files[Path(c.config_file).name] if c.config_file else BUILTIN_CONFIGS.get(c.config_name))
+    return specs
+
+
+def check_pool_routes(cm: Obj, served: list[PoolSpec]) -> None:
+    """Several pools: the gateway has a route per pool, each setting x-epp-pool (clients' copies are stripped,
+    check_headers_stripped), after the strip and before ext_proc; EPP refuses what the catch-all route sends
+    (400 unknown-pool) unless a pool is the default."""
+    config = yaml.safe_load(cm["data"]["envoy.yaml"])
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    named: list[str | None] = []
+    for route in hcm["route_config"]["virtual_hosts"][0]["routes"]:
+        policy = route.get("typed_per_filter_config", {}).get(POLICY_FILTER, {})
+        sets = {m["append"]["header"]["key"]: m["append"]["header"]["value"]
+                for m in policy.get("mutations", {}).get("request_mutations", [])}
+        named.append(sets.get(POOL_HEADER))
+    assert sorted(n for n in named if n) == sorted(s.name for s in served)
+    filters = [f["name"] for f in hcm["http_filters"]]
+    assert filters.index(STRIP_FILTER) < filters.index(POLICY_FILTER) < filters.index("envoy.filters.http.ext_proc")
 
 
 def check_locked_down(pod: Obj, container: Obj) -> None:
