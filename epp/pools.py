@@ -1,10 +1,18 @@
 """One EPP for many pools (``--pools-file``): each pool its own endpoints, scheduling profile, data layer, metrics,
 readiness and shared state; the pool of a request is named by the gateway, never by the client.
 
-The gateway's route for a pool sets ``x-epp-pool: <name>`` after stripping any client's copy (the rig's Envoy does
-both before ext_proc: see epp.stack.envoy, ``STRIPPED_REQUEST_HEADERS`` and ``route_headers``), so a client cannot
-reach another pool's endpoints. A request that names no pool goes to the pool marked ``default: true``, if any, and
-is refused (400 unknown-pool) otherwise, as is one naming a pool EPP does not serve.
+The gateway's route for a pool names it in one of two ways, neither of which a client can forge:
+
+* route metadata: dynamic metadata ``epp: {pool: <name>}`` (or ``envoy.lb: {x-epp-pool: <name>}``, for gateways
+  that forward only ``envoy.lb``), which ext_proc sends in ``metadata_context`` when the namespace is in its
+  ``metadata_options.forwarding_namespaces.untyped``. Envoy 1.40 forwards dynamic metadata only, not a route's own
+  ``metadata``: a route sets it with the ``envoy.filters.http.set_metadata`` filter's per-route config
+  (``typed_per_filter_config``), the filter placed before ext_proc (epp.stack.envoy, ``route_metadata``);
+* a header: ``x-epp-pool: <name>``, set by the route after stripping any client's copy (the rig's Envoy does both
+  before ext_proc: ``STRIPPED_REQUEST_HEADERS`` and ``route_headers``).
+
+Route metadata wins over the header. A request that names no pool goes to the pool marked ``default: true``, if
+any, and is refused (400 unknown-pool) otherwise, as is one naming a pool EPP does not serve.
 
 File format::
 
@@ -33,8 +41,11 @@ import yaml
 
 from epp.api.errors import EppError
 from epp.config import Config
+from epp.extproc.protocol import LB_NAMESPACE, metadata_value
 
 POOL_HEADER = "x-epp-pool"  # set by the gateway's route, after the client's copy was stripped
+POOL_NAMESPACE, POOL_KEY = "epp", "pool"  # route metadata (dynamic, set per route), forwarded to ext_proc
+_POOL_METADATA = ((POOL_NAMESPACE, POOL_KEY), (LB_NAMESPACE, POOL_HEADER))  # in this order
 UNKNOWN_POOL = "unknown-pool"  # the refusal's reason; recorded by the first pool's decision log, in no pool
 _FIELDS = {"name", "default", "endpoints", "endpointsFile", "inferencePool", "configName", "configText", "configFile"}
 
@@ -83,17 +94,28 @@ def parse_pools(text: str, base: Config) -> list[PoolSpec]:
     return specs
 
 
+def metadata_pool(ctx: object) -> str | None:
+    """The pool the route named in ext_proc's ``metadata_context``, if any."""
+    for namespace, key in _POOL_METADATA:
+        value = metadata_value(ctx, namespace, key)
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+    return None
+
+
 class PoolSelector:
-    """The Director of a request's pool, from the gateway-set header."""
+    """The Director of a request's pool, from the route's metadata or the gateway-set header."""
 
     def __init__(self, directors: Mapping[str, Any], default: str | None) -> None:
         self.directors = dict(directors)
         self.default = default
 
-    def select(self, headers: Mapping[str, str]) -> Any:
-        name = (headers.get(POOL_HEADER) or "").strip() or self.default
+    def select(self, headers: Mapping[str, str], routed: str | None = None) -> Any:
+        """``routed``: the pool named by route metadata (``metadata_pool``)."""
+        name = routed or (headers.get(POOL_HEADER) or "").strip() or self.default
         director = self.directors.get(name) if name else None
         if director is None:
             raise EppError(400, UNKNOWN_POOL, "the request's route names no pool this EPP serves"
-                           if name else "the request's route names no pool (x-epp-pool) and no pool is the default")
+                           if name else "the request's route names no pool (metadata epp.pool or header x-epp-pool) "
+                           "and no pool is the default")
         return director

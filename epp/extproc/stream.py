@@ -32,7 +32,7 @@ from epp.api.types import ApiKind, ErrorStyle, InferenceRequest, ParsedBody
 from epp.api.usage import UsageExtractor
 from epp.director import Decision, Director
 from epp.extproc import protocol as p
-from epp.pools import PoolSelector
+from epp.pools import PoolSelector, metadata_pool
 from epp.scheduling.plugins import ResponseInfo
 
 log = logging.getLogger(__name__)
@@ -127,6 +127,7 @@ class ExtProcStream:
         self._restorer: ModelNameRestorer | None = None
         self._completed = False
         self._model_path: ModelPath | None = None  # the /<model>/ prefix, stripped from what is forwarded
+        self._route_pool: str | None = None  # the pool the route's metadata names (epp.pools)
 
     # -- inputs -------------------------------------------------------------------------------
 
@@ -158,6 +159,8 @@ class ExtProcStream:
         served = p.metadata_value(ctx, p.LB_NAMESPACE, p.SERVED_KEY)
         if isinstance(served, str) and served:
             self.response.served_endpoint = served
+        if self.selector is not None:
+            self._route_pool = metadata_pool(ctx) or self._route_pool
 
     def _on_request_headers(self, msg: pb.HttpHeaders) -> list[pb.ProcessingResponse]:
         if self.phase is not Phase.REQUEST_HEADERS:
@@ -165,7 +168,7 @@ class ExtProcStream:
         self.headers = p.header_map(msg)
         self.path = self.headers.get(":path", "/")
         if self.selector is not None:
-            self.director = self.selector.select(self.headers)
+            self.director = self.selector.select(self.headers, self._route_pool)
         self._model_path = self.director.models.resolve(self.path)
         if self._model_path is not None:
             self.path = self._model_path.path

@@ -57,6 +57,7 @@ _ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 _HEADER_MUTATION = "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation"
 _HEADER_MUTATION_ROUTE = ("type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3."
                           "HeaderMutationPerRoute")
+_SET_METADATA = "type.googleapis.com/envoy.extensions.filters.http.set_metadata.v3.Config"
 _UPSTREAM_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 _SECRET = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 
@@ -67,6 +68,7 @@ STRIPPED_REQUEST_HEADERS = (*PROTECTED_HEADERS, *REWRITE_HEADERS, *OBJECTIVE_HEA
                             POOL_HEADER)  # a route names the pool (epp.pools), a client never
 STRIP_FILTER = "envoy.filters.http.header_mutation"
 POLICY_FILTER = "gateway-policy"  # header_mutation filter setting route_headers, after the strip
+METADATA_FILTER = "envoy.filters.http.set_metadata"  # sets route_metadata per route, before ext_proc
 # SDS files (beside envoy.yaml) naming the files of extproc_tls_dir.
 SDS_CA_FILE, SDS_CLIENT_CERT_FILE = "sds-epp-ca.yaml", "sds-epp-client-cert.yaml"
 
@@ -102,6 +104,9 @@ class EnvoySpec:
     # gives EPP an objective or a model rewrite, e.g. {"/interactive/": {"x-gateway-inference-objective":
     # "interactive"}}; a client cannot.
     route_headers: dict[str, dict[str, str]] = field(default_factory=dict)
+    # Route metadata: path prefix -> namespace -> values, set as dynamic metadata per route and forwarded to EPP in
+    # ext_proc's metadata_context (e.g. {"/a/": {"epp": {"pool": "a"}}}: epp.pools); no client can set it.
+    route_metadata: dict[str, dict[str, dict[str, str]]] = field(default_factory=dict)
 
 
 def _address(host: str, port: int) -> dict[str, Any]:
@@ -117,15 +122,22 @@ def _lb_endpoints(endpoints: list[str]) -> list[dict[str, Any]]:
 
 
 def _hcm(name: str, cluster: str, filters: list[dict[str, Any]], access_log: str | None,
-         route_timeout: float = 300.0, route_headers: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
+         route_timeout: float = 300.0, route_headers: dict[str, dict[str, str]] | None = None,
+         route_metadata: dict[str, dict[str, dict[str, str]]] | None = None) -> dict[str, Any]:
     route = {"cluster": cluster, "timeout": f"{route_timeout:g}s"}
     routes: list[dict[str, Any]] = []
-    for prefix, headers in (route_headers or {}).items():
-        mutations = [{"append": {"header": {"key": k, "value": v}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}}
-                     for k, v in headers.items()]
+    route_headers, route_metadata = route_headers or {}, route_metadata or {}
+    for prefix in dict.fromkeys([*route_headers, *route_metadata]):
+        per_filter: dict[str, Any] = {}
+        if headers := route_headers.get(prefix):
+            mutations = [{"append": {"header": {"key": k, "value": v},
+                                     "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}} for k, v in headers.items()]
+            per_filter[POLICY_FILTER] = {"@type": _HEADER_MUTATION_ROUTE, "mutations": {"request_mutations": mutations}}
+        if metadata := route_metadata.get(prefix):
+            per_filter[METADATA_FILTER] = {"@type": _SET_METADATA, "metadata": [
+                {"metadata_namespace": ns, "value": values} for ns, values in metadata.items()]}
         routes.append({"match": {"prefix": prefix}, "route": {**route, "prefix_rewrite": "/"},
-                       "typed_per_filter_config": {POLICY_FILTER: {
-                           "@type": _HEADER_MUTATION_ROUTE, "mutations": {"request_mutations": mutations}}}})
+                       "typed_per_filter_config": per_filter})
     routes.append({"match": {"prefix": "/"}, "route": route})
     cfg: dict[str, Any] = {
         "@type": _HCM,
@@ -167,7 +179,8 @@ def envoy_config(spec: EnvoySpec) -> dict[str, Any]:
         "message_timeout": "1000s",  # not enforced in FULL_DUPLEX_STREAMED anyway
         "failure_mode_allow": spec.failure_mode_allow,
         # Without receiving_namespaces Envoy silently drops EPP's envoy.lb metadata (pitfall 7).
-        "metadata_options": {"forwarding_namespaces": {"untyped": [LB_NAMESPACE]},
+        "metadata_options": {"forwarding_namespaces": {"untyped": [LB_NAMESPACE, *sorted(
+                                 {ns for md in spec.route_metadata.values() for ns in md} - {LB_NAMESPACE})]},
                              "receiving_namespaces": {"untyped": [LB_NAMESPACE]}}}}
     # Before ext_proc, so EPP (and the upstream) never see a client's copy of these headers.
     strip = {"name": STRIP_FILTER, "typed_config": {
@@ -176,11 +189,14 @@ def envoy_config(spec: EnvoySpec) -> dict[str, Any]:
     filters = [strip, ext_proc]
     if spec.route_headers:  # after the strip: what the gateway sets is what EPP sees
         filters.insert(1, {"name": POLICY_FILTER, "typed_config": {"@type": _HEADER_MUTATION}})
+    if spec.route_metadata:  # before ext_proc, which forwards the namespaces it sets
+        filters.insert(-1, {"name": METADATA_FILTER, "typed_config": {"@type": _SET_METADATA}})
 
     listeners = [{"name": "gateway", "address": _address(spec.host, spec.listen_port),
                   "per_connection_buffer_limit_bytes": 32768,
                   "filter_chains": [{"filters": [_hcm("gateway", "pool", filters, spec.access_log,
-                                                      spec.route_timeout, spec.route_headers)]}]}]
+                                                      spec.route_timeout, spec.route_headers,
+                                                      spec.route_metadata)]}]}]
     breakers = {"thresholds": [{"max_connections": 40000, "max_pending_requests": 40000,
                                 "max_requests": 40000, "max_retries": 1024}]}
     epp_cluster: dict[str, Any] = {

@@ -157,6 +157,7 @@ class LocalStack:
     extproc_san: str = "epp"
     envoy_client_cert: bool = False
     route_headers: dict[str, dict[str, str]] = field(default_factory=dict)  # gateway policies, see EnvoySpec
+    route_metadata: dict[str, dict[str, dict[str, str]]] = field(default_factory=dict)  # see EnvoySpec
 
     def __post_init__(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="epp-stack-"))
@@ -210,7 +211,8 @@ class LocalStack:
             failure_mode_allow=self.failure_mode_allow, extproc_tls=self.tls, baseline_port=self.baseline_port,
             access_log=str(self.dir / "access.log"), route_timeout=self.route_timeout,
             extproc_tls_dir=self.extproc_tls_dir, extproc_san=self.extproc_san,
-            extproc_client_cert=self.envoy_client_cert, route_headers=self.route_headers),
+            extproc_client_cert=self.envoy_client_cert, route_headers=self.route_headers,
+            route_metadata=self.route_metadata),
             log_level=self.envoy_log_level)
         self.envoy.start()
         if wait_healthy:

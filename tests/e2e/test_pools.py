@@ -89,3 +89,21 @@ def check_debug_pages(base: str, a: set[str], b: set[str]) -> None:
     assert times == sorted(times, reverse=True) and routed[0]["pool"] == "b"  # b's were routed last
     only_a = httpx.get(base + "/debug/decisions", params={"pool": "a", "limit": 100}, timeout=10).json()
     assert only_a["total"] == 18 and {d["endpoint"] for d in only_a["decisions"]} <= a
+
+
+def test_route_metadata_names_the_pool_through_envoy(tmp_path):
+    """The route names the pool in dynamic metadata (per-route set_metadata, forwarded in ext_proc's
+    metadata_context), in EPP's own namespace or in envoy.lb; it wins over the header; a client sets neither."""
+    routes = {"/a/": {"epp": {"pool": "a"}}, "/b/": {"envoy.lb": {"x-epp-pool": "b"}}, "/both/": {"epp": {"pool": "a"}}}
+    stack = LocalStack(pods=4, sim_args=SIM_ARGS, route_metadata=routes, route_headers={"/both/": {"x-epp-pool": "b"}})
+    f = tmp_path / "pools.yaml"
+    f.write_text(pools_file(stack.endpoints))
+    stack.epp_args = ["--pools-file", str(f)]
+    with stack, httpx.Client(base_url=stack.url, timeout=30) as client:
+        a, b = set(stack.endpoints[:2]), set(stack.endpoints[2:])
+        assert set(picks(client, "/a/v1/completions", 4, {"x-epp-pool": "b"})) <= a
+        assert set(picks(client, "/b/v1/completions", 12, {"x-epp-pool": "a"})) == b
+        assert set(picks(client, "/both/v1/completions", 4)) <= a  # metadata over the header
+        r = client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2},
+                        headers={"x-epp-pool": "a"})
+        assert r.status_code == 400 and "unknown-pool" in r.text
