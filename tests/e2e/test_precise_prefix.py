@@ -42,7 +42,11 @@ schedulingProfiles:
 """
 
 
-def _stack(encoding: str, hash_form: str) -> LocalStack:
+SHIPPED = Path(__file__).parents[2] / "manifests" / "examples" / "precise-prefix.yaml"
+
+
+def _stack(encoding: str, hash_form: str, config: str | None = None) -> LocalStack:
+    """Simulated pods publishing KV events; EPP with ``config`` (default: the pods' tokenizer in EPP)."""
     d = Path(tempfile.mkdtemp(prefix="epp-precise-"))
     model_dir = write_model_dir(d / "model")
     base = free_port_range(PODS * 3)
@@ -50,7 +54,7 @@ def _stack(encoding: str, hash_form: str) -> LocalStack:
     endpoints = "\n".join(f"- {{address: {HOST}, port: {base + i}, kvEventsPort: {pub + i}, "
                           f"kvEventsReplayPort: {replay + i}}}" for i in range(PODS))
     (d / "endpoints.yaml").write_text(f"endpoints:\n{endpoints}\n")
-    (d / "config.yaml").write_text(_config(model_dir))
+    (d / "config.yaml").write_text(config or _config(model_dir))
     sim_args = ["--profile", "fast", "--model", MODEL, "--step-fixed-ms", "2", "--tokenizer", "deepseek",
                 "--lora-adapters", LORA, "--kv-events", f"tcp://*:{pub}",
                 "--kv-events-replay", f"tcp://*:{replay}", "--kv-events-encoding", encoding,
@@ -195,3 +199,20 @@ def test_stopped_stream_falls_back_to_the_approximate_index(precise_stack):
     finally:
         for ep in precise_stack.endpoints:
             httpx.post(f"http://{ep}/sim/kv_events", json={"pause": False})
+
+
+def test_shipped_config_routes_on_pod_rendered_tokens():
+    """manifests/examples/precise-prefix.yaml unchanged (no tokenizer: the pods render each prompt; their
+    publishers named per endpoint in the endpoints file): chat then Anthropic messages with the same content
+    land on the pod that holds it, served from its cache."""
+    with _stack("array", "int", SHIPPED.read_text()) as stack, \
+            httpx.Client(base_url=stack.url, timeout=30) as c:
+        system = SYSTEM + "topic: rendered by the pods"
+        pod = _chat(c, system, "How do I close the month?").headers["x-epp-endpoint"]
+        _wait_events_beyond(stack, 0)
+        again = _messages(c, system, "How do I reopen the month?")
+        assert again.headers["x-epp-endpoint"] == pod and _cached(again) >= 512
+        s = scrape(stack)[0]
+        assert total(s, "epp_precise_prefix_lookups_total") > 0
+        assert not [v for (n, lbl), v in s.items()
+                    if n == "epp_precise_prefix_lookups_total" and dict(lbl).get("source") == "untokenized" and v]

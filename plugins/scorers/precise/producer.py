@@ -28,6 +28,7 @@ Parameters (llm-d names where llm-d has them):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -121,6 +122,9 @@ class PrecisePrefixCacheProducer(ApproxPrefixCacheProducer, RequestPreparer):
         if self.ingestor is not None:
             self.ingestor.stop()
             self.ingestor = None
+        if self.renderer is not None:
+            with contextlib.suppress(RuntimeError):  # no loop running: no session was opened on one
+                self._closing = asyncio.get_running_loop().create_task(self.renderer.close())
 
     def _follow_pool(self, added: list[Endpoint], removed: list[Endpoint]) -> None:
         for e in removed:
