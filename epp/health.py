@@ -82,7 +82,8 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
             return _UNKNOWN
         return _SERVING if not self._draining and self._ready() else _NOT_SERVING
 
-    def _answer(self, service: str) -> int:
+    def answer(self, service: str) -> int:
+        """A probe's answer; NOT_SERVING answers while draining are counted."""
         s = self.status(service)
         if self._draining and s == _NOT_SERVING:
             self.not_serving_answers += 1
@@ -102,13 +103,13 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
 
     async def Check(self, request: health_pb2.HealthCheckRequest,
                     context: grpc.aio.ServicerContext) -> health_pb2.HealthCheckResponse:
-        return health_pb2.HealthCheckResponse(status=self._answer(request.service))
+        return health_pb2.HealthCheckResponse(status=self.answer(request.service))
 
     async def Watch(self, request: health_pb2.HealthCheckRequest,
                     context: grpc.aio.ServicerContext) -> AsyncIterator[health_pb2.HealthCheckResponse]:
         last: int | None = None
         while not self._closed:
-            status = self._answer(request.service)
+            status = self.answer(request.service)
             if status != last:
                 last = status
                 yield health_pb2.HealthCheckResponse(status=status)
@@ -120,6 +121,9 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
 
     async def List(self, request: health_pb2.HealthListRequest,
                    context: grpc.aio.ServicerContext) -> health_pb2.HealthListResponse:
+        return self.list_statuses(request)
+
+    def list_statuses(self, request: health_pb2.HealthListRequest) -> health_pb2.HealthListResponse:
         resp = health_pb2.HealthListResponse()
         for name in (LIVENESS, READINESS, EXT_PROC_SERVICE):
             resp.statuses[name].status = self.status(name)

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 
 import grpc
 from aiohttp import web
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
@@ -22,6 +21,7 @@ from epp.datalayer.discovery import make_discovery
 from epp.datalayer.pool import EndpointPool
 from epp.datalayer.scraper import MetricsScraper
 from epp.director import Director
+from epp.extproc import h2grpc
 from epp.extproc.servicer import ExtProcServicer
 from epp.extproc.stream import BodyBudget, StreamOptions
 from epp.health import HealthServicer
@@ -99,9 +99,6 @@ class EppServer:
 
     async def start_serving(self, selector: PoolSelector | None) -> None:
         cfg = self.cfg
-        options = [("grpc.max_receive_message_length", cfg.grpc_max_recv_msg_size),
-                   ("grpc.max_send_message_length", cfg.grpc_max_recv_msg_size),
-                   ("grpc.so_reuseport", 1 if cfg.worker_index >= 0 else 0)]  # workers share the port
         limits = StreamOptions(max_body_bytes=cfg.max_request_body_bytes, max_json_depth=cfg.max_json_depth,
                                decision_header=cfg.decision_header, max_messages=cfg.max_request_messages,
                                max_prompt_chars=cfg.max_prompt_chars, max_prompt_tokens=cfg.max_prompt_tokens,
@@ -116,23 +113,18 @@ class EppServer:
             d.waker.start()
             d.models.deployments = dict(cfg.model_deployments)
         self.servicer = ExtProcServicer(self.director, limits, selector)
-        self.grpc_server = grpc.aio.server(options=options)
-        pb_grpc.add_ExternalProcessorServicer_to_server(self.servicer, self.grpc_server)
-        # Envoy health-checks the ext_proc cluster on the ext_proc port itself (GIE's Envoy config does).
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
-        address = f"{cfg.host}:{cfg.grpc_port}"
+        server_tls = None
         if cfg.secure_serving:
-            creds, self.cert_reloader = tls.server_credentials(cfg.cert_path, cfg.enable_cert_reload,
-                                                               cfg.client_ca_path)
-            self.grpc_port = self.grpc_server.add_secure_port(address, creds)
-        else:
-            self.grpc_port = self.grpc_server.add_insecure_port(address)
+            server_tls, self.cert_reloader = tls.server_tls(cfg.cert_path, cfg.enable_cert_reload, cfg.client_ca_path)
+        # Envoy health-checks the ext_proc cluster on the ext_proc port itself (GIE's Envoy config does).
+        self.grpc_server = h2grpc.Server(self.servicer.methods(self.health), cfg.grpc_max_recv_msg_size, server_tls,
+                                         reuse_port=cfg.worker_index >= 0)  # workers share the port
 
         self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
         self.health_port = self.health_server.add_insecure_port(f"{cfg.host}:{cfg.grpc_health_port}")
 
-        await self.grpc_server.start()
+        self.grpc_port = await self.grpc_server.start(cfg.host, cfg.grpc_port)
         await self.health_server.start()
         self._http = web.AppRunner(self._metrics_app(), access_log=None)
         await self._http.setup()

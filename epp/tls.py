@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import datetime
 import logging
+import ssl
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -68,13 +70,13 @@ def _check_pair(key_pem: bytes, cert_pem: bytes) -> None:
 
 
 class CertReloader:
-    """The key pair in ``cert_dir`` for ``grpc.dynamic_ssl_server_credentials``, swapped when it changes.
+    """The key pair in ``cert_dir`` (and the client CA), swapped when the files change.
 
-    gRPC calls ``fetch`` before every new TLS handshake; it looks at the files' mtimes and sizes at most
-    every ``min_interval`` seconds and returns a new configuration only when they changed and the new
-    pair is valid (both files parse and the key matches the certificate), so a rotation caught half way
-    (``tls.crt`` written, ``tls.key`` not yet) keeps serving the old pair until both are in place.
-    Connections already open keep the certificate they were set up with.
+    ``context()`` is asked before every new TLS handshake; it looks at the files' mtimes and sizes at most
+    every ``min_interval`` seconds and builds a new context only when they changed and the new pair is valid
+    (both files parse and the key matches the certificate), so a rotation caught half way (``tls.crt``
+    written, ``tls.key`` not yet) keeps serving the old pair until both are in place. Connections already
+    open keep the certificate they were set up with.
     """
 
     def __init__(self, cert_dir: str, min_interval: float = 1.0, client_ca_path: str = "") -> None:
@@ -87,7 +89,7 @@ class CertReloader:
         _check_pair(key, cert)
         self.cert_pem = cert
         self.client_ca = load_client_ca(client_ca_path) if client_ca_path else None
-        self.initial = grpc.ssl_server_certificate_configuration([(key, cert)], self.client_ca)
+        self._context = ssl_context(key, cert, self.client_ca)
         self.reloads = 0
 
     def _file_stamp(self) -> tuple[tuple[int, int], ...]:
@@ -104,44 +106,58 @@ class CertReloader:
                 out.append((0, 0))
         return tuple(out)
 
-    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+    def context(self) -> ssl.SSLContext:
         now = time.monotonic()
         if now - self._checked < self.min_interval:
-            return None
+            return self._context
         self._checked = now
         stamp = self._file_stamp()
         if stamp == self._stamp:
-            return None
+            return self._context
         try:
             key, cert = load_pair(str(self.dir))
             _check_pair(key, cert)
             client_ca = load_client_ca(self.client_ca_path) if self.client_ca_path else None
-        except (OSError, ValueError) as e:  # half-written rotation: try again on a later handshake
+            context = ssl_context(key, cert, client_ca)
+        except (OSError, ValueError, ssl.SSLError) as e:  # half-written rotation: try again on a later handshake
             log.warning("certificate in %s not reloaded yet: %s", self.dir, e)
-            return None
+            return self._context
         self._stamp = stamp
         self.cert_pem = cert
         self.client_ca = client_ca
+        self._context = context
         self.reloads += 1
         log.info("certificate reloaded from %s", self.dir)
-        return grpc.ssl_server_certificate_configuration([(key, cert)], client_ca)
-
-    def credentials(self) -> grpc.ServerCredentials:
-        return grpc.dynamic_ssl_server_credentials(self.initial, self.fetch,
-                                                   require_client_authentication=self.client_ca is not None)
+        return context
 
 
-def server_credentials(cert_path: str = "", reload: bool = False,
-                       client_ca_path: str = "") -> tuple[grpc.ServerCredentials, CertReloader | None]:
-    """Credentials for the ext_proc port: self-signed when ``cert_path`` is empty, the pair in ``cert_path``
-    otherwise, reloaded on change when ``reload`` (``--enable-cert-reload``). With ``client_ca_path``
-    (``--client-ca-path``) a client must present a certificate that CA signed, or the handshake fails.
-    The reloader is returned so the caller can keep a reference (and tests can look at it)."""
+def ssl_context(key_pem: bytes, cert_pem: bytes, client_ca: bytes | None = None) -> ssl.SSLContext:
+    """A TLS server context for HTTP/2 (ALPN ``h2``), requiring a client certificate from ``client_ca`` when
+    given."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols(["h2"])
+    with tempfile.TemporaryDirectory() as d:  # load_cert_chain reads files only; the directory is 0700
+        cert_file, key_file = Path(d) / "tls.crt", Path(d) / "tls.key"
+        cert_file.write_bytes(cert_pem)
+        key_file.touch(mode=0o600)
+        key_file.write_bytes(key_pem)
+        ctx.load_cert_chain(cert_file, key_file)
+    if client_ca is not None:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(cadata=client_ca.decode())
+    return ctx
+
+
+def server_tls(cert_path: str = "", reload: bool = False,
+               client_ca_path: str = "") -> tuple[Callable[[], ssl.SSLContext], CertReloader | None]:
+    """The TLS context for each new connection to the ext_proc port: self-signed when ``cert_path`` is empty,
+    the pair in ``cert_path`` otherwise, reloaded on change when ``reload`` (``--enable-cert-reload``). With
+    ``client_ca_path`` (``--client-ca-path``) a client must present a certificate that CA signed, or the
+    handshake fails. The reloader is returned so the caller can keep a reference (and tests can look at it)."""
     if reload and cert_path:
         reloader = CertReloader(cert_path, client_ca_path=client_ca_path)
-        return reloader.credentials(), reloader
+        return reloader.context, reloader
     key, cert = load_pair(cert_path) if cert_path else self_signed()
-    if client_ca_path:
-        return grpc.ssl_server_credentials([(key, cert)], root_certificates=load_client_ca(client_ca_path),
-                                           require_client_auth=True), None
-    return grpc.ssl_server_credentials([(key, cert)]), None
+    context = ssl_context(key, cert, load_client_ca(client_ca_path) if client_ca_path else None)
+    return lambda: context, None

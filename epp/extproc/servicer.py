@@ -1,48 +1,210 @@
-"""The thin grpc.aio layer: pumps ext_proc messages through one ``ExtProcStream`` per gRPC stream."""
+"""The ext_proc port's RPCs on the lean gRPC server (``epp.extproc.h2grpc``): one ``ExtProcStream`` per
+``Process`` stream, and gRPC health (Envoy health-checks the ext_proc cluster on this port, as GIE's Envoy
+config does)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterator, Callable
 
-import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health_pb2
 
 from epp.director import Director
+from epp.extproc import h2grpc
 from epp.extproc.stream import ExtProcStream, Phase, StreamOptions
+from epp.health import HealthServicer
 from epp.pools import PoolSelector
 
 log = logging.getLogger(__name__)
 
+PROCESS = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+HEALTH_LIST = "/grpc.health.v1.Health/List"
+HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
 
-class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
+
+class ExtProcServicer:
+    """Counts open streams (the drain waits on them) and makes one ``_ProcessRpc`` per stream."""
+
     def __init__(self, director: Director, options: StreamOptions, selector: PoolSelector | None = None) -> None:
         self.director = director
         self.options = options
         self.selector = selector  # several pools: the request's pool from the gateway-set header
         self.active_streams = 0
 
-    async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest],
-                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ProcessingResponse]:
-        stream = ExtProcStream(self.director, self.options, self.selector)
-        self.active_streams += 1
+    def methods(self, health: HealthServicer) -> dict[str, h2grpc.RpcFactory]:
+        return {PROCESS: lambda call: _ProcessRpc(self, call),
+                HEALTH_CHECK: lambda call: _UnaryRpc(call, health_pb2.HealthCheckRequest,
+                                                     lambda req: health_pb2.HealthCheckResponse(
+                                                         status=health.answer(req.service))),
+                HEALTH_LIST: lambda call: _UnaryRpc(call, health_pb2.HealthListRequest, health.list_statuses),
+                HEALTH_WATCH: lambda call: _ServerStreamRpc(call, health_pb2.HealthCheckRequest,
+                                                            lambda req: health.Watch(req, None))}
+
+
+class _ProcessRpc:
+    """Messages are handled as they arrive, synchronously, except routing: while ``route()`` is awaited the
+    stream's later messages wait in order, and its answers are written when it returns."""
+
+    __slots__ = ("backlog", "call", "closed", "ended", "servicer", "stream", "task")
+
+    def __init__(self, servicer: ExtProcServicer, call: h2grpc.Call) -> None:
+        self.servicer = servicer
+        self.call = call
+        self.stream = ExtProcStream(servicer.director, servicer.options, servicer.selector)
+        self.backlog: deque[bytes] | None = None  # set while routing
+        self.task: asyncio.Task[None] | None = None
+        self.ended = False  # the client sent its last message
+        self.closed = False
+        servicer.active_streams += 1
+
+    def message(self, data: bytes) -> None:
+        if self.backlog is not None:
+            self.backlog.append(data)
+        else:
+            self._handle(data)
+
+    def _handle(self, data: bytes) -> None:
         try:
-            async for msg in request_iterator:
-                try:
-                    out = stream.receive(msg)
-                    if stream.pending:
-                        out += await stream.route()
-                except Exception:
-                    log.exception("ext_proc stream failed on %s", msg.WhichOneof("request"))
-                    out = stream.passthrough(msg)
-                for resp in out:
-                    yield resp
-                if stream.phase is Phase.DONE:
-                    # Answered in full (immediate response, or the response's end): end the RPC ourselves
-                    # with OK rather than wait for Envoy to reset it. A reset (client cancel) leaks native
-                    # memory in grpc.aio's server, about 140 bytes per RPC (grpc/grpc#43360).
-                    return
-        finally:
-            self.active_streams -= 1
-            stream.close()
+            msg = pb.ProcessingRequest.FromString(data)
+        except DecodeError:
+            self.call.finish(h2grpc.INTERNAL, "could not decode the ProcessingRequest")
+            self._close()
+            return
+        stream = self.stream
+        try:
+            out = stream.receive(msg)
+            if stream.pending:
+                self._send(out)
+                self.backlog = deque()
+                self.task = asyncio.get_running_loop().create_task(self._route(msg))
+                return
+        except Exception:
+            log.exception("ext_proc stream failed on %s", msg.WhichOneof("request"))
+            out = stream.passthrough(msg)
+        self._send(out)
+        self._finish_if_done()
+
+    async def _route(self, msg: pb.ProcessingRequest) -> None:
+        try:
+            out = await self.stream.route()
+        except asyncio.CancelledError:
+            return
+        except Exception:
+            log.exception("ext_proc routing failed")
+            out = self.stream.passthrough(msg)
+        if self.closed:
+            return
+        self._send(out)
+        self._finish_if_done()
+        backlog, self.backlog = self.backlog, None
+        while backlog and not self.closed:
+            self._handle(backlog.popleft())
+        if self.ended and not self.closed:
+            self.half_close()
+        self.call.flush()
+
+    def _send(self, out: list[pb.ProcessingResponse]) -> None:
+        send = self.call.send
+        for resp in out:
+            send(resp.SerializeToString())
+
+    def _finish_if_done(self) -> None:
+        if self.stream.phase is Phase.DONE and not self.closed:
+            # Answered in full (immediate response, or the response's end): end the RPC with OK rather than
+            # wait for Envoy to end it.
+            self.call.finish()
+            self._close()
+
+    def half_close(self) -> None:
+        self.ended = True
+        if self.backlog is None and not self.closed:  # not routing: the exchange is over
+            self.call.finish()
+            self._close()
+
+    def cancel(self) -> None:
+        if self.task is not None and not self.task.done():
+            self.task.cancel()  # scheduling or a flow-control queue lets go of the request
+        self._close()
+
+    def _close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.servicer.active_streams -= 1
+            self.stream.close()
+
+
+class _UnaryRpc:
+    """One request message, one answer, computed synchronously."""
+
+    __slots__ = ("call", "handler", "request", "request_type")
+
+    def __init__(self, call: h2grpc.Call, request_type: type, handler) -> None:  # type: ignore[no-untyped-def]
+        self.call = call
+        self.request_type = request_type
+        self.handler = handler
+        self.request: bytes | None = None
+
+    def message(self, data: bytes) -> None:
+        self.request = data
+
+    def half_close(self) -> None:
+        if self.request is None:
+            self.call.finish(h2grpc.INTERNAL, "no request message")
+            return
+        try:
+            request = self.request_type.FromString(self.request)
+        except DecodeError:
+            self.call.finish(h2grpc.INTERNAL, "could not decode the request")
+            return
+        self.call.send(self.handler(request).SerializeToString())
+        self.call.finish()
+
+    def cancel(self) -> None:
+        pass
+
+
+class _ServerStreamRpc:
+    """One request message, then the answers an async generator yields, until it ends or the client goes."""
+
+    __slots__ = ("call", "request", "request_type", "stream", "task")
+
+    def __init__(self, call: h2grpc.Call, request_type: type,
+                 stream: Callable[[object], AsyncIterator[object]]) -> None:
+        self.call = call
+        self.request_type = request_type
+        self.stream = stream
+        self.request: bytes | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    def message(self, data: bytes) -> None:
+        self.request = data
+
+    def half_close(self) -> None:
+        if self.request is None:
+            self.call.finish(h2grpc.INTERNAL, "no request message")
+            return
+        try:
+            request = self.request_type.FromString(self.request)
+        except DecodeError:
+            self.call.finish(h2grpc.INTERNAL, "could not decode the request")
+            return
+        self.task = asyncio.get_running_loop().create_task(self._run(request))
+
+    async def _run(self, request: object) -> None:
+        try:
+            async for resp in self.stream(request):
+                self.call.send(resp.SerializeToString())  # type: ignore[attr-defined]
+                self.call.flush()
+        except asyncio.CancelledError:
+            return
+        self.call.finish()
+        self.call.flush()
+
+    def cancel(self) -> None:
+        if self.task is not None:
+            self.task.cancel()

@@ -29,6 +29,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from epp import tls
+from epp.extproc import h2grpc
+from epp.extproc.servicer import ExtProcServicer
+from epp.extproc.stream import StreamOptions
 from epp.health import HealthServicer
 from epp.stack.local import HOST, LocalStack
 from epp.stack.tour import MODEL
@@ -315,15 +318,19 @@ def test_envoy_without_a_client_certificate_is_refused_by_mtls_epp(tmp_path, cer
 # -- the reloader itself, in-process ----------------------------------------------------------------------
 
 
+async def _health_server(context) -> tuple[h2grpc.Server, int]:  # type: ignore[no-untyped-def]
+    """EPP's ext_proc-port server (health only) with the reloader's per-connection TLS context."""
+    servicer = ExtProcServicer(None, StreamOptions())  # type: ignore[arg-type]  # no Process stream is opened
+    server = h2grpc.Server(servicer.methods(HealthServicer(lambda: True)), tls=context)
+    return server, await server.start(HOST, 0)
+
+
 async def test_reloader_swaps_valid_pairs_and_keeps_serving_through_a_half_written_rotation(tmp_path):
     first = write_pair(tmp_path, "first")
-    creds, reloader = tls.server_credentials(str(tmp_path), reload=True)
+    context, reloader = tls.server_tls(str(tmp_path), reload=True)
     assert reloader is not None
     reloader.min_interval = 0.0
-    server = grpc.aio.server()
-    health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(lambda: True), server)
-    port = server.add_secure_port(f"{HOST}:0", creds)
-    await server.start()
+    server, port = await _health_server(context)
     try:
         async def current() -> bytes:
             return await asyncio.to_thread(served_cert, port)
@@ -348,13 +355,10 @@ async def test_reloader_reloads_the_client_ca_with_the_pair(tmp_path):
     cert-manager writes it) applies to new connections; clients of the old CA are refused from then on."""
     old, new = CA("old-ca"), CA("new-ca")
     old.secret_dir(tmp_path, "epp", "localhost")
-    creds, reloader = tls.server_credentials(str(tmp_path), reload=True, client_ca_path=str(tmp_path))
+    context, reloader = tls.server_tls(str(tmp_path), reload=True, client_ca_path=str(tmp_path))
     assert reloader is not None
     reloader.min_interval = 0.0
-    server = grpc.aio.server()
-    health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(lambda: True), server)
-    port = server.add_secure_port(f"{HOST}:0", creds)
-    await server.start()
+    server, port = await _health_server(context)
     try:
         def check(server_ca: CA, client: CA | None) -> int | grpc.StatusCode:
             try:
