@@ -14,7 +14,10 @@ EPP sees the request only) with its baseline listener (round robin, no ext_proc)
    (<5% for two steps, and at least up to 32) or errors appear; req/s, p50/p99 latency and EPP's CPU %
    (from /proc/<pid>/stat; 100% = one core) per step. The same ramp on the baseline listener shows what
    the box itself allows.
-3. Scheduling time per decision at 8/64/256 endpoints (bench/scheduling_bench.py), when it is present.
+3. Large prompts (``--large-bytes`` 220 KB, ``--large-concurrency`` 150): bursts of streamed requests,
+   TTFT through EPP against Envoy alone.
+4. Targets: the figures above as ratios to Envoy's static route in the same run.
+5. Scheduling time per decision at 8/64/256 endpoints (bench/scheduling_bench.py), when it is present.
 """
 
 from __future__ import annotations
@@ -52,6 +55,17 @@ def _bodies(prompt_tokens: int, seed: int = 7) -> tuple[bytes, bytes]:
     stream = json.dumps({**base, "max_tokens": 1000, "stream": True,
                          "stream_options": {"include_usage": True}}).encode()
     return plain, stream
+
+
+def _large_body(size: int, seed: int = 11) -> bytes:
+    """A streamed chat request whose prompt is ``size`` bytes of text, 8 output tokens."""
+    rng = random.Random(seed)
+    gen = TextGen(seed)
+    text = ""
+    while len(text) < size:
+        text += gen.text(rng, 2000) + "\n"
+    return json.dumps({"model": MODEL, "messages": [{"role": "user", "content": text[:size]}], "max_tokens": 8,
+                       "stream": True, "stream_options": {"include_usage": True}}).encode()
 
 
 async def added_latency(http: aiohttp.ClientSession, gateway: str, baseline: str, body: bytes, stream: bool,
@@ -115,6 +129,34 @@ async def closed_loop(http: aiohttp.ClientSession, url: str, body: bytes, concur
             "p50": pct(lat, 50), "p99": pct(lat, 99)}
 
 
+async def large_prompts(http: aiohttp.ClientSession, gateway: str, baseline: str, body: bytes, concurrency: int,
+                        rounds: int) -> dict[str, Any]:
+    """``rounds`` bursts of ``concurrency`` streamed requests carrying a large prompt, to each listener in turn
+    (alternating which goes first): TTFT with EPP against Envoy alone, where body streaming through EPP costs
+    most (GIE's scale complaint: 220 KB prompts at concurrency 150)."""
+    ttft: dict[str, list[float]] = {"gateway": [], "baseline": []}
+    errors = 0
+    start = time.perf_counter()
+    for i in range(rounds):
+        order = (("gateway", gateway), ("baseline", baseline)) if i % 2 else (("baseline", baseline),
+                                                                             ("gateway", gateway))
+        for name, url in order:
+            results = await asyncio.gather(*(send(http, url, Planned(k, 0.0, "chat", body, stream=True), start,
+                                                  timeout=120) for k in range(concurrency)))
+            for r in results:
+                if not r.ok or r.ttft is None:
+                    errors += 1
+                else:
+                    ttft[name].append(r.ttft)
+    out: dict[str, Any] = {"concurrency": concurrency, "rounds": rounds, "bytes": len(body), "errors": errors}
+    if ttft["gateway"] and ttft["baseline"]:
+        for q in (50, 99):
+            out[f"ttft_p{q}_baseline"] = pct(ttft["baseline"], q)
+            out[f"ttft_p{q}_gateway"] = pct(ttft["gateway"], q)
+            out[f"ttft_p{q}_added"] = pct(ttft["gateway"], q) - pct(ttft["baseline"], q)  # type: ignore[operator]
+    return out
+
+
 async def ramp(http: aiohttp.ClientSession, url: str, body: bytes, pids: dict[str, int], seconds: float,
                max_concurrency: int, log: Any, min_concurrency: int = 32) -> list[dict[str, Any]]:
     steps: list[dict[str, Any]] = []
@@ -147,8 +189,11 @@ def _peak(steps: list[dict[str, Any]]) -> dict[str, Any]:
 
 async def run_overhead(pods: int = 4, modes: tuple[str, ...] = ("FULL_DUPLEX_STREAMED", "NONE"), n_plain: int = 1000,
                        n_stream: int = 150, prompt_tokens: int = 1000, step_seconds: float = 4.0,
-                       max_concurrency: int = 256, baseline_ramp: bool = True, log: Any = print) -> dict[str, Any]:
+                       max_concurrency: int = 256, baseline_ramp: bool = True, log: Any = print,
+                       large_bytes: int = 220_000, large_concurrency: int = 150,
+                       large_rounds: int = 4) -> dict[str, Any]:
     plain, stream = _bodies(prompt_tokens)
+    large = _large_body(large_bytes) if large_rounds else b""
     out: dict[str, Any] = {"modes": {}, "params": dict(pods=pods, n_plain=n_plain, n_stream=n_stream,
                                                        prompt_tokens=prompt_tokens, step_seconds=step_seconds)}
     for mode in modes:
@@ -168,6 +213,10 @@ async def run_overhead(pods: int = 4, modes: tuple[str, ...] = ("FULL_DUPLEX_STR
                 res["plain"] = await added_latency(http, stack.url, baseline, plain, False, n_plain)
                 log(f"{mode}: added latency, streamed 1k tokens ({n_stream} pairs)")
                 res["stream"] = await added_latency(http, stack.url, baseline, stream, True, n_stream)
+                if large_rounds:
+                    log(f"{mode}: {large_bytes // 1000} KB prompts at concurrency {large_concurrency}")
+                    res["large"] = await large_prompts(http, stack.url, baseline, large, large_concurrency,
+                                                       large_rounds)
                 log(f"{mode}: throughput ramp through EPP")
                 res["ramp"] = await ramp(http, stack.url, plain, pids, step_seconds, max_concurrency, log)
                 if baseline_ramp and mode == modes[0]:
@@ -214,6 +263,50 @@ def throughput_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]
     return header, rows
 
 
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def target_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Issue 13's targets, as ratios to Envoy's static route measured in the same run (absolute figures move
+    with the machine)."""
+    header = ["target", "mode", "EPP", "Envoy alone", "ratio", "goal", "met"]
+    rows: list[list[str]] = []
+
+    def row(name: str, mode: str, ours: float | None, envoy: float | None, ratio: float | None, goal: float,
+            unit: str = " ms", scale: float = 1000, higher_is_better: bool = False) -> None:
+        met = "-" if ratio is None else ("yes" if (ratio >= goal if higher_is_better else ratio <= goal) else "no")
+        rows.append([name, mode, fmt(ours, 2, scale, unit), fmt(envoy, 2, scale, unit), fmt(ratio, 2), f"{goal:g}",
+                     met])
+
+    base_steps = result.get("baseline_ramp") or []
+    base = _peak(base_steps) if base_steps else None
+    envoy_cpu_per_req = (base["cpu_pct"].get("envoy", 0) * 10 / base["rps"]) if base and base["rps"] else None
+    for mode, res in result["modes"].items():
+        plain = res["plain"]
+        for q, goal in ((50, 1.0), (99, 2.0)):
+            added, env = plain.get(f"e2e_p{q}_added"), plain.get(f"e2e_p{q}_baseline")
+            row(f"added p{q} / Envoy p{q} (non-streamed)", mode, added, env, _ratio(added, env), goal)
+        stream = res["stream"]
+        g, b = stream.get("e2e_p50_gateway"), stream.get("e2e_p50_baseline")
+        row("streamed 1k answer, e2e p50 / Envoy's", mode, g, b, _ratio(g, b), 1.05)
+        peak = _peak(res["ramp"]) if res["ramp"] else None
+        if peak and base:
+            row("peak req/s / Envoy alone's", mode, peak["rps"], base["rps"], _ratio(peak["rps"], base["rps"]),
+                0.5, " req/s", 1, higher_is_better=True)
+            per_req = peak.get("epp_cpu_ms_per_req")
+            row("EPP CPU per request / Envoy's", mode, per_req, envoy_cpu_per_req, _ratio(per_req, envoy_cpu_per_req),
+                5.0, " ms", 1)
+        large = res.get("large")
+        if large and "ttft_p50_added" in large:
+            added = large["ttft_p50_added"]
+            rows.append([f"{large['bytes'] // 1000} KB prompts x{large['concurrency']}: added TTFT p50 (p99)", mode,
+                         f"{fmt(added, 1, 1000)} ({fmt(large['ttft_p99_added'], 1, 1000)}) ms",
+                         f"{fmt(large['ttft_p50_baseline'], 1, 1000)} ms", "-", "20 ms",
+                         "yes" if added <= 0.020 else "no"])
+    return header, rows
+
+
 def scheduling_table(decisions: int = 200) -> str | None:
     """The scheduling-cost table of bench/scheduling_bench.py, if that benchmark exists here."""
     try:
@@ -230,8 +323,10 @@ def scheduling_table(decisions: int = 200) -> str | None:
 def render(result: dict[str, Any]) -> str:
     h1, r1 = latency_rows(result)
     h2, r2 = throughput_rows(result)
+    h3, r3 = target_rows(result)
     parts = ["Added latency (one request at a time; instant pods):", table(r1, h1),
-             "", "Throughput (closed-loop ramp, non-streamed chat):", table(r2, h2)]
+             "", "Throughput (closed-loop ramp, non-streamed chat):", table(r2, h2),
+             "", "Targets (ratios to Envoy's static route, same run):", table(r3, h3)]
     if result.get("scheduling"):
         parts += ["", "Scheduling time per decision (bench/scheduling_bench.py):", result["scheduling"]]
     return "\n".join(parts)
@@ -255,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--step-seconds", type=float, default=4.0)
     ap.add_argument("--max-concurrency", type=int, default=256)
     ap.add_argument("--no-baseline-ramp", action="store_true")
+    ap.add_argument("--large-bytes", type=int, default=220_000, help="prompt size of the large-prompt case")
+    ap.add_argument("--large-concurrency", type=int, default=150)
+    ap.add_argument("--large-rounds", type=int, default=4, help="bursts per listener (0: skip the case)")
     ap.add_argument("--no-scheduling", action="store_true", help="skip bench/scheduling_bench.py's table")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args(argv)
@@ -264,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
         result = asyncio.run(_cancellable(run_overhead(
             pods=a.pods, modes=tuple(a.modes.split(",")), n_plain=a.requests, n_stream=a.stream_requests,
             prompt_tokens=a.prompt_tokens, step_seconds=a.step_seconds, max_concurrency=a.max_concurrency,
-            baseline_ramp=not a.no_baseline_ramp)))
+            baseline_ramp=not a.no_baseline_ramp, large_bytes=a.large_bytes,
+            large_concurrency=a.large_concurrency, large_rounds=a.large_rounds)))
     except asyncio.CancelledError:
         print("interrupted", file=sys.stderr)
         return 130
@@ -277,11 +376,13 @@ def main(argv: list[str] | None = None) -> int:
     (out_dir / "table.txt").write_text(text + "\n")
     h1, r1 = latency_rows(result)
     h2, r2 = throughput_rows(result)
-    (out_dir / "table.md").write_text(markdown_table(r1, h1) + "\n\n" + markdown_table(r2, h2) + "\n")
+    h3, r3 = target_rows(result)
+    (out_dir / "table.md").write_text(markdown_table(r1, h1) + "\n\n" + markdown_table(r2, h2) + "\n\n" +
+                                      markdown_table(r3, h3) + "\n")
     print()
     print(text)
     print(f"\nraw data: {out_dir}")
-    errors = sum(r[k]["errors"] for r in result["modes"].values() for k in ("plain", "stream"))
+    errors = sum(r[k]["errors"] for r in result["modes"].values() for k in ("plain", "stream", "large") if k in r)
     return 1 if errors else 0
 
 
