@@ -12,5 +12,6 @@ from plugins import (  # noqa: F401
     filters,
     pickers,
     profile_handlers,
+    remote,
     scorers,
 )
