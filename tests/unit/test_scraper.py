@@ -257,13 +257,13 @@ async def test_scraper_keeps_metrics_current(servers):
     scraper = MetricsScraper(pool, interval=0.02, timeout=0.5)
     await scraper.start()
     try:
-        await _until(lambda: ep.metrics.updated_at > 0, 0.5)
+        await _until(lambda: ep.metrics.updated_at > 0, 5.0)
         m = ep.metrics
         assert (m.waiting_requests, m.running_requests, m.kv_cache_usage) == (3, 7, 0.42)
         assert m.active_models == {"sql-lora", "chat-lora"} and (m.block_size, m.num_gpu_blocks) == (16, 27865)
         assert m.last_error is None and m.age() < 0.5
         srv.page = render_vllm_page(waiting=12, running=1, kv_usage=0.9)
-        await _until(lambda: ep.metrics.waiting_requests == 12, 0.3)  # within a few 20 ms intervals
+        await _until(lambda: ep.metrics.waiting_requests == 12, 5.0)  # a few 20 ms scrape intervals
         assert ep.metrics.kv_cache_usage == 0.9
         hits = srv.hits
         await asyncio.sleep(0.2)
@@ -284,11 +284,11 @@ async def test_failing_endpoints_keep_old_values_and_go_stale(servers):
     scraper = MetricsScraper(pool, interval=0.02, timeout=0.15)
     await scraper.start()
     try:
-        await _until(lambda: all(ep.metrics.updated_at for ep in eps), 0.5)
+        await _until(lambda: all(ep.metrics.updated_at for ep in eps), 5.0)
         err500.mode, garbage.mode, hung.mode = "500", "garbage", "hang"
         await asyncio.sleep(0.05)
         before = {ep: ep.metrics.updated_at for ep in eps}
-        await _until(lambda: all(ep.metrics.last_error for ep in eps[1:]), 1.0)
+        await _until(lambda: all(ep.metrics.last_error for ep in eps[1:]), 5.0)
         await asyncio.sleep(0.2)
         g, e5, ga, h = eps
         assert g.metrics.last_error is None and g.metrics.updated_at > before[g] and g.metrics.age() < 0.1
@@ -303,7 +303,7 @@ async def test_failing_endpoints_keep_old_values_and_go_stale(servers):
         assert scraper.stats(e5).errors >= 5 and scraper.stats(h).errors >= 1
         # recovery clears the error and stamps again
         err500.mode = "ok"
-        await _until(lambda: e5.metrics.last_error is None and e5.metrics.age() < 0.1, 0.5)
+        await _until(lambda: e5.metrics.last_error is None and e5.metrics.age() < 0.1, 5.0)
         assert scraper.stats(e5).consecutive_errors == 0
     finally:
         await scraper.stop()
@@ -319,7 +319,7 @@ async def test_engine_label_picks_the_spec_and_unreachable_endpoint_reports(serv
     scraper = MetricsScraper(pool, interval=0.02, timeout=0.3)
     await scraper.start()
     try:
-        await _until(lambda: sg.metrics.updated_at > 0 and dead.metrics.last_error is not None, 1.0)
+        await _until(lambda: sg.metrics.updated_at > 0 and dead.metrics.last_error is not None, 5.0)
         assert (sg.metrics.waiting_requests, sg.metrics.running_requests, sg.metrics.block_size) == (11, 6, 64)
         assert dead.metrics.updated_at == 0 and dead.metrics.age() == float("inf")
         assert dead.metrics.last_error.startswith("connect: ")
@@ -339,7 +339,7 @@ async def test_pool_changes_start_and_stop_polling(servers):
         pool.sync(_specs([s1, s2, s3]))
         e2, e3 = pool.get(f"ep{s2.port}"), pool.get(f"ep{s3.port}")
         assert scraper.polling == {e1, e2, e3}
-        await _until(lambda: e3.metrics.waiting_requests == 3 and e2.metrics.waiting_requests == 2, 0.5)
+        await _until(lambda: e3.metrics.waiting_requests == 3 and e2.metrics.waiting_requests == 2, 5.0)
         assert len(_scrape_tasks()) == 3
         pool.sync(_specs([s1, s3]))
         assert scraper.polling == {e1, e3} and scraper.stats(e2) is None
@@ -352,7 +352,7 @@ async def test_pool_changes_start_and_stop_polling(servers):
         pool.sync([EndpointSpec(f"ep{s1.port}", "127.0.0.1", s2.port), *_specs([s3])])
         new1 = pool.get(f"ep{s1.port}")
         assert new1 is not e1 and scraper.polling == {new1, e3}
-        await _until(lambda: new1.metrics.waiting_requests == 2, 0.5)
+        await _until(lambda: new1.metrics.waiting_requests == 2, 5.0)
     finally:
         await scraper.stop()
     assert not _scrape_tasks() and scraper.polling == frozenset()
@@ -368,7 +368,7 @@ async def test_first_ticks_are_jittered(servers):
     scraper = MetricsScraper(pool, interval=0.2, timeout=0.5)
     await scraper.start()
     try:
-        await _until(lambda: all(ep.metrics.updated_at for ep in pool.endpoints), 1.0)
+        await _until(lambda: all(ep.metrics.updated_at for ep in pool.endpoints), 5.0)
         firsts = sorted(ep.metrics.updated_at for ep in pool.endpoints)
         assert firsts[-1] - firsts[0] > 0.03  # spread over the interval, not all at once
     finally:
@@ -405,13 +405,13 @@ async def test_endpoints_that_stop_answering_leave_the_candidates_until_they_ans
     err500.mode, hung.mode = "500", "hang"
     await scraper.start()
     try:
-        await _until(lambda: h.metrics.unreachable and back.metrics.unreachable, 2.0)
+        await _until(lambda: h.metrics.unreachable and back.metrics.unreachable, 5.0)
         assert scraper.stats(back).consecutive_unanswered >= UNREACHABLE_AFTER
         assert not e5.metrics.unreachable  # it answers, badly: stale metrics, still a candidate
         assert director.candidates(None) == [e5]
         assert director.candidates([h.hostport, back.hostport]) == [h, back]  # none answers: all of them
         err500.mode = "hang"
-        await _until(lambda: e5.metrics.unreachable, 2.0)
+        await _until(lambda: e5.metrics.unreachable, 5.0)
         assert director.candidates(None) == [e5, h, back]
         async def page(_req: web.Request) -> web.Response:
             return web.Response(text=render_vllm_page(waiting=7))
@@ -422,7 +422,7 @@ async def test_endpoints_that_stop_answering_leave_the_candidates_until_they_ans
         await runner.setup()
         try:
             await web.TCPSite(runner, "127.0.0.1", port).start()
-            await _until(lambda: not back.metrics.unreachable and back.metrics.waiting_requests == 7, 2.0)
+            await _until(lambda: not back.metrics.unreachable and back.metrics.waiting_requests == 7, 5.0)
             assert director.candidates(None) == [back]
         finally:
             await runner.cleanup()

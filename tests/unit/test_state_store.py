@@ -146,12 +146,13 @@ async def test_password_from_file_or_env(tmp_path, monkeypatch):
         monkeypatch.setenv("EPP_STATE_STORE_PASSWORD", "env-pass")
         assert read_password("") == "env-pass"
         ok = Replica(server.url, password=read_password(str(secret)))
-        await ok.state.sync()
+        await asyncio.wait_for(ok.state.sync(), 10)
         bad = Replica(server.url, password="wrong")
-        with pytest.raises(Exception):  # noqa: B017 - redis' AuthenticationError / ResponseError
-            await bad.state.sync()
-        await ok.state.stop()
-        await bad.state.stop()
+        with pytest.raises(Exception) as refused:  # redis' AuthenticationError / ResponseError
+            await asyncio.wait_for(bad.state.sync(), 10)
+        assert not isinstance(refused.value, TimeoutError)
+        await asyncio.wait_for(ok.state.stop(), 10)
+        await asyncio.wait_for(bad.state.stop(), 10)
     finally:
         server.stop()
 
