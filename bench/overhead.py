@@ -136,6 +136,7 @@ async def large_prompts(http: aiohttp.ClientSession, gateway: str, baseline: str
     most (GIE's scale complaint: 220 KB prompts at concurrency 150)."""
     ttft: dict[str, list[float]] = {"gateway": [], "baseline": []}
     errors = 0
+    first_error: str | None = None
     start = time.perf_counter()
     for i in range(rounds):
         order = (("gateway", gateway), ("baseline", baseline)) if i % 2 else (("baseline", baseline),
@@ -146,9 +147,11 @@ async def large_prompts(http: aiohttp.ClientSession, gateway: str, baseline: str
             for r in results:
                 if not r.ok or r.ttft is None:
                     errors += 1
+                    first_error = first_error or r.error
                 else:
                     ttft[name].append(r.ttft)
-    out: dict[str, Any] = {"concurrency": concurrency, "rounds": rounds, "bytes": len(body), "errors": errors}
+    out: dict[str, Any] = {"concurrency": concurrency, "rounds": rounds, "bytes": len(body), "errors": errors,
+                           "first_error": first_error}
     if ttft["gateway"] and ttft["baseline"]:
         for q in (50, 99):
             out[f"ttft_p{q}_baseline"] = pct(ttft["baseline"], q)
@@ -197,8 +200,9 @@ async def run_overhead(pods: int = 4, modes: tuple[str, ...] = ("FULL_DUPLEX_STR
     out: dict[str, Any] = {"modes": {}, "params": dict(pods=pods, n_plain=n_plain, n_stream=n_stream,
                                                        prompt_tokens=prompt_tokens, step_seconds=step_seconds)}
     for mode in modes:
-        stack = LocalStack(pods=pods, sim_args=["--profile", "instant", "--model", MODEL], baseline=True,
-                           response_body_mode=mode)
+        # Room for the large-prompt case: ~58k-token prompts, up to ~40 of them on a pod at once.
+        sim_args = ["--profile", "instant", "--model", MODEL, "--max-model-len", "131072", "--num-gpu-blocks", "150000"]
+        stack = LocalStack(pods=pods, sim_args=sim_args, baseline=True, response_body_mode=mode)
         await asyncio.to_thread(stack.start)
         try:
             assert stack.epp is not None and stack.epp.proc is not None
