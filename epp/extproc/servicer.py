@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
+from typing import Any
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf.message import DecodeError
@@ -141,43 +142,12 @@ class _ProcessRpc:
 class _UnaryRpc:
     """One request message, one answer, computed synchronously."""
 
-    __slots__ = ("call", "handler", "request", "request_type")
+    __slots__ = ("call", "handler", "request", "request_type", "task")
 
-    def __init__(self, call: h2grpc.Call, request_type: type, handler) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, call: h2grpc.Call, request_type: type, handler: Callable[[Any], Any]) -> None:
         self.call = call
         self.request_type = request_type
         self.handler = handler
-        self.request: bytes | None = None
-
-    def message(self, data: bytes) -> None:
-        self.request = data
-
-    def half_close(self) -> None:
-        if self.request is None:
-            self.call.finish(h2grpc.INTERNAL, "no request message")
-            return
-        try:
-            request = self.request_type.FromString(self.request)
-        except DecodeError:
-            self.call.finish(h2grpc.INTERNAL, "could not decode the request")
-            return
-        self.call.send(self.handler(request).SerializeToString())
-        self.call.finish()
-
-    def cancel(self) -> None:
-        pass
-
-
-class _ServerStreamRpc:
-    """One request message, then the answers an async generator yields, until it ends or the client goes."""
-
-    __slots__ = ("call", "request", "request_type", "stream", "task")
-
-    def __init__(self, call: h2grpc.Call, request_type: type,
-                 stream: Callable[[object], AsyncIterator[object]]) -> None:
-        self.call = call
-        self.request_type = request_type
-        self.stream = stream
         self.request: bytes | None = None
         self.task: asyncio.Task[None] | None = None
 
@@ -193,18 +163,32 @@ class _ServerStreamRpc:
         except DecodeError:
             self.call.finish(h2grpc.INTERNAL, "could not decode the request")
             return
+        self._respond(request)
+
+    def _respond(self, request: Any) -> None:
+        self.call.send(self.handler(request).SerializeToString())
+        self.call.finish()
+
+    def cancel(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+
+class _ServerStreamRpc(_UnaryRpc):
+    """One request message, then the answers the handler's async generator yields, until it ends or the client
+    goes."""
+
+    __slots__ = ()
+
+    def _respond(self, request: Any) -> None:
         self.task = asyncio.get_running_loop().create_task(self._run(request))
 
-    async def _run(self, request: object) -> None:
+    async def _run(self, request: Any) -> None:
         try:
-            async for resp in self.stream(request):
-                self.call.send(resp.SerializeToString())  # type: ignore[attr-defined]
+            async for resp in self.handler(request):
+                self.call.send(resp.SerializeToString())
                 self.call.flush()
         except asyncio.CancelledError:
             return
         self.call.finish()
         self.call.flush()
-
-    def cancel(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
