@@ -106,7 +106,8 @@ async def test_pool_selector_and_target_ports_changes(kube, start_discovery):
     await eventually(lambda: set(view(disc)) == {"both-rank-0", "both-rank-1", "new-rank-0", "new-rank-1"},
                      what="selector resync")
     assert disc.pool.get("both-rank-0") is both
-    await eventually(lambda: kube.watch_requests("pods")[-1]["labelSelector"] == "pool=blue", what="new watch")
+    await eventually(lambda: [w["labelSelector"] for w in kube.watch_requests("pods")][-1:] == ["pool=blue"],
+                     what="new watch")
     assert kube.list_requests("pods")[-1]["labelSelector"] == "pool=blue"
     kube.apply(pod("old", "10.0.0.1", labels={"app": "vllm", "pool": "blue"}))  # relabelled into the pool
     await eventually(lambda: "old-rank-0" in view(disc), what="relabelled pod joins")
