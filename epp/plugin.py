@@ -18,10 +18,12 @@ reads with ``KEY.get(request)``. EPP refuses a configuration whose consumer has 
 
 Parameter helpers (``check_int``, ``check_float``, ...) raise ``ValueError`` naming the parameter as the user
 wrote it; EPP reports it as a ``PluginConfigError`` naming the plugin. ``epp.testing`` runs plugins without a
-server. See docs/plugins.md.
+server. Read time with ``monotonic()`` (``time.monotonic`` live, virtual time under ``epp replay``). See
+docs/plugins.md.
 """
 
 from epp.api.types import ApiKind, InferenceRequest, ParsedBody, Usage
+from epp.clock import monotonic
 from epp.datalayer.endpoint import Endpoint, EndpointMetrics
 from epp.scheduling.datakeys import PREFIX_MATCH, DataKey, PrefixMatch
 from epp.scheduling.params import (
@@ -82,6 +84,7 @@ __all__ = [
     "check_str",
     "fresh_mask",
     "min_max_inverse",
+    "monotonic",
     "register_plugin",
     "registered_types",
 ]

@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -41,6 +40,7 @@ from epp.admission.metrics import FlowControlMetrics
 from epp.admission.queue import BandQueue, QueueItem
 from epp.api.errors import EppError
 from epp.api.types import InferenceRequest
+from epp.clock import monotonic
 from epp.scheduling.registry import PluginConfigError
 
 if TYPE_CHECKING:
@@ -125,7 +125,7 @@ class Admission:
                     cfg.detector.saturation(director.candidates(subset, model=request.path_model)) >= 1.0:
                 raise _saturated("system saturated, sheddable request dropped")
             return
-        self._seen[request.priority] = time.monotonic()
+        self._seen[request.priority] = monotonic()
         pool_empty = not director.pool.endpoints
         if not pool_empty:
             # a subset (or model) matching nothing is refused here, not held
@@ -161,7 +161,7 @@ class Admission:
         if not self._make_room(priority, size, fc):
             self._refuse_capacity(request, pool_empty, "the flow-control queue is full (maxRequests / maxBytes, "
                                   "or the endpoint picker's request-body memory)")
-        now = time.monotonic()
+        now = monotonic()
         loop = asyncio.get_running_loop()
         item = QueueItem(request, subset, size, now, next(self._seq), self._ttl(fc, request), loop.create_future())
         item.key = band_cfg.ordering.key(item)  # type: ignore[union-attr]
@@ -178,7 +178,7 @@ class Admission:
         except asyncio.CancelledError:  # the client went away (Envoy reset the stream)
             if item.queued:
                 self._take(item, self.bands[priority])
-                self._outcome(request, "EvictedContextCancelled", time.monotonic() - item.enqueued_at)
+                self._outcome(request, "EvictedContextCancelled", monotonic() - item.enqueued_at)
                 if not self.queued and self._task is not None:
                     self._wakeup()
             raise
@@ -238,13 +238,13 @@ class Admission:
 
     def _finish(self, item: QueueItem, band: BandQueue, outcome: str, error: EppError) -> None:
         self._take(item, band)
-        self._outcome(item.request, outcome, time.monotonic() - item.enqueued_at)
+        self._outcome(item.request, outcome, monotonic() - item.enqueued_at)
         if not item.future.done():
             item.future.set_exception(error)
 
     def _release(self, item: QueueItem, band: BandQueue, outcome: str) -> None:
         self._take(item, band)
-        self._outcome(item.request, outcome, time.monotonic() - item.enqueued_at)
+        self._outcome(item.request, outcome, monotonic() - item.enqueued_at)
         if not item.future.done():
             item.future.set_result(None)
 
@@ -276,7 +276,7 @@ class Admission:
 
     def active_priorities(self) -> list[int]:
         """Priority levels with a request in the last ``ACTIVE_WINDOW`` seconds or one waiting, highest first."""
-        horizon = time.monotonic() - ACTIVE_WINDOW
+        horizon = monotonic() - ACTIVE_WINDOW
         for p in [p for p, t in self._seen.items() if t < horizon and p not in self.bands]:
             del self._seen[p]
         return sorted(set(self._seen) | set(self.bands), reverse=True)
@@ -304,7 +304,7 @@ class Admission:
         assert wake is not None
         try:
             while self.queued:
-                now = time.monotonic()
+                now = monotonic()
                 if now >= self._next_sweep:
                     self._next_sweep = now + SWEEP
                     self._sweep(now)

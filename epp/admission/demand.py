@@ -4,8 +4,9 @@ can keep room for (``UsageLimitPolicy.reserve``)."""
 from __future__ import annotations
 
 import math
-import time
 from collections import deque
+
+from epp.clock import monotonic
 
 BUCKET = 1.0  # seconds per peak bucket
 KEEP = 120  # buckets kept: the longest window a policy can ask for
@@ -18,7 +19,7 @@ class Demand:
 
     def started(self, priority: int) -> None:
         n = self._inflight[priority] = self._inflight.get(priority, 0) + 1
-        start = math.floor(time.monotonic() / BUCKET) * BUCKET
+        start = math.floor(monotonic() / BUCKET) * BUCKET
         peaks = self._peaks.setdefault(priority, deque(maxlen=KEEP))
         if peaks and peaks[-1][0] == start:
             peaks[-1][1] = max(peaks[-1][1], n)
@@ -33,7 +34,7 @@ class Demand:
 
     def peak(self, priority: int, window: float) -> int:
         """The most requests of ``priority`` in flight at once over the last ``window`` seconds."""
-        horizon = time.monotonic() - window - BUCKET
+        horizon = monotonic() - window - BUCKET
         return int(max((n for start, n in self._peaks.get(priority, ()) if start >= horizon),
                        default=self.inflight(priority)))
 

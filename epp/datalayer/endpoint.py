@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
+
+from epp.clock import monotonic
 
 WAKE_GRACE = 2.0  # seconds an endpoint EPP woke counts as awake whatever scrapes say
 
@@ -34,7 +35,7 @@ class EndpointMetrics:
         """Seconds since the last successful scrape (infinite when never scraped)."""
         if not self.updated_at:
             return float("inf")
-        return (time.monotonic() if now is None else now) - self.updated_at
+        return (monotonic() if now is None else now) - self.updated_at
 
 
 @dataclass(eq=False, slots=True)
@@ -83,7 +84,7 @@ class Endpoint:
         """The engine sleeps, as last scraped; within ``WAKE_GRACE`` s of EPP waking it or putting it to sleep,
         as EPP left it (a scrape that began before may still report the old state)."""
         m = self.metrics
-        now = time.monotonic()
+        now = monotonic()
         return (m.slept_at > 0 and now - m.slept_at <= WAKE_GRACE) or (m.sleeping and now - m.woken_at > WAKE_GRACE)
 
     @property

@@ -7,10 +7,10 @@ camelCase name the user wrote (the registry turns it into a ``PluginConfigError`
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from epp.clock import monotonic
 from epp.config import parse_duration
 from epp.datalayer.endpoint import Endpoint
 
@@ -89,7 +89,7 @@ def fresh_mask(endpoints: Sequence[Endpoint], threshold: float, now: float | Non
     Never-scraped endpoints (``updated_at`` 0) are stale."""
     if threshold <= 0:
         return [True] * len(endpoints)
-    now = time.monotonic() if now is None else now
+    now = monotonic() if now is None else now
     return [bool(e.metrics.updated_at) and now - e.metrics.updated_at <= threshold for e in endpoints]
 
 

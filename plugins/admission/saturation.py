@@ -16,11 +16,11 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import Any
 
 from epp.admission.interfaces import SaturationDetector
+from epp.clock import monotonic
 from epp.datalayer.endpoint import Endpoint
 from epp.scheduling.registry import register_plugin
 from plugins.scorers.common import check_duration, check_float, check_int, check_str
@@ -44,7 +44,7 @@ class UtilizationDetector(SaturationDetector):
     def saturation(self, endpoints: Sequence[Endpoint]) -> float:
         if not endpoints:
             return 1.0
-        now = time.monotonic()
+        now = monotonic()
         return sum(self.endpoint_saturation(e, now) for e in endpoints) / len(endpoints)
 
 

@@ -49,7 +49,6 @@ admission; compared with llm-d's ``latency-scorer`` it needs no trained model or
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -66,6 +65,7 @@ from epp.plugin import (
     check_duration,
     check_str,
     fresh_mask,
+    monotonic,
     register_plugin,
 )
 from plugins.scorers.prefix import PrefixSource, resolve_prefix_source
@@ -249,7 +249,7 @@ class PredictedLatencyScorer(Scorer, RequestObserver):
         base, per_token = self.prefill.line()
         return {"base_s": round(base, 4), "per_token_ms": round(per_token * 1000, 5), "endpoints": {
             name: {"slots": r.slots, "max_running": r.max_running, "occupancy_s": round(r.occupancy.value, 3),
-                   "slowness": round(r.slowness, 3), "queued_prefill": r.queued_prefill(time.monotonic())}
+                   "slowness": round(r.slowness, 3), "queued_prefill": r.queued_prefill(monotonic())}
             for name, r in list(self.rates.items())}}
 
     def _rates(self, e: Endpoint) -> EndpointRates:
@@ -261,7 +261,7 @@ class PredictedLatencyScorer(Scorer, RequestObserver):
     # -- prediction ------------------------------------------------------------------------------
 
     def predict(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[Prediction]:
-        now = time.monotonic()
+        now = monotonic()
         base, per_token = self.prefill.line()
         prompt, matched = self._prompt_and_matches(request, endpoints)
         fresh = fresh_mask(endpoints, self.staleness)
@@ -323,7 +323,7 @@ class PredictedLatencyScorer(Scorer, RequestObserver):
         p = preds.get(e.name)
         if p is None:
             return
-        now = time.monotonic()
+        now = monotonic()
         r = self._rates(e)
         r.pending[id(request)] = _Pending(p.uncached, now + _PENDING_EXPIRY * p.ttft + 1.0)
         request.attributes[self._key] = _Pick(e.name, now, p.queued + p.uncached, p.work, p.inflight, p.wait, p.ttft,
@@ -334,7 +334,7 @@ class PredictedLatencyScorer(Scorer, RequestObserver):
         pick = request.attributes.get(self._key)
         if not isinstance(pick, _Pick) or pick.first_byte is not None or not chunk:
             return
-        pick.first_byte = now = time.monotonic()
+        pick.first_byte = now = monotonic()
         r = self.rates.get(pick.endpoint)
         if r is None:
             return
@@ -360,7 +360,7 @@ class PredictedLatencyScorer(Scorer, RequestObserver):
         r.pending.pop(id(request), None)
         if not response.completed or not 200 <= response.status < 300:
             return
-        now = time.monotonic()
+        now = monotonic()
         # A batch slot is held from admission to the end: the decode (first byte to end, when EPP saw the first
         # byte of a stream) plus the prefill the pick predicted; else pick to end less the predicted wait. Time
         # spent queueing in the server must not count, or the wait it predicts feeds on itself.

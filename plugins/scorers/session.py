@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,6 +31,7 @@ from epp.plugin import (
     check_float,
     check_mapping,
     check_str,
+    monotonic,
     register_plugin,
 )
 
@@ -81,7 +81,7 @@ class SessionAffinity(RequestObserver):
         self.sweep = check_float(sid.get("evictionSweepSeconds", 10), "sessionIdConfig.evictionSweepSeconds", 0.0,
                                  exclusive_minimum=True)
         self._bindings: dict[str, tuple[str, float]] = {}  # session id -> (endpoint name, last used)
-        self._last_sweep = time.monotonic()
+        self._last_sweep = monotonic()
 
     # -- lookups ---------------------------------------------------------------------------------
 
@@ -106,7 +106,7 @@ class SessionAffinity(RequestObserver):
         sid = self.session_id(request)
         if sid is None:
             return None
-        now = time.monotonic()
+        now = monotonic()
         self._maybe_sweep(now)
         bound = self._bindings.get(sid)
         if bound is None or (self.ttl and now - bound[1] > self.ttl):
@@ -139,7 +139,7 @@ class SessionAffinity(RequestObserver):
             return
         sid = self.session_id(request)
         if sid is not None:
-            self._bindings[sid] = (target.name, time.monotonic())
+            self._bindings[sid] = (target.name, monotonic())
 
 
 @register_plugin("session-affinity-scorer")

@@ -216,9 +216,8 @@ def test_session_affinity_custom_header_and_urlsafe_token():
 
 
 def test_session_affinity_session_id_binding_ttl_and_sweep(monkeypatch):
-    import plugins.scorers.session as mod
     now = [1000.0]
-    monkeypatch.setattr(mod.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr("epp.clock._source", lambda: now[0])
     s = plugin("session-affinity-scorer", "{strategy: session_id, sessionIdConfig: "
                                           "{evictionTtlSeconds: 60, evictionSweepSeconds: 5}}")
     a, b = eps({}, {})
