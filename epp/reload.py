@@ -23,6 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from epp.tasks import stop_task
+
 log = logging.getLogger(__name__)
 
 DEFAULT_INTERVAL = 1.0
@@ -113,11 +115,8 @@ class FileWatcher:
                 log.exception("%s %s: reload failed", self.name, self.path)
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
 
 
 class ConfigReloader:

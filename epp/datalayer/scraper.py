@@ -30,6 +30,7 @@ from epp.datalayer import promtext
 from epp.datalayer.endpoint import Endpoint
 from epp.datalayer.engines import EngineRegistry, ExtractError
 from epp.datalayer.pool import EndpointPool
+from epp.tasks import stop_tasks
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +120,7 @@ class MetricsScraper:
         self._running = False
         tasks = [*self._tasks.values(), *self._dying]
         self._tasks.clear()
-        for t in tasks:
-            t.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await stop_tasks(tasks)
         if self._session is not None:
             await self._session.close()
             self._session = None

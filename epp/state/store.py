@@ -42,6 +42,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from epp.datalayer.pool import EndpointPool
+from epp.tasks import stop_task
 
 log = logging.getLogger(__name__)
 
@@ -145,11 +146,8 @@ class SharedState:
         self._task = asyncio.create_task(self._run(), name=f"state-store-{self.pool.name}")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
         for p in self.producers():
             if getattr(p, "share", None) == self.share:
                 p.share = None
@@ -159,7 +157,7 @@ class SharedState:
                 pipe.hdel(self.k_load, self.replica).zrem(self.k_beat, self.replica)
                 await asyncio.wait_for(pipe.execute(), self.opts.timeout)
             with contextlib.suppress(Exception):
-                await self._client.aclose()
+                await asyncio.wait_for(self._client.aclose(), self.opts.timeout)
 
     def _hook(self) -> None:
         for p in self.producers():
@@ -169,7 +167,8 @@ class SharedState:
         backoff = self.opts.sync_interval
         while True:
             try:
-                await asyncio.wait_for(self.sync(), self.opts.timeout * 2)
+                async with asyncio.timeout(self.opts.timeout * 2):  # not wait_for: see epp.tasks
+                    await self.sync()
                 backoff = self.opts.sync_interval
             except asyncio.CancelledError:
                 raise

@@ -22,6 +22,7 @@ import aiohttp
 from kubernetes_asyncio import client
 
 from epp.datalayer.k8s.reflector import ApiError, Timings
+from epp.tasks import stop_task
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +51,8 @@ class LeaderElector:
         self._task = asyncio.create_task(self._run(), name="leader-election")
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
         if self._leading:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._release(), self.t.retry_period)

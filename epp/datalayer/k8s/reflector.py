@@ -26,6 +26,8 @@ from typing import Any
 
 import aiohttp
 
+from epp.tasks import stop_task
+
 log = logging.getLogger(__name__)
 
 Obj = dict[str, Any]
@@ -112,11 +114,8 @@ class Reflector:
         self._task = asyncio.create_task(self._run(), name=f"reflector-{self.name}")
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
 
     # -- the loop --------------------------------------------------------------------------------
 
