@@ -53,7 +53,10 @@ _duration = _typed(parse_duration, "duration")
 
 def build_parser() -> argparse.ArgumentParser:
     d = Config()
-    ap = argparse.ArgumentParser(prog="epp", description="Envoy ext_proc endpoint picker for LLM inference.")
+    ap = argparse.ArgumentParser(prog="epp", description="Envoy ext_proc endpoint picker for LLM inference.",
+                                 epilog="subcommand: 'epp replay TRACE --config-name A --config-name B' replays a "
+                                        "recorded trace (--record-trace) against simulated pods in virtual time "
+                                        "to compare configurations ('epp replay --help')")
 
     def flag(*names: str, **kw) -> None:
         if kw.get("type") is _bool:  # Go style: --flag, --flag=true, --flag=false
@@ -173,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--debug-endpoints", type=_bool, default=d.debug_endpoints,
          help="serve /debug (live page), /debug/endpoints and /debug/decisions on the metrics port "
               "(off by default: they show request paths and endpoint state to whoever reaches the port)")
+    flag("--record-trace", default=d.record_trace,
+         help="append every request that reaches routing (arrival time, path, headers but credentials, body: "
+              "prompts included) to this JSON-lines file, for 'epp replay' (with --workers, one file per worker)")
+    flag("--record-trace-max-bytes", type=int, default=d.record_trace_max_bytes,
+         help="stop recording once the trace holds this many bytes")
     return ap
 
 
@@ -188,6 +196,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["replay"]:  # a subcommand; every flag of the server starts with "-"
+        from epp.replay import main as replay
+
+        return replay(args[1:])
     from epp.server import run
 
     cfg = parse_args(argv)

@@ -108,6 +108,8 @@ class Config:
     explain_decisions: bool = False  # explain every decision (metadata + x-epp-decision response header)
     explain_token: str = ""  # x-epp-explain: <token> asks for one request's explanation (or EPP_EXPLAIN_TOKEN)
     debug_endpoints: bool = False  # /debug, /debug/endpoints, /debug/decisions on the metrics port
+    record_trace: str = ""  # append every routed request (prompts included) to this file, for epp replay
+    record_trace_max_bytes: int = 1 << 30  # then stop recording
 
     def validate(self) -> None:
         sources = [bool(self.pool_name), bool(self.endpoint_selector), bool(self.static_endpoints),

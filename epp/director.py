@@ -27,6 +27,7 @@ from epp.scheduling.plugins import RequestObserver, RequestPreparer, ResponseInf
 
 if TYPE_CHECKING:
     from epp.observability.hooks import RequestHooks
+    from epp.trace import TraceRecorder
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ class Director:
         self.pool = pool
         self.metrics = metrics
         self.hooks = hooks  # decision log, explanations, tracing (epp.observability.hooks)
+        self.recorder: TraceRecorder | None = None  # --record-trace (epp.trace)
         self.objectives = objectives or Objectives()
         self.disable_subset_filter = disable_subset_filter
         self.explain = explain
@@ -164,6 +166,8 @@ class Director:
     async def route(self, request: InferenceRequest, subset: Sequence[str] | None) -> Decision:
         """Admission first (it may hold the request, or refuse it), then the pick. No await between the two: a
         request flow control releases is counted in flight before the next saturation check."""
+        if self.recorder is not None:
+            self.recorder.record(request)
         if self.admission.applies(request):
             # may hold the request while a sleeping endpoint wakes
             await self.waker.ensure_awake(subset, request.path_model)

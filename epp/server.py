@@ -37,6 +37,7 @@ from plugins.datalayer import CoreMetricsExtractor, MetricsDataSource
 
 if TYPE_CHECKING:
     from epp.state.store import SharedState
+    from epp.trace import TraceRecorder
 
 log = logging.getLogger("epp")
 
@@ -106,8 +107,15 @@ class EppServer:
                                budget=BodyBudget(cfg.max_buffered_body_bytes),
                                trust_rewrite_header=cfg.trust_model_rewrite_header,
                                trust_objective_header=cfg.trust_objective_header)
+        self.recorder: TraceRecorder | None = None
+        if cfg.record_trace:  # one file per process: workers would interleave their lines
+            from epp.trace import TraceRecorder
+
+            path = cfg.record_trace + (f".{cfg.worker_index}" if cfg.worker_index >= 0 else "")
+            self.recorder = TraceRecorder(path, cfg.record_trace_max_bytes)
         for unit in self.units.values():
             d = unit.director
+            d.recorder = self.recorder
             d.admission.budget = limits.budget  # bodies held by flow control count against it too
             d.waker.configure(cfg.wake_timeout, cfg.sleep_idle_time, cfg.sleep_level, cfg.accelerator_budget)
             d.waker.start()
@@ -215,6 +223,8 @@ class EppServer:
         await self._http.cleanup()
         for unit in self.units.values():
             await unit.stop_routing()
+        if self.recorder is not None:
+            self.recorder.close()
 
     async def stop_routing(self) -> None:
         if self.scraper:
