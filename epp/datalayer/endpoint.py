@@ -61,6 +61,8 @@ class Endpoint:
     # Of the in-flight counts, what other replicas routed there (epp.state: a shared store folds it in)
     remote_requests: int = 0
     remote_tokens: int = 0
+    namespace: str = ""  # its pod's (Kubernetes discovery); "" for static endpoints
+    rank: int = 0  # its port's index in the pool's target ports: vLLM offsets a DP rank's KV-event port by it
 
     def waiting_now(self) -> int:
         """Waiting requests as scraped, moved by the requests EPP routed there (or saw end) since: each one

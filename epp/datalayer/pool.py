@@ -24,9 +24,12 @@ class EndpointSpec:
     kv_events: str | None = None  # KV-event publisher (ZMQ address), replay socket
     kv_events_replay: str | None = None
     annotations: dict[str, str] = field(default_factory=dict)  # pod annotations (the accelerator budget)
+    namespace: str = ""  # the pod's namespace (Kubernetes discovery)
+    rank: int = 0  # index of its port in the pool's target ports
 
 
 Listener = Callable[[list[Endpoint], list[Endpoint]], None]  # (added, removed)
+UpdateListener = Callable[[list[Endpoint]], None]  # endpoints kept whose labels, annotations or ports changed
 
 
 class EndpointPool:
@@ -38,6 +41,7 @@ class EndpointPool:
         self._by_name: dict[str, Endpoint] = {}
         self._snapshot: tuple[Endpoint, ...] = ()
         self._listeners: list[Listener] = []
+        self._update_listeners: list[UpdateListener] = []
         self.synced = False  # set once discovery has delivered a first full view
         self.tokens = TokenRatios()  # characters per token, learned per model from the servers' usage
 
@@ -56,25 +60,42 @@ class EndpointPool:
         if listener in self._listeners:
             self._listeners.remove(listener)
 
+    def add_update_listener(self, listener: UpdateListener) -> None:
+        """Called with the endpoints ``sync`` kept (same object) but whose labels, annotations, metrics port or
+        KV-event addresses changed, e.g. a relabelled pod."""
+        if listener not in self._update_listeners:
+            self._update_listeners.append(listener)
+
+    def remove_update_listener(self, listener: UpdateListener) -> None:
+        if listener in self._update_listeners:
+            self._update_listeners.remove(listener)
+
     def sync(self, specs: Iterable[EndpointSpec]) -> None:
         """Make the pool equal to ``specs``. Unchanged endpoints keep their object (and so their
         metrics and in-flight counts); an endpoint whose address changed is replaced."""
         wanted = {s.name: s for s in specs}
         added: list[Endpoint] = []
         removed: list[Endpoint] = []
+        changed: list[Endpoint] = []
         for name, ep in list(self._by_name.items()):
             spec = wanted.get(name)
             if spec is None or (spec.address, spec.port) != (ep.address, ep.port):
                 removed.append(self._by_name.pop(name))
-            else:
+                continue
+            now = (spec.labels, spec.annotations, spec.metrics_port, spec.kv_events, spec.kv_events_replay,
+                   spec.namespace, spec.rank)
+            if now != (ep.labels, ep.annotations, ep.metrics_port, ep.kv_events, ep.kv_events_replay,
+                       ep.namespace, ep.rank):
                 ep.labels, ep.annotations = dict(spec.labels), dict(spec.annotations)
                 ep.metrics_port = spec.metrics_port
                 ep.kv_events, ep.kv_events_replay = spec.kv_events, spec.kv_events_replay
+                ep.namespace, ep.rank = spec.namespace, spec.rank
+                changed.append(ep)
         for name, spec in wanted.items():
             if name not in self._by_name:
                 ep = Endpoint(spec.name, spec.address, spec.port, dict(spec.labels), metrics_port=spec.metrics_port,
                               kv_events=spec.kv_events, kv_events_replay=spec.kv_events_replay,
-                              annotations=dict(spec.annotations))
+                              annotations=dict(spec.annotations), namespace=spec.namespace, rank=spec.rank)
                 self._by_name[name] = ep
                 added.append(ep)
         self.synced = True
@@ -83,3 +104,6 @@ class EndpointPool:
             log.info("pool %s: %d endpoints (+%d -%d)", self.name, len(self._snapshot), len(added), len(removed))
             for listener in self._listeners:
                 listener(added, removed)
+        if changed:
+            for update in list(self._update_listeners):
+                update(changed)

@@ -159,8 +159,9 @@ async def test_director_renders_on_a_pod_with_the_shipped_config():
         host, port = c.addresses[0].rsplit(":", 1)
         pool = EndpointPool()
         pool.sync([EndpointSpec("pod", host, int(port), {})])
-        config = load_config(shipped.read_text(), pool)
+        config = None
         try:
+            config = load_config(shipped.read_text(), pool)  # starts the producer's ingestion thread
             director = Director(pool, config)
             producer = config.plugins["precise-prefix-cache-producer"]
             assert director.preparers == [producer]
@@ -173,6 +174,7 @@ async def test_director_renders_on_a_pod_with_the_shipped_config():
             assert producer.state(r, [decision.primary]).precise
             assert producer.renderer.failures == 0
         finally:
-            for p in config.plugins.values():
-                p.stop()
-            await config.plugins["precise-prefix-cache-producer"].renderer.close()
+            if config is not None:
+                for p in config.plugins.values():
+                    p.stop()  # joins the ingestion thread (bounded)
+                await config.plugins["precise-prefix-cache-producer"].renderer.close()

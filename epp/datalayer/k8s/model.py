@@ -15,6 +15,15 @@ from epp.objectives import RewriteRule, RewriteTarget
 log = logging.getLogger(__name__)
 
 ACTIVE_PORTS_ANNOTATION = "inference.networking.k8s.io/active-ports"
+# A pod's KV-event publisher (precise prefix routing), as kvEventsPort / kvEventsEndpoint in a static endpoints file;
+# else a container port named KV_EVENTS_PORT_NAME; else the producer's socketPort. Ports are the rank-0 ones: vLLM
+# offsets a data-parallel rank's publisher (and replay socket) by the rank, so endpoint <pod>-rank-<i> gets +i.
+KV_EVENTS_PORT_ANNOTATION = "epp.io/kv-events-port"
+KV_EVENTS_ENDPOINT_ANNOTATION = "epp.io/kv-events-endpoint"
+KV_EVENTS_REPLAY_PORT_ANNOTATION = "epp.io/kv-events-replay-port"
+KV_EVENTS_REPLAY_ENDPOINT_ANNOTATION = "epp.io/kv-events-replay-endpoint"
+KV_EVENTS_PORT_NAME = "kv-events"
+KV_REPLAY_PORT_NAME = "kv-replay"  # container port names are at most 15 characters
 POOL_GROUP_V1 = "inference.networking.k8s.io"
 POOL_GROUP_V1ALPHA2 = "inference.networking.x-k8s.io"
 # InferenceObjective / InferenceModelRewrite: GIE's group (until mid-2026) and llm-d's (after).
@@ -117,8 +126,60 @@ def pod_endpoints(pod: Obj, spec: PoolSpec) -> list[EndpointSpec]:
     ip = pod["status"]["podIP"]
     active = active_ports(pod, spec.target_ports)
     annotations = {str(k): str(v) for k, v in (meta.get("annotations") or {}).items()}
-    return [EndpointSpec(f"{meta['name']}-rank-{i}", ip, port, labels, annotations=annotations)
+    namespace = str(meta.get("namespace") or "")
+    events = kv_events_publisher(pod, annotations, KV_EVENTS_PORT_ANNOTATION, KV_EVENTS_ENDPOINT_ANNOTATION,
+                                 KV_EVENTS_PORT_NAME)
+    replay = kv_events_publisher(pod, annotations, KV_EVENTS_REPLAY_PORT_ANNOTATION,
+                                 KV_EVENTS_REPLAY_ENDPOINT_ANNOTATION, KV_REPLAY_PORT_NAME)
+    return [EndpointSpec(f"{meta['name']}-rank-{i}", ip, port, labels, kv_events=_rank_address(events, ip, i),
+                         kv_events_replay=_rank_address(replay, ip, i), annotations=annotations,
+                         namespace=namespace, rank=i)
             for i, port in enumerate(spec.target_ports) if port in active]
+
+
+_warned: set[tuple[str, str, str]] = set()  # (pod, annotation, value) already logged: resyncs repeat them
+
+
+def _warn_once(pod: str, key: str, value: str, why: str) -> None:
+    if (pod, key, value) not in _warned and len(_warned) < 1000:
+        _warned.add((pod, key, value))
+        log.warning("pod %s: annotation %s=%r ignored: %s", pod, key, value, why)
+
+
+def kv_events_publisher(pod: Obj, annotations: dict[str, str], port_key: str, endpoint_key: str,
+                        port_name: str) -> int | str | None:
+    """A pod's rank-0 publisher: a full ZMQ address (annotation), or a port on the pod's IP (annotation, else the
+    container port named ``port_name``); None when the pod names none (the producer's default applies)."""
+    name = str((pod.get("metadata") or {}).get("name"))
+    address = annotations.get(endpoint_key, "").strip()
+    if address:
+        if re.fullmatch(r"(tcp|ipc|inproc)://\S+", address):
+            return address
+        _warn_once(name, endpoint_key, address, "expected a ZMQ address such as tcp://10.0.0.1:5557")
+    text = annotations.get(port_key, "").strip()
+    if text:
+        if text.isdigit() and 0 < int(text) < 65536:
+            return int(text)
+        _warn_once(name, port_key, text, "expected a port number")
+    for container in (pod.get("spec") or {}).get("containers") or []:
+        for p in container.get("ports") or []:
+            number = p.get("containerPort")
+            if p.get("name") == port_name and isinstance(number, int) and 0 < number < 65536:
+                return number
+    return None
+
+
+def _rank_address(publisher: int | str | None, ip: str, rank: int) -> str | None:
+    """Rank ``rank``'s address: the rank-0 port (or a tcp address's port) plus the rank, as vLLM binds them."""
+    if publisher is None:
+        return None
+    if isinstance(publisher, int):
+        host = f"[{ip}]" if ":" in ip else ip
+        return f"tcp://{host}:{publisher + rank}"
+    m = re.fullmatch(r"(tcp://.+):(\d+)", publisher)
+    if rank and m and int(m.group(2)) + rank < 65536:
+        return f"{m.group(1)}:{int(m.group(2)) + rank}"
+    return publisher
 
 
 def endpoint_specs(pods: list[Obj], spec: PoolSpec) -> list[EndpointSpec]:

@@ -8,6 +8,11 @@ digests, of which vLLM's int form keeps the last 8 bytes big-endian: both normal
 
 Anything malformed raises ``BadEvent(reason)``; a bad event inside a batch is dropped on its own
 (``decode_batch`` returns it among the rejects) so one unknown tag does not cost its neighbours.
+
+``engine="sglang"`` reads SGLang's events as llm-d's SGLang adapter does: the same wire format, but its schema
+ends at ``medium`` (``BlockStored``: hashes, parent, token ids, block size, lora id, medium; ``BlockRemoved``:
+hashes, medium), so later positions or keys (vLLM's ``lora_name``, ``extra_keys``, attention kind) are not read,
+and a batch carries its data-parallel rank.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ MAX_PAYLOAD = 64 << 20  # bytes: a batch bigger than this is not one engine step
 _STORED_FIELDS = ("block_hashes", "parent_block_hash", "token_ids", "block_size", "lora_id", "medium",
                   "lora_name", "extra_keys", "group_idx", "kv_cache_spec_kind", "kv_cache_spec_sliding_window")
 _REMOVED_FIELDS = ("block_hashes", "medium", "group_idx")
+_SGLANG_STORED_FIELDS = _STORED_FIELDS[:6]
+_SGLANG_REMOVED_FIELDS = _REMOVED_FIELDS[:2]
+ENGINES = ("vllm", "sglang")
 # Attention kinds whose blocks hold a whole prefix (llm-d indexes only these for hybrid models).
 _PREFIX_KINDS = frozenset({"full_attention", "mla_attention", "sink_full_attention"})
 
@@ -90,13 +98,13 @@ def _medium(value: Any) -> str:
     return m.lower() if m else "gpu"
 
 
-def _fields(event: Any, names: tuple[str, ...]) -> dict[str, Any]:
+def _fields(event: Any, names: tuple[str, ...], only_names: bool = False) -> dict[str, Any]:
     if isinstance(event, dict):
-        return event
+        return {k: event[k] for k in names if k in event} if only_names else event
     return dict(zip(names, event[1:], strict=False))
 
 
-def decode_event(event: Any) -> Event | None:
+def decode_event(event: Any, engine: str = "vllm") -> Event | None:
     """One event; None for events that carry nothing for a prefix index (other attention kinds)."""
     if isinstance(event, list) and event:
         tag = event[0]
@@ -104,8 +112,11 @@ def decode_event(event: Any) -> Event | None:
         tag = event.get("type")
     else:
         raise BadEvent("wrong-type", f"event is {type(event).__name__}")
+    sglang = engine == "sglang"
     if tag == "BlockStored":
-        f = _fields(event, _STORED_FIELDS)
+        if sglang and isinstance(event, list) and len(event) < 7:
+            raise BadEvent("wrong-type", f"SGLang BlockStored has {len(event)} fields, not at least 7")
+        f = _fields(event, _SGLANG_STORED_FIELDS if sglang else _STORED_FIELDS, sglang)
         kind = f.get("kv_cache_spec_kind")
         if kind is not None and kind not in _PREFIX_KINDS:
             return None
@@ -123,7 +134,9 @@ def decode_event(event: Any) -> Event | None:
         return BlockStored(_hash_list(f.get("block_hashes")), None if parent is None else engine_hash(parent),
                            tokens, size, lora, _medium(f.get("medium")), _salt(f.get("extra_keys"), lora))
     if tag == "BlockRemoved":
-        f = _fields(event, _REMOVED_FIELDS)
+        if sglang and isinstance(event, list) and len(event) < 3:
+            raise BadEvent("wrong-type", f"SGLang BlockRemoved has {len(event)} fields, not at least 3")
+        f = _fields(event, _SGLANG_REMOVED_FIELDS if sglang else _REMOVED_FIELDS, sglang)
         return BlockRemoved(_hash_list(f.get("block_hashes")), _medium(f.get("medium")))
     if tag == "AllBlocksCleared":
         return AllBlocksCleared()
@@ -141,7 +154,7 @@ def _salt(extra: Any, lora: str | None) -> str | None:
     return None
 
 
-def decode_batch(payload: bytes) -> tuple[list[Event], list[BadEvent]]:
+def decode_batch(payload: bytes, engine: str = "vllm") -> tuple[list[Event], list[BadEvent]]:
     """The events of one message payload and the rejects among them; raises BadEvent when the payload as a
     whole is unusable."""
     if len(payload) > MAX_PAYLOAD:
@@ -152,11 +165,13 @@ def decode_batch(payload: bytes) -> tuple[list[Event], list[BadEvent]]:
         raise BadEvent("malformed", type(e).__name__) from None
     if not isinstance(batch, list) or len(batch) < 2 or not isinstance(batch[1], list):
         raise BadEvent("wrong-type", "batch is not [ts, events, ...]")
+    if engine == "sglang" and len(batch) < 3:
+        raise BadEvent("wrong-type", "SGLang batch is not [ts, events, data_parallel_rank]")
     events: list[Event] = []
     rejects: list[BadEvent] = []
     for raw in batch[1]:
         try:
-            ev = decode_event(raw)
+            ev = decode_event(raw, engine)
         except BadEvent as e:
             rejects.append(e)
             continue

@@ -11,6 +11,11 @@ medium, and per endpoint ``engine hash -> our key`` (a tuple when an engine bloc
 map ``BlockRemoved`` back. Speculative entries (picks whose events have not arrived) live in their own
 ``key -> mask`` dict and expire after ``ttl``.
 
+Bounds and weights (llm-d's ``indexerConfig``): at most ``max_keys`` keys (blocks beyond are not indexed and
+counted in ``skipped["index-full"]`` until removals make room); ``tier_weights`` scales how much a block held in a
+medium counts in a match (llm-d's ``backendConfigs``: an endpoint's weight for a block is the highest among the
+media holding it; the sum is truncated, as llm-d's ``matchBlocks``). Without weights every medium counts 1.
+
 Threads: the ingestion thread is the only writer of the confirmed dicts and engine maps; the request path
 reads them with single ``dict.get`` calls (atomic under the GIL) and owns the speculative dict.
 """
@@ -56,9 +61,12 @@ class BlockKeys:
 
 
 class BlockIndex:
-    def __init__(self, keys: BlockKeys, speculative_ttl: float = 2.0) -> None:
+    def __init__(self, keys: BlockKeys, speculative_ttl: float = 2.0, max_keys: int | None = None,
+                 tier_weights: dict[str, float] | None = None) -> None:
         self.keys = keys
         self.ttl = speculative_ttl
+        self.max_keys = max_keys
+        self.weights = tier_weights  # medium (lower case) -> weight; None: every medium counts 1
         self.media: dict[str, dict[int, int]] = {"gpu": {}}
         self.engine: dict[int, dict[int, int | tuple[int, ...]]] = {}  # slot -> engine hash -> key(s)
         self.speculative: dict[int, int] = {}
@@ -66,7 +74,7 @@ class BlockIndex:
         self._slots: dict[str, int] = {}
         self._free: list[int] = []
         self._lock = threading.Lock()  # slot allocation only
-        self.skipped = {"orphan": 0, "block-size": 0}
+        self.skipped = {"orphan": 0, "block-size": 0, "index-full": 0}
 
     # -- endpoints -------------------------------------------------------------------------------
 
@@ -129,6 +137,20 @@ class BlockIndex:
         media = self.media.get(ev.medium)
         if media is None:
             media = self.media.setdefault(ev.medium, {})
+        if self.max_keys is not None:
+            room = self.max_keys - self.size()
+            if room < len(chain):
+                fit = 0
+                for k in chain:  # keys already indexed take no room; the chain's head is kept (matches need it)
+                    if k not in media:
+                        if room <= 0:
+                            break
+                        room -= 1
+                    fit += 1
+                if fit < len(chain):
+                    self.skipped["index-full"] += 1
+                    n = fit // per
+                    chain = chain[: n * per]
         bit = 1 << slot
         for k in chain:
             media[k] = media.get(k, 0) | bit
@@ -223,6 +245,8 @@ class BlockIndex:
         if not keys or not active:
             return out
         self.expire()
+        if self.weights is not None:
+            return self._match_weighted(keys, slots, active)
         dicts = [d for d in self.media.values() if d]
         if self.speculative:
             dicts.append(self.speculative)
@@ -245,6 +269,32 @@ class BlockIndex:
             if active >> s & 1:
                 out[name] = n
         return out
+
+    def _match_weighted(self, keys: Sequence[int], slots: dict[int, str], active: int) -> dict[str, int]:
+        """``match`` with tier weights: per endpoint, the sum over its leading run of blocks of the highest
+        weight among the media holding each (speculative entries weigh as "gpu")."""
+        w = self.weights or {}
+        weighted = [(d, w.get(medium, 1.0)) for medium, d in list(self.media.items()) if d]
+        if self.speculative:
+            weighted.append((self.speculative, w.get("gpu", 1.0)))
+        score = dict.fromkeys(slots, 0.0)
+        for k in keys:
+            best: dict[int, float] = {}
+            held = 0
+            for d, weight in weighted:
+                m = d.get(k, 0) & active
+                if not m:
+                    continue
+                held |= m
+                for s in slots:
+                    if m >> s & 1 and weight > best.get(s, -1.0):
+                        best[s] = weight
+            for s, weight in best.items():
+                score[s] += weight
+            active = held
+            if not active:
+                break
+        return {name: int(score[s] + 1e-9) for s, name in slots.items()}
 
     def size(self) -> int:
         return sum(len(d) for d in list(self.media.values()))

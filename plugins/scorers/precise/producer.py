@@ -6,17 +6,29 @@ plugin that reads a prefix match (``prefix-cache-scorer``, ``predicted-latency-s
 no-hit-lru) reads this one the same way, and endpoints without events (none configured, the stream stopped, a
 request EPP cannot tokenize) fall back to the approximate index, which keeps learning from every pick.
 
-Parameters (llm-d names where llm-d has them):
+Parameters (llm-d's names). A parameter is accepted only when EPP does what it asks; the others are refused at
+load with the reason and what to use instead (``PluginConfigError``).
 
-* ``tokenProcessorConfig``: ``blockSizeTokens`` (16; ``blockSize`` accepted), ``hashSeed`` (""),
-  ``hashAlgorithm`` (accepted for compatibility; keys are always ours, see ``plugins.scorers.precise.index``).
+* ``tokenProcessorConfig``: ``blockSizeTokens`` (16; ``blockSize`` accepted), ``hashSeed`` (""). Refused:
+  ``hashAlgorithm`` (keys are EPP's own on both sides, see ``plugins.scorers.precise.index``).
 * ``kvEventsConfig``: ``zmqEndpoint`` (centralized mode: bind a SUB there, pods connect and name themselves in
-  the topic ``kv@<pod>@<model>``), ``topicFilter`` ("" -- vLLM's default topic is empty), ``discoverPods``
-  (true: subscribe to each endpoint of the pool), ``podDiscoveryConfig`` {``socketPort`` 5557,
-  ``replaySocketPort`` 0 = none}, ``maxEventsPerSecond`` (per endpoint, 100000), ``staleAfter`` ("10s": an
-  endpoint that was sent uncached blocks this long ago and published nothing since is served by the
-  approximate index), ``concurrency`` / ``engineType`` (accepted). An endpoint's own ``kvEventsPort`` /
-  ``kvEventsEndpoint`` / ``kvEventsReplayPort`` (static endpoints file) win over the pod defaults.
+  the topic ``kv@<pod>@<model>``), ``topicFilter`` ("" -- vLLM's default topic is empty), ``engineType`` (``vllm``
+  | ``sglang``: the events' schema, see ``events``), ``discoverPods`` (true: subscribe to the endpoints of the
+  pool), ``podDiscoveryConfig`` {``socketPort`` 5557, ``replaySocketPort`` 0 = none (both offset by the
+  endpoint's data-parallel rank, as vLLM binds them), ``podLabelSelector`` (only endpoints whose labels match get
+  a subscriber; "" = all), ``podNamespace`` (only endpoints of pods in that namespace)}, ``maxEventsPerSecond``
+  (per endpoint, 100000), ``staleAfter`` ("10s": an endpoint that was sent uncached blocks this long ago and
+  published nothing since is served by the approximate index), ``concurrency`` (1 only: one ingestion thread).
+  An endpoint's own publisher (``kvEventsPort`` / ``kvEventsEndpoint`` / ``kvEventsReplayPort`` in the static
+  endpoints file; on Kubernetes the ``epp.io/kv-events-*`` pod annotations or the container ports named
+  ``kv-events`` / ``kv-replay``) wins over the pool defaults.
+* ``indexerConfig``: ``kvBlockIndexConfig.inMemoryConfig.size`` (keys held, 1e8), ``kvCacheBackendConfigs`` (or
+  ``backendConfigs``) [{``name``, ``weight``}] (how much a block in that medium counts; unset: every medium 1),
+  ``prefixStoreConfig`` {``cacheSize`` x ``blockSize``: characters of the local tokenizer's cache},
+  ``tokenProcessorConfig`` (the older place of the top-level one), ``kvBlockIndexConfig.enableMetrics: true``
+  and ``metricsLoggingInterval: 0`` (what EPP does). Refused: ``tokenizersPoolConfig``, ``podCacheSize``,
+  ``costAwareMemoryConfig``, ``redisConfig``, ``valkeyConfig``, other ``enableMetrics`` /
+  ``metricsLoggingInterval`` values.
 * ``speculativeIndexing`` (false), ``speculativeTTL`` ("2s"): index a pick's blocks until its events arrive.
 * ``tokenizer``: a model directory (``tokenizer.json`` + ``tokenizer_config.json``) or a ``tokenizer.json``;
   ``chatTemplate``: a template (file or text) overriding the directory's. Without a tokenizer the pods render
@@ -40,21 +52,72 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from epp.api.types import InferenceRequest
 from epp.datalayer.endpoint import Endpoint
+from epp.datalayer.pool import EndpointPool
 from epp.scheduling.plugins import RequestPreparer, SchedulingResult
-from epp.scheduling.registry import register_plugin
-from plugins.scorers.common import check_bool, check_duration, check_int, check_mapping, check_str
-from plugins.scorers.precise.events import BlockStored, Event
+from epp.scheduling.registry import PluginConfigError, register_plugin
+from plugins.scorers.common import check_bool, check_duration, check_float, check_int, check_mapping, check_str
+from plugins.scorers.precise.events import ENGINES, BlockStored, Event
 from plugins.scorers.precise.index import BlockIndex, BlockKeys
+from plugins.scorers.precise.selector import parse_label_selector
 from plugins.scorers.precise.tokenize import LocalTokenizer, PodRenderer
 from plugins.scorers.prefix import ApproxPrefixCacheProducer, PrefixState
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SOCKET_PORT = 5557  # vLLM's default publisher port
+DEFAULT_INDEX_KEYS = 100_000_000  # llm-d's inMemoryConfig.size
 _TOKEN_KEYS = ("blockSizeTokens", "blockSize", "hashSeed", "hashAlgorithm")
 _EVENT_KEYS = ("zmqEndpoint", "topicFilter", "concurrency", "engineType", "discoverPods", "podDiscoveryConfig",
                "maxEventsPerSecond", "staleAfter")
 _DISCOVERY_KEYS = ("podLabelSelector", "podNamespace", "socketPort", "replaySocketPort")
+_INDEXER_KEYS = ("tokenProcessorConfig", "kvBlockIndexConfig", "kvCacheBackendConfigs", "backendConfigs",
+                 "prefixStoreConfig", "tokenizersPoolConfig")
+_BLOCK_INDEX_KEYS = ("inMemoryConfig", "costAwareMemoryConfig", "redisConfig", "valkeyConfig", "enableMetrics",
+                     "metricsLoggingInterval")
+_REFUSED = {  # llm-d parameters EPP has no equivalent for: why, and what to do instead
+    "tokenProcessorConfig.hashAlgorithm":
+        "EPP computes its own block keys (an XXH64 chain) from token ids, for requests and from the events' "
+        "token_ids alike, so no hash algorithm has to match the engine's or llm-d's; remove it (hashSeed still "
+        "seeds the keys)",
+    "indexerConfig.tokenizersPoolConfig":
+        "EPP does not pool or download tokenizers: set `tokenizer` to a model directory (tokenizer.json + "
+        "tokenizer_config.json), or leave it unset and the pods render the prompts (renderTimeout, renderCacheSize)",
+    "indexerConfig.kvBlockIndexConfig.inMemoryConfig.podCacheSize":
+        "EPP records every endpoint holding a block (one bit each), there is no per-block limit; remove it",
+    "indexerConfig.kvBlockIndexConfig.costAwareMemoryConfig":
+        "EPP bounds its index in keys: use kvBlockIndexConfig.inMemoryConfig.size (about 150 bytes a key, "
+        "bench/README.md)",
+    "indexerConfig.kvBlockIndexConfig.redisConfig":
+        "EPP keeps the index in memory in each replica, each subscribing to the endpoints' events itself "
+        "(docs/scaling.md); remove it",
+    "indexerConfig.kvBlockIndexConfig.valkeyConfig":
+        "EPP keeps the index in memory in each replica, each subscribing to the endpoints' events itself "
+        "(docs/scaling.md); remove it",
+    "indexerConfig.kvBlockIndexConfig.enableMetrics":
+        "EPP always exports the index metrics (epp_precise_prefix_*, epp_kv_events_* on /metrics); remove it",
+    "indexerConfig.kvBlockIndexConfig.metricsLoggingInterval":
+        "EPP does not log the index metrics periodically; scrape /metrics (epp_precise_prefix_*, "
+        "epp_kv_events_*); remove it",
+    "kvEventsConfig.concurrency":
+        "EPP decodes and indexes every endpoint's events on one thread (Python threads would not decode in "
+        "parallel; about 50,000 events/s a core, bench/README.md); remove it or set 1 "
+        "(maxEventsPerSecond bounds each endpoint)",
+}
+
+
+def _refuse(path: str) -> PluginConfigError:
+    return PluginConfigError(f"{path} is not supported: {_REFUSED[path]}")
+
+
+def _tier_weights(value: Any, name: str) -> dict[str, float]:
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"{name} must be a non-empty list of {{name, weight}}, got {value!r}")
+    out: dict[str, float] = {}
+    for i, item in enumerate(value):
+        item = check_mapping(item, f"{name}[{i}]", ("name", "weight"))
+        tier = check_str(item.get("name"), f"{name}[{i}].name").lower()  # media are lower-cased (events)
+        out[tier] = check_float(item.get("weight", 1.0), f"{name}[{i}].weight", 0.0)
+    return out
 
 
 @dataclass(slots=True)
@@ -69,7 +132,15 @@ class PrecisePrefixCacheProducer(ApproxPrefixCacheProducer, RequestPreparer):
                  tokenizer: str | None = None, chat_template: str | None = None, render_timeout: Any = "2s",
                  render_cache_size: int = 4096, max_prefix_blocks_to_match: int = 2048,
                  lru_capacity_per_server: int = 31250, cached_tokens_feedback: bool = True) -> None:
-        tp = check_mapping(token_processor_config or {}, "tokenProcessorConfig", _TOKEN_KEYS)
+        ix = check_mapping(indexer_config or {}, "indexerConfig", _INDEXER_KEYS)
+        if ix.get("tokenizersPoolConfig") is not None:
+            raise _refuse("indexerConfig.tokenizersPoolConfig")
+        if ix.get("tokenProcessorConfig") is not None and token_processor_config is not None:
+            raise ValueError("tokenProcessorConfig is set twice (at the top and in indexerConfig): keep one")
+        tp = check_mapping(token_processor_config or ix.get("tokenProcessorConfig") or {}, "tokenProcessorConfig",
+                           _TOKEN_KEYS)
+        if "hashAlgorithm" in tp:
+            raise _refuse("tokenProcessorConfig.hashAlgorithm")
         block = check_int(tp.get("blockSizeTokens", tp.get("blockSize", 16)), "blockSizeTokens", 1, 4096)
         super().__init__(block_size_tokens=block, max_prefix_blocks_to_match=max_prefix_blocks_to_match,
                          lru_capacity_per_server=lru_capacity_per_server, auto_tune=False,
@@ -79,70 +150,162 @@ class PrecisePrefixCacheProducer(ApproxPrefixCacheProducer, RequestPreparer):
         self.bind = check_str(ev["zmqEndpoint"], "zmqEndpoint") if ev.get("zmqEndpoint") else None
         topic = ev.get("topicFilter", "")
         self.topic_filter = check_str(topic, "topicFilter") if topic else ""  # "": every topic
+        self.engine = check_str(ev.get("engineType", "vllm"), "kvEventsConfig.engineType", ENGINES)
+        if ev.get("concurrency") is not None and check_int(ev["concurrency"], "kvEventsConfig.concurrency", 1) != 1:
+            raise _refuse("kvEventsConfig.concurrency")
         self.discover = check_bool(ev.get("discoverPods", True), "discoverPods")
         self.socket_port = check_int(disc.get("socketPort", DEFAULT_SOCKET_PORT), "socketPort", 1, 65535)
         self.replay_port = check_int(disc.get("replaySocketPort", 0), "replaySocketPort", 0, 65535)
+        self.pod_selector = parse_label_selector(disc.get("podLabelSelector") or "", "podLabelSelector")
+        ns = disc.get("podNamespace")
+        self.pod_namespace = check_str(ns, "podNamespace") if ns else None
         self.max_rate = check_int(ev.get("maxEventsPerSecond", 100_000), "maxEventsPerSecond", 1)
         self.stale_after = check_duration(ev.get("staleAfter", "10s"), "staleAfter")
         self.speculative = check_bool(speculative_indexing, "speculativeIndexing")
         ttl = check_duration(speculative_t_t_l, "speculativeTTL")  # the registry maps speculativeTTL to this name
         seed = tp.get("hashSeed") or ""
         self.keys = BlockKeys(block, check_str(seed, "hashSeed") if seed else "")
-        self.index = BlockIndex(self.keys, ttl if self.speculative else 0.0)
-        self.local = LocalTokenizer(check_str(tokenizer, "tokenizer"), chat_template) if tokenizer else None
+        max_keys, weights = self._index_config(ix)
+        self.index = BlockIndex(self.keys, ttl if self.speculative else 0.0, max_keys, weights)
+        cache_chars = self._token_cache_chars(ix.get("prefixStoreConfig"), tokenizer)
+        self.local = (LocalTokenizer(check_str(tokenizer, "tokenizer"), chat_template, cache_chars or 64 << 20)
+                      if tokenizer else None)
         self.renderer = None if self.local else PodRenderer(check_duration(render_timeout, "renderTimeout"),
                                                            check_int(render_cache_size, "renderCacheSize", 1))
         self.prepares = self.renderer is not None  # the director awaits prepare_request only for pod rendering
         self.adapters: set[str] = set()  # LoRA names seen in events: requests for them use the adapter's root
         self.ingestor: Any = None
+        self._pool: EndpointPool | None = None  # the pool followed since start()
+        self._subscribed: set[str] = set()  # endpoints given a subscriber (discoverPods, selector, namespace)
         self._expect: dict[str, float] = {}  # endpoint -> first pick since its last frame that should make events
         self.lookups: Counter[str] = Counter()  # "precise" | "fallback" | "untokenized", per endpoint match
         self.fallbacks: Counter[str] = Counter()  # endpoint -> matches served by the approximate index
         self._key = ("precise-prefix-cache", id(self))
 
+    @staticmethod
+    def _index_config(ix: dict[str, Any]) -> tuple[int, dict[str, float] | None]:
+        """indexerConfig -> (keys the index may hold, tier weights or None)."""
+        kb = check_mapping(ix.get("kvBlockIndexConfig") or {}, "kvBlockIndexConfig", _BLOCK_INDEX_KEYS)
+        for refused in ("costAwareMemoryConfig", "redisConfig", "valkeyConfig"):
+            if kb.get(refused) is not None:
+                raise _refuse(f"indexerConfig.kvBlockIndexConfig.{refused}")
+        if "enableMetrics" in kb and not check_bool(kb["enableMetrics"], "enableMetrics"):
+            raise _refuse("indexerConfig.kvBlockIndexConfig.enableMetrics")
+        if kb.get("metricsLoggingInterval") and check_duration(kb["metricsLoggingInterval"],
+                                                                "metricsLoggingInterval") > 0:
+            raise _refuse("indexerConfig.kvBlockIndexConfig.metricsLoggingInterval")
+        mem = check_mapping(kb.get("inMemoryConfig") or {}, "inMemoryConfig", ("size", "podCacheSize"))
+        if mem.get("podCacheSize") is not None:
+            raise _refuse("indexerConfig.kvBlockIndexConfig.inMemoryConfig.podCacheSize")
+        size = check_int(mem.get("size", DEFAULT_INDEX_KEYS), "inMemoryConfig.size", 1)
+        if ix.get("kvCacheBackendConfigs") is not None and ix.get("backendConfigs") is not None:
+            raise ValueError("set one of indexerConfig.kvCacheBackendConfigs and backendConfigs, not both")
+        tiers = ix.get("kvCacheBackendConfigs", ix.get("backendConfigs"))
+        weights = _tier_weights(tiers, "indexerConfig.kvCacheBackendConfigs") if tiers is not None else None
+        return size, weights
+
+    @staticmethod
+    def _token_cache_chars(store: Any, tokenizer: str | None) -> int | None:
+        """llm-d's prefixStoreConfig ({cacheSize} blocks of {blockSize} characters) -> characters of the local
+        tokenizer's token cache."""
+        if store is None:
+            return None
+        ps = check_mapping(store, "prefixStoreConfig", ("cacheSize", "blockSize"))
+        if not tokenizer:
+            raise ValueError("indexerConfig.prefixStoreConfig sizes the token cache of EPP's own tokenizer, which "
+                             "needs `tokenizer`; with the pods rendering prompts, size their cache with "
+                             "renderCacheSize")
+        return (check_int(ps.get("cacheSize", 500_000), "prefixStoreConfig.cacheSize", 1)
+                * check_int(ps.get("blockSize", 256), "prefixStoreConfig.blockSize", 1))
+
     # -- lifecycle --------------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Start ingesting (one thread) and follow the pool. Started again when a config reload keeps the plugin:
+        the thread and index are kept, the (possibly new) pool followed."""
         super().start()
-        from plugins.scorers.precise.subscriber import EventIngestor  # pyzmq only when the plugin is configured
+        if self.ingestor is None:
+            from plugins.scorers.precise.subscriber import EventIngestor  # pyzmq only when the plugin is configured
 
-        self.ingestor = EventIngestor(self._apply, self.index.drop_endpoint, bind=self.bind,
-                                      resolve_pod=self._resolve_pod, topic_filter=self.topic_filter,
-                                      max_frames_per_second=self.max_rate)
-        self.ingestor.start()
+            self.ingestor = EventIngestor(self._apply, self.index.drop_endpoint, bind=self.bind,
+                                          resolve_pod=self._resolve_pod, topic_filter=self.topic_filter,
+                                          max_frames_per_second=self.max_rate, engine=self.engine)
+            self.ingestor.start()
         pool = self.handle.pool if self.handle else None
+        if self._pool is not None and self._pool is not pool:
+            self._unfollow()
+        self._pool = pool
         if pool is not None:
             pool.add_listener(self._follow_pool)
+            pool.add_update_listener(self._follow_updates)
+            names = {e.name for e in pool.endpoints}
+            gone = [n for n in self._subscribed if n not in names]
+            for name in gone:
+                self._subscribed.discard(name)
+                self.ingestor.remove(name)
             self._follow_pool(list(pool.endpoints), [])
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop following the pool and end the ingestion thread, waiting at most ``timeout`` s. Idempotent."""
         super().stop()
-        if self.handle and self.handle.pool:
-            self.handle.pool.remove_listener(self._follow_pool)
+        self._unfollow()
+        self._pool = None
+        self._subscribed.clear()
         if self.ingestor is not None:
-            self.ingestor.stop()
+            self.ingestor.stop(timeout)
             self.ingestor = None
         if self.renderer is not None:
             with contextlib.suppress(RuntimeError):  # no loop running: no session was opened on one
                 self._closing = asyncio.get_running_loop().create_task(self.renderer.close())
 
+    close = stop
+
+    def _unfollow(self) -> None:
+        if self._pool is not None:
+            self._pool.remove_listener(self._follow_pool)
+            self._pool.remove_update_listener(self._follow_updates)
+
+    def subscribes(self, e: Endpoint) -> bool:
+        """Whether the endpoint gets its own subscriber: pod discovery on, its labels match ``podLabelSelector``
+        and its pod is in ``podNamespace`` (when set)."""
+        return (self.discover and self.pod_selector.matches(e.labels)
+                and (self.pod_namespace is None or e.namespace == self.pod_namespace))
+
     def _follow_pool(self, added: list[Endpoint], removed: list[Endpoint]) -> None:
         for e in removed:
             self._expect.pop(e.name, None)
+            self._subscribed.discard(e.name)
             if self.ingestor is not None:
-                self.ingestor.remove(e.name)
+                self.ingestor.remove(e.name)  # also drops its index slot
         for e in added:
             self.index.slot(e.name)
-            if self.ingestor is None or not self.discover:
-                continue
+            self._follow(e)
+
+    def _follow_updates(self, changed: list[Endpoint]) -> None:
+        for e in changed:
+            self._follow(e)
+
+    def _follow(self, e: Endpoint) -> None:
+        """Subscribe (or re-point the subscriber) when the endpoint qualifies; an endpoint that stopped qualifying
+        (relabelled) is unsubscribed and its blocks forgotten, as llm-d tears it down: its matches fall back."""
+        if self.ingestor is None:
+            return
+        if self.subscribes(e):
             address, replay = self.addresses(e)
-            self.ingestor.add(e.name, address, replay)
+            self.ingestor.add(e.name, address, replay)  # the same addresses again: nothing happens
+            self._subscribed.add(e.name)
+        elif e.name in self._subscribed:
+            self._subscribed.discard(e.name)
+            self.ingestor.remove(e.name)
+        elif self.discover:
+            log.debug("kv events: %s not subscribed (podLabelSelector / podNamespace)", e.name)
 
     def addresses(self, e: Endpoint) -> tuple[str, str | None]:
-        """The endpoint's publisher and replay addresses: its own (static file) or the pool's defaults."""
+        """The endpoint's publisher and replay addresses: its own (static file, pod annotation or named port) or
+        the pool's default ports, offset by its data-parallel rank as vLLM binds them."""
         host = f"[{e.address}]" if ":" in e.address else e.address
-        address = e.kv_events or f"tcp://{host}:{self.socket_port}"
-        replay = e.kv_events_replay or (f"tcp://{host}:{self.replay_port}" if self.replay_port else None)
+        address = e.kv_events or f"tcp://{host}:{self.socket_port + e.rank}"
+        replay = e.kv_events_replay or (f"tcp://{host}:{self.replay_port + e.rank}" if self.replay_port else None)
         return address, replay
 
     def _resolve_pod(self, pod: str) -> str | None:
@@ -277,7 +440,8 @@ class PrecisePrefixCacheProducer(ApproxPrefixCacheProducer, RequestPreparer):
         ing = self.ingestor
         pool = self.handle.pool if self.handle else None
         now = time.monotonic()
-        return {"blocks": self.index.size(), "speculative": len(self.index.speculative),
+        return {"blocks": self.index.size(), "speculative": len(self.index.speculative), "engine": self.engine,
+                "subscribed": sorted(self._subscribed),
                 "live": {e.name: self.live(e, now) for e in (pool.endpoints if pool else ())},
                 "lookups": dict(self.lookups), "dropped": dict(ing.stats.dropped) if ing else {},
                 "tokenCache": {"hits": self.local.cache.hits, "misses": self.local.cache.misses}

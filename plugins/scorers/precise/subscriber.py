@@ -80,14 +80,15 @@ class _Stream:
 
 
 class EventIngestor:
-    """Owns the ZMQ sockets; ``add``/``remove`` may be called from any thread."""
+    """Owns the ZMQ sockets, all used on its one thread; ``add``/``remove`` may be called from any thread."""
 
     def __init__(self, apply: Apply, clear: Callable[[str], None], *, bind: str | None = None,
                  resolve_pod: Callable[[str], str | None] | None = None, topic_filter: str = "",
-                 max_frames_per_second: int = 100_000, reconnect_max: float = 5.0) -> None:
+                 max_frames_per_second: int = 100_000, reconnect_max: float = 5.0, engine: str = "vllm") -> None:
         self._apply = apply
         self._clear = clear
         self._bind = bind
+        self.engine = engine  # the events' schema (events.decode_batch)
         self._resolve = resolve_pod or (lambda pod: None)
         self._topic = topic_filter.encode()
         self.max_rate = max_frames_per_second
@@ -104,11 +105,19 @@ class EventIngestor:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 2.0) -> bool:
+        """Stop the thread, waiting at most ``timeout`` s (it polls every 50 ms); True when it has ended. Its
+        sockets are closed by the thread itself (ZMQ sockets are not thread-safe); a thread that does not end in
+        time is left to close them and the context when it does. Idempotent."""
         self._stop.set()
         if self._thread.is_alive():
-            self._thread.join(2.0)
-        self._ctx.destroy(linger=0)
+            self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("kv events: the ingestion thread did not stop within %.1fs", timeout)
+            return False
+        if not self._ctx.closed:
+            self._ctx.destroy(linger=0)
+        return True
 
     def add(self, name: str, address: str, replay_address: str | None = None) -> None:
         self._commands.put(("add", (name, address, replay_address)))
@@ -121,11 +130,24 @@ class EventIngestor:
     def _run(self) -> None:
         poller = zmq.Poller()
         central = None
-        if self._bind:
-            central = self._socket(zmq.SUB)
-            central.bind(self._bind)
-            central.setsockopt(zmq.SUBSCRIBE, self._topic)
-            poller.register(central, zmq.POLLIN)
+        try:
+            if self._bind:
+                central = self._socket(zmq.SUB)
+                central.bind(self._bind)
+                central.setsockopt(zmq.SUBSCRIBE, self._topic)
+                poller.register(central, zmq.POLLIN)
+            self._loop(poller, central)
+        except Exception:
+            log.exception("kv events: the ingestion thread failed; precise prefix matches fall back")
+        finally:
+            for st in list(self._streams.values()):
+                self._close(st, poller)
+            if central is not None:
+                central.close(linger=0)
+            if self._stop.is_set() and not self._ctx.closed:
+                self._ctx.destroy(linger=0)  # stop() gave up waiting: the context is this thread's to end
+
+    def _loop(self, poller: zmq.Poller, central: Any) -> None:
         owner: dict[Any, tuple[str, _Stream]] = {}
         self._poller_ref = (poller, owner)
         while not self._stop.is_set():
@@ -160,8 +182,6 @@ class EventIngestor:
                     # which may never come (a quiet publisher) or fall in another flood.
                     st.flooded = False
                     self._replay(st, st.last + 1, now)
-        for st in list(self._streams.values()):
-            self._close(st, poller)
 
     def _socket(self, kind: int) -> Any:
         sock = self._ctx.socket(kind)
@@ -300,7 +320,7 @@ class EventIngestor:
         st.last = seq
         self.stats.last_frame[st.name] = now
         try:
-            events, rejects = decode_batch(payload)
+            events, rejects = decode_batch(payload, self.engine)
         except BadEvent as e:
             self.stats.dropped[e.reason] += 1
             return
