@@ -26,12 +26,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
+import multiprocessing
+import os
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -369,6 +372,50 @@ def replay_config(name: str, config_text: str, trace: list[TraceRecord], opts: R
         loop.close()
 
 
+# What forked worker processes inherit (a trace is hundreds of MB: never pickled), and each one's tokenizer, kept
+# across the configurations it replays (its cache of long segments is most of a trace's tokenization).
+_SHARED: tuple[list[TraceRecord], ReplayOptions] | None = None
+_TOKENIZER: Tokenizer | None = None
+
+
+def _replay_in_worker(item: tuple[str, str]) -> ConfigResult:
+    global _TOKENIZER
+    assert _SHARED is not None
+    trace, opts = _SHARED
+    if _TOKENIZER is None:
+        _TOKENIZER = load_tokenizer(opts.sim.tokenizer, opts.sim.vocab_size)
+    return replay_config(item[0], item[1], trace, opts, _TOKENIZER)
+
+
+def replay_configs(configs: Sequence[tuple[str, str]], trace: list[TraceRecord], opts: ReplayOptions,
+                   jobs: int = 1) -> Iterator[ConfigResult]:
+    """Each (name, YAML text) over the trace, ``jobs`` at a time in forked processes (1: in this one), in order."""
+    global _SHARED, _TOKENIZER
+    _SHARED = (trace, opts)
+    try:
+        if jobs <= 1 or len(configs) <= 1:
+            for item in configs:
+                yield _replay_in_worker(item)
+            return
+        # Tokenize once, here: the forked workers inherit the tokenizer's cache of long segments.
+        _TOKENIZER = _TOKENIZER or load_tokenizer(opts.sim.tokenizer, opts.sim.vocab_size)
+        warm_tokenizer(trace, opts, _TOKENIZER)
+        with multiprocessing.get_context("fork").Pool(min(jobs, len(configs))) as pool:
+            yield from pool.imap(_replay_in_worker, configs)
+    finally:
+        _SHARED = None
+
+
+def warm_tokenizer(trace: list[TraceRecord], opts: ReplayOptions, tokenizer: Tokenizer) -> None:
+    """Render every request once, as a pod will (its tokenizer keeps the token ids of long segments)."""
+    pod = offline_pod(opts.sim.resolved(), tokenizer, 0)
+    for rec in trace:
+        if rec.method.upper() != "POST":
+            continue
+        with contextlib.suppress(ValueError, ApiError):
+            render(pod, rec.path, json.loads(rec.body))
+
+
 # -- command line -------------------------------------------------------------------------------------------
 class _ConfigAction(argparse.Action):
     """--config-name / --config-file in the order given, into one list."""
@@ -400,6 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="virtual seconds after the last arrival before unfinished requests count as errors")
     ap.add_argument("--duration", type=float, help="replay only the first this many seconds of the trace")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--jobs", type=int, help="configurations replayed at once, each in its own process "
+                                             "(default: one per configuration, up to the CPU count)")
     ap.add_argument("--json", type=Path, help="write every configuration's summary and requests here")
     return ap
 
@@ -482,12 +531,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"replaying {len(trace)} requests ({trace[-1].t - trace[0].t:.0f} s) on {opts.pods} pods "
           f"(profile {s.profile}, KV blocks {s.num_gpu_blocks or 'default'}, max_num_seqs {s.max_num_seqs or 'default'}"
           f", tokenizer {s.tokenizer or 'pseudo'})", flush=True)
-    tokenizer = load_tokenizer(s.tokenizer, s.vocab_size)  # shared: its cache of long segments serves every run
+    jobs = ns.jobs if ns.jobs is not None else min(len(configs), os.cpu_count() or 1)
     results = []
-    for name, text in configs:
-        r = replay_config(name, text, trace, opts, tokenizer)
+    for r in replay_configs(configs, trace, opts, jobs):
         results.append(r)
-        print(f"  {name}: {r.wall_s:.1f} s", flush=True)
+        print(f"  {r.name}: {r.wall_s:.1f} s", flush=True)
     summaries = [r.summary() for r in results]
     print()
     print(table(summaries))

@@ -35,22 +35,30 @@ from sim.prompts import responses_segments
 from sim.server import match_route
 from sim.tokenizer import Tokenizer
 
+_POLL_EVERY = 64  # loop iterations between polls of real file descriptors (a syscall each)
+
 
 class _JumpingSelector(selectors.DefaultSelector):
     """Where the event loop would block for ``timeout`` seconds, time jumps by ``timeout`` instead. File
-    descriptors (the loop's self-pipe: threads handing work back) are still polled, without waiting."""
+    descriptors (the loop's self-pipe: a thread handing work back) are polled without waiting, every
+    ``_POLL_EVERY`` iterations: virtual time does not wait for threads."""
 
     def __init__(self, start: float) -> None:
         super().__init__()
         self.now = start
+        self._calls = 0
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         if timeout is None:  # nothing scheduled: only another thread can wake the loop, in real time
             return super().select(None)
-        ready = super().select(0)
-        if not ready and timeout > 0:
+        self._calls += 1
+        if self._calls % _POLL_EVERY == 0:
+            ready = super().select(0)
+            if ready:
+                return ready
+        if timeout > 0:
             self.now += timeout
-        return ready
+        return []
 
 
 class VirtualTimeLoop(SelectorEventLoop):
