@@ -250,14 +250,15 @@ class EnvoyEpp(Target):
 
     async def audit(self, http: aiohttp.ClientSession) -> dict[str, Any] | None:
         """EPP's prediction audit (predicted vs reported cached tokens, predicted vs seen TTFT) and the
-        characters per token it learned, read from /debug/endpoints after the run."""
+        characters per token and what its plugins learned, read from /debug/endpoints after the run."""
         try:
             async with http.get(f"http://{HOST}:{self.stack.metrics_port}/debug/endpoints",
                                 timeout=aiohttp.ClientTimeout(total=10)) as r:
                 doc = await r.json()
         except (aiohttp.ClientError, TimeoutError, ValueError):
             return None
-        return {"predictions": doc.get("predictions"), "chars_per_token": doc.get("chars_per_token")}
+        return {"predictions": doc.get("predictions"), "chars_per_token": doc.get("chars_per_token"),
+                "learned": doc.get("plugins")}
 
 
 PRECISE_EXAMPLE = Path(__file__).parents[1] / "manifests" / "examples" / "precise-prefix.yaml"

@@ -15,25 +15,33 @@ seconds until the request's first token there and prefers the soonest::
   never sees a first byte (response bodies not sent to EPP).
 * ``admission_wait(e)``: with ``n`` requests in flight (EPP's count, or the server's running + waiting when
   higher: other gateways share the pods) and ``S`` batch slots, ``max(0, n + 1 - S) * occupancy(e) / S``: a
-  slot frees every ``occupancy / S`` seconds on average. ``S`` is learned from the scraped metrics: the most
-  requests seen running, once two scrapes in a row showed requests waiting (a real cap, ``max_num_seqs`` or KV
-  space, not the step or two a request waits when a step's token budget is spent). Unknown until then: no
-  wait predicted.
+  slot frees every ``occupancy / S`` seconds on average. ``S`` is learned from the scraped metrics: the
+  running count while requests kept waiting for longer than the prefill queued there explains (a real cap,
+  ``max_num_seqs`` or KV space, not the steps a request waits while prefills spend the token budget; see
+  ``learn_slots``). Unknown until then: no wait predicted.
 * ``base``, ``per_token``: one line for the pool (what its endpoints share: model and accelerator), fitted by
-  decayed least squares on every first byte EPP sees, the slope held to its prior until the data spread.
-  ``slowness(e)``: how much slower per token than the pool endpoint ``e`` has been (a slowly moving geometric
-  mean within 1/4 to 4, from first bytes with at least ``SLOWNESS_MIN_TOKENS`` of prefill ahead, which tell
-  speed rather than load): a slower GPU is measured, not configured. The base is common to every endpoint and
-  slowness scales only prefill: load is what ``queued_prefill`` and ``admission_wait`` say, never a learned
-  per-endpoint level -- an endpoint's own history mixes its speed with its load, and one never tried would
-  look better than one in use, which would spread every prefix over every endpoint.
+  decayed least squares on every first byte EPP sees of a request that waited for no batch slot, the slope
+  held to its prior until the data spread. ``slowness(e)``: how much slower per token than the pool endpoint
+  ``e`` has been (a slowly moving geometric mean within 1/4 to 4, from first bytes of prefills of at least
+  ``SLOWNESS_MIN_TOKENS`` that had no other prefill queued ahead, which tell speed rather than load): a slower
+  GPU is measured, not configured. The base is common to every endpoint and slowness scales only prefill:
+  load is what ``queued_prefill`` and ``admission_wait`` say, never a learned per-endpoint level -- an
+  endpoint's own history mixes its speed with its load, and one never tried would look better than one in
+  use, which would spread every prefix over every endpoint.
 * ``occupancy`` (admission to end: decode time plus the predicted prefill, or pick to end less the predicted
   wait for responses EPP does not see stream) and, for ``objective: e2e`` and TPOT
   SLOs, the time per output token against the batch size are learned per endpoint.
 
-Candidates are ranked by ``ttft(e)`` plus the prefill this request adds at ``e`` (``per_token * slowness(e) *
-uncached(e)``): that work is paid again by every request that queues behind it there, so a cold prefill
-elsewhere must save more than its own cost before it wins.
+Candidates are ranked by ``ttft(e)`` plus what this request's prefill at ``e`` (``work(e) = per_token *
+slowness(e) * uncached(e)``) costs the others: the capacity it uses (``work``), which later requests pay
+again, so a cold prefill elsewhere must save more than its own cost before it wins; and the wait of the
+requests that reach ``e`` while it runs (``rate(e) * work^2 / 2``: ``rate(e)`` requests a second, EPP's picks
+of ``e`` over the last ``RATE_WINDOW`` seconds, arrive during ``work`` and wait ``work / 2`` on average). A cold
+prompt therefore goes where few requests follow it, not onto the endpoint a hot prefix keeps busy, while a
+short prefill (a warm hit) costs its endpoint's traffic next to nothing. Likewise a request that must wait for
+a batch slot at ``e`` holds one there after its wait, which puts every request arriving during that wait one
+slot later (``rate(e) * admission_wait(e) * occupancy(e) / S``): a saturated endpoint spills before its queue
+is long.
 
 SLO headers (llm-d's ``x-llm-d-slo-ttft-ms`` / ``x-llm-d-slo-tpot-ms``): endpoints predicted to meet them
 rank first (soonest first among them); when none does, the smallest relative violation wins.
@@ -86,6 +94,8 @@ PRIOR_OUTPUT_TOKENS = 128.0
 DECAY = 0.95  # per observation: the last ~20 responses of an endpoint carry most of its fit
 _MAX_SECONDS = 600.0  # observations past this are not latencies but stuck streams
 _LOG4 = math.log(4.0)
+WAIT_RUN_SCRAPES = 3  # scrapes in a row with requests waiting, before saturation is believed
+RATE_WINDOW = 10.0  # s: the time constant of each endpoint's pick rate
 _PENDING_EXPIRY = 4.0  # x the predicted TTFT (+1 s): a pending prefill EPP never saw start stops counting
 
 
@@ -153,9 +163,23 @@ class EndpointRates:
     occupancy: EwmaValue = field(default_factory=lambda: EwmaValue(PRIOR_OCCUPANCY))
     slots: int = 0  # batch slots learned from the scrape; 0 = not known yet (no cap seen)
     max_running: int = 0  # most requests seen running at once
-    waited: bool = False  # the last scrape read showed requests waiting
     scrape_seen: float = 0.0  # updated_at of the last scrape read
+    # the current run of scrapes showing requests waiting (see learn_slots)
+    run_scrapes: int = 0
+    explained_until: float = 0.0
     pending: dict[int, _Pending] = field(default_factory=dict)  # request key -> prefill not started yet
+    picks: float = 0.0  # EPP's picks of this endpoint, decayed with time constant RATE_WINDOW ...
+    picks_at: float = 0.0  # ... as of this time
+
+    def pick_rate(self, now: float, since: float) -> float:
+        """Requests a second EPP has been sending here (about the last ``RATE_WINDOW`` seconds; over the time
+        since ``since``, when EPP started picking, while that is shorter)."""
+        window = RATE_WINDOW * -math.expm1(-max(now - since, 1.0) / RATE_WINDOW)  # no rate from under 1 s
+        return self.picks * math.exp((self.picks_at - now) / RATE_WINDOW) / window
+
+    def count_pick(self, now: float) -> None:
+        self.picks = self.picks * math.exp((self.picks_at - now) / RATE_WINDOW) + 1.0
+        self.picks_at = now
 
     @property
     def slowness(self) -> float:
@@ -170,20 +194,31 @@ class EndpointRates:
             del self.pending[k]
         return sum(p.tokens for p in self.pending.values())
 
-    def learn_slots(self, e: Endpoint) -> None:
-        """A server that admits at most ``S`` requests shows it as requests waiting while ``S`` run, scrape after
-        scrape. One scrape with requests waiting is not that: a server also queues for a step or two when one
-        step's token budget is spent. So: capped once two consecutive scrapes show requests waiting, and ``S``
-        is the most requests seen running (it only grows: a server that admits more has shown it)."""
+    def learn_slots(self, e: Endpoint, backlog: float) -> None:
+        """A server that admits at most ``S`` requests (``max_num_seqs``, or as many as its KV cache holds)
+        shows it as requests waiting while ``S`` run, scrape after scrape, for longer than any prefill ahead of
+        them explains. Requests also wait while prefills spend a step's token budget (chunked prefill), but
+        only as long as that prefill backlog lasts. So the server is saturated once ``WAIT_RUN_SCRAPES`` or more
+        consecutive scrapes show requests waiting past the time the prefill EPP knows is queued there takes
+        (``backlog``: its predicted seconds, as of each scrape); ``S`` is then the running count. ``S`` also
+        grows whenever more run: a server that has run more has shown it can."""
         m = e.metrics
         if m.updated_at == self.scrape_seen:
             return
-        self.scrape_seen = m.updated_at
-        self.max_running = max(self.max_running, m.running_requests)
-        waiting = m.waiting_requests > 0 and m.running_requests > 0
-        if (waiting and self.waited) or self.slots:
-            self.slots = max(self.slots, self.max_running)
-        self.waited = waiting
+        now = self.scrape_seen = m.updated_at
+        running = m.running_requests
+        self.max_running = max(self.max_running, running)
+        if self.slots and running > self.slots:
+            self.slots = running
+        if m.waiting_requests <= 0 or running <= 0:
+            self.run_scrapes = 0
+            return
+        if not self.run_scrapes:
+            self.explained_until = now
+        self.run_scrapes += 1
+        if self.run_scrapes >= WAIT_RUN_SCRAPES and now > self.explained_until:
+            self.slots = running  # a KV-bound server admits fewer when its requests are longer
+        self.explained_until = max(self.explained_until, now + backlog)
 
 
 @dataclass(slots=True)
@@ -196,6 +231,8 @@ class _Pick:
     wait: float  # predicted admission wait
     predicted: float  # predicted TTFT
     batch: int  # requests in flight there, this one included
+    queueing: bool  # it may wait for admission there: its first byte does not tell the prefill speed
+    queued: int  # prefill tokens ahead of it there (EPP's pending requests), when picked
     first_byte: float | None = None
 
 
@@ -210,6 +247,9 @@ class Prediction:
     tpot: float
     inflight: int
     work: float  # seconds of prefill this request adds at that endpoint (its uncached tokens)
+    rate: float = 0.0  # requests a second reaching that endpoint (EPP's recent picks)
+    queueing: bool = False  # requests were waiting there (the last scrape) or a wait is predicted
+    slot_time: float = 0.0  # s between batch slots freeing there while requests wait (occupancy / slots)
 
 
 @register_plugin("predicted-latency-scorer")
@@ -227,6 +267,7 @@ class PredictedLatencyScorer(Scorer, RequestObserver):
         self.prefill = DecayedFit(PRIOR_BASE, PRIOR_PER_TOKEN, 4096, 1e-7, 0.1)  # the pool's, in standard tokens
         self.audit = PredictionAudit("seconds", SECONDS_ERROR_BUCKETS)
         self._key = ("predicted-latency", id(self))
+        self._since = 0.0  # the first pick: pick rates are averaged over no longer than EPP has been picking
 
     def start(self) -> None:
         self._source = resolve_prefix_source(self, self.prefix_name, required=bool(self.prefix_name))
@@ -247,9 +288,11 @@ class PredictedLatencyScorer(Scorer, RequestObserver):
     def debug_state(self) -> dict[str, object]:
         """What this scorer has learned, for /debug/endpoints."""
         base, per_token = self.prefill.line()
+        now = monotonic()
         return {"base_s": round(base, 4), "per_token_ms": round(per_token * 1000, 5), "endpoints": {
             name: {"slots": r.slots, "max_running": r.max_running, "occupancy_s": round(r.occupancy.value, 3),
-                   "slowness": round(r.slowness, 3), "queued_prefill": r.queued_prefill(monotonic())}
+                   "slowness": round(r.slowness, 3), "queued_prefill": r.queued_prefill(now),
+                   "pick_rate": round(r.pick_rate(now, self._since), 3)}
             for name, r in list(self.rates.items())}}
 
     def _rates(self, e: Endpoint) -> EndpointRates:
@@ -269,13 +312,12 @@ class PredictedLatencyScorer(Scorer, RequestObserver):
         for e, ok, hit in zip(endpoints, fresh, matched, strict=True):
             r = self._rates(e)
             m = e.metrics
-            if ok:
-                r.learn_slots(e)
+            queued = r.queued_prefill(now)
             inflight = e.inflight_requests
             if ok:
+                r.learn_slots(e, base + per_token * r.slowness * queued)
                 inflight = max(inflight, m.running_requests + m.waiting_requests)
             uncached = max(0, prompt - hit)
-            queued = r.queued_prefill(now)
             wait = 0.0
             if r.slots:
                 ahead = inflight + 1 - r.slots
@@ -283,7 +325,9 @@ class PredictedLatencyScorer(Scorer, RequestObserver):
                     wait = ahead * r.occupancy.value / r.slots
             ttft = base + per_token * r.slowness * (queued + uncached) + wait
             out.append(Prediction(ttft, wait, uncached, queued, r.tpot.predict(inflight + 1), inflight,
-                                  per_token * r.slowness * uncached))
+                                  per_token * r.slowness * uncached, r.pick_rate(now, self._since),
+                                  wait > 0.0 or (ok and m.waiting_requests > 0),
+                                  r.occupancy.value / r.slots if r.slots else 0.0))
         return out
 
     def _prompt_and_matches(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> tuple[int, list[int]]:
@@ -301,10 +345,10 @@ class PredictedLatencyScorer(Scorer, RequestObserver):
     def score(self, cycle: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> Sequence[float]:
         preds = self.predict(request, endpoints)
         request.attributes[self._key] = dict(zip((e.name for e in endpoints), preds, strict=True))
-        # A request's own prefill is paid twice: by the request, and by every request behind it at that
-        # endpoint (they wait while it runs). Ranking by TTFT alone would buy a few milliseconds for this
-        # request with a whole cold prefill elsewhere -- capacity every later request pays for.
-        costs = [p.ttft + p.work for p in preds]
+        # A request's own prefill is paid again by others (module docstring): the capacity it takes, and the
+        # wait of the requests that arrive there while it runs. Ranking by TTFT alone would buy a few
+        # milliseconds for this request with a whole cold prefill on the endpoint a hot prefix needs.
+        costs = [p.ttft + p.work * (1.0 + 0.5 * p.rate * p.work) + p.rate * p.wait * p.slot_time for p in preds]
         if self.objective == "e2e":
             out = self._output_tokens(request)
             costs = [c + p.tpot * out for c, p in zip(costs, preds, strict=True)]
@@ -326,8 +370,11 @@ class PredictedLatencyScorer(Scorer, RequestObserver):
         now = monotonic()
         r = self._rates(e)
         r.pending[id(request)] = _Pending(p.uncached, now + _PENDING_EXPIRY * p.ttft + 1.0)
+        if not self._since:
+            self._since = now
+        r.count_pick(now)
         request.attributes[self._key] = _Pick(e.name, now, p.queued + p.uncached, p.work, p.inflight, p.wait, p.ttft,
-                                              e.inflight_requests)  # the director has counted this one
+                                              e.inflight_requests, p.queueing, p.queued)  # the director counted it
 
     def on_response_body(self, request: InferenceRequest, endpoint: Endpoint, chunk: bytes,
                          end_of_stream: bool) -> None:
@@ -341,12 +388,14 @@ class PredictedLatencyScorer(Scorer, RequestObserver):
         r.pending.pop(id(request), None)
         ttft = now - pick.at
         self.audit.record(pick.predicted, ttft)
-        if ttft < _MAX_SECONDS:
-            # fitted on what was not admission wait (that has its own model): the pool's line first, then how
-            # this endpoint compares with it
-            y = max(0.0, ttft - pick.wait)
+        if ttft < _MAX_SECONDS and not pick.queueing:
+            # fitted on first bytes that waited for no batch slot (admission has its own model, and a wait it
+            # missed must not pass for slow prefill): the pool's line first, then how this endpoint compares
+            y = ttft
             base, per_token = self.prefill.line()
-            if pick.tokens_ahead >= SLOWNESS_MIN_TOKENS and y > base:
+            # speed only from a prefill that ran alone: a queued prefill EPP still counts may have ended (its first
+            # byte not seen yet), and crediting it would make a busy endpoint look fast and draw more work
+            if not pick.queued and pick.tokens_ahead >= SLOWNESS_MIN_TOKENS and y > base:
                 r.speed.observe(math.log((y - base) / (per_token * pick.tokens_ahead)))
             self.prefill.observe(pick.tokens_ahead * r.slowness, y)
 

@@ -101,6 +101,32 @@ def test_cold_start_spreads_by_load_alone():
     assert [e.inflight_requests for e in endpoints] == [2, 2, 2, 2]  # queued prefill makes busy ones later
 
 
+def test_a_cold_prompt_goes_where_few_requests_follow_it():
+    """Three idle endpoints, one busy with a hot prefix (many recent picks, all answered: nothing queued). A
+    cold prompt costs the same prefill everywhere, but on the busy one every request arriving meanwhile waits
+    for it; a warm follow-up of the hot prefix still goes to the busy endpoint (its prefill is short)."""
+    scorer, prefix = setup()
+    endpoints = [ep(f"e{i}", index=i) for i in range(4)]
+    hot, quiet = endpoints[1], endpoints[3]
+    hot_prompt = words(12000, 1)  # 3,000 tokens
+    for i in range(40):  # 4 requests a second for 10 s, all answered
+        r = req(hot_prompt + words(400, 100 + i), rid=f"hot{i}")
+        pick(scorer, prefix, r, endpoints, hot)
+        answer(scorer, prefix, r, hot, ttft=0.32 if i == 0 else 0.03, cached=0 if i == 0 else 2900)
+    r = req(words(12000, 2), rid="quiet")
+    pick(scorer, prefix, r, endpoints, quiet)
+    answer(scorer, prefix, r, quiet, ttft=0.32)
+    assert scorer._rates(hot).pick_rate(time.monotonic(), scorer._since) > 3.0
+    cold = req(words(12000, 3), rid="cold")
+    preds = scorer.predict(cold, endpoints)
+    assert max(p.ttft for p in preds) < 1.2 * min(p.ttft for p in preds)  # about the same prefill everywhere
+    scores = scorer.score(None, cold, endpoints)
+    assert scores[1] < min(scores[0], scores[2], scores[3])  # not where the hot prefix keeps arriving
+    assert scores[0] == scores[2] == 1.0 and scores[3] < 1.0  # nor on the one with some traffic
+    warm = scorer.score(None, req(hot_prompt + words(400, 999), rid="warm"), endpoints)
+    assert warm[1] == 1.0 and max(warm[0], warm[2], warm[3]) < 0.5
+
+
 def test_a_slow_endpoint_is_learned():
     scorer, prefix = setup()
     fast, slow = ep("fast"), ep("slow", index=1)
@@ -154,24 +180,30 @@ def test_an_endpoint_restarting_with_an_empty_cache_loses_its_affinity():
     assert fresh[0].uncached > 1900
 
 
-def test_slots_are_learned_from_the_scrape():
+def test_slots_are_learned_from_waiting_that_the_prefill_backlog_does_not_explain():
     r = EndpointRates()
     e = ep("a", running=12, waiting=0)
 
-    def scrape(running: int, waiting: int) -> None:
+    def scrape(running: int, waiting: int, backlog: float = 0.0, dt: float = 0.05) -> None:
         e.metrics.running_requests, e.metrics.waiting_requests = running, waiting
-        e.metrics.updated_at += 1
-        r.learn_slots(e)
+        e.metrics.updated_at += dt
+        r.learn_slots(e, backlog)
 
     scrape(12, 0)
-    scrape(16, 2)  # one scrape with requests waiting: a spent token budget looks like this too
+    for _ in range(6):  # prefills spend the token budget: requests wait, but 0.5 s of prefill queued there
+        scrape(16, 2, backlog=0.5)  # explains the 0.3 s they waited
     assert r.slots == 0
     scrape(10, 0)
     scrape(16, 3)
-    scrape(16, 5)  # waiting twice in a row: capped, at the most seen running
+    scrape(16, 5)
+    assert r.slots == 0  # two scrapes are a blip
+    scrape(16, 5)  # three in a row, no prefill queued to explain them: saturated at 16
     assert r.slots == 16
     scrape(20, 0)
-    assert r.slots == 20  # it has since run more: the cap is higher
+    assert r.slots == 20  # it has since run more: it admits more
+    for running in (18, 17, 15, 14):  # KV-bound: longer requests, fewer fit; still waiting
+        scrape(running, 4)
+    assert r.slots == 14
 
 
 def test_slo_headers_prefer_endpoints_that_meet_them():
