@@ -504,6 +504,22 @@ def ranking(summaries: list[dict[str, Any]], key: str = "ttft_p90") -> list[str]
     return [s["config"] for s in sorted(summaries, key=lambda s: (s[key] is None, s[key] or 0.0))]
 
 
+TIE = 0.05  # as bench.quality's verdicts: within 5% is a tie
+
+
+def ranking_line(summaries: list[dict[str, Any]], key: str = "ttft_p90") -> str:
+    """``a (40 ms) < b (90 ms) = c (92 ms)``: ``=`` where the next one is within ``TIE`` of the previous."""
+    by = {s["config"]: s for s in summaries}
+    out, prev = "", None
+    for name in ranking(summaries, key):
+        v = by[name][key]
+        if prev is not None:
+            out += " = " if v is not None and prev is not None and v <= prev * (1 + TIE) else " < "
+        out += f"{name} ({_fmt(v, 1000, suffix=' ms')})"
+        prev = v
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = build_parser()
     ns = ap.parse_args(argv)
@@ -540,7 +556,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(table(summaries))
     print()
-    print("ranking by TTFT p90 (best first): " + " < ".join(ranking(summaries)))
+    print("TTFT p90, best first: " + ranking_line(summaries))
+    print("TTFT p99, best first: " + ranking_line(summaries, "ttft_p99"))
     if ns.json:
         ns.json.write_text(json.dumps({"trace": [str(t) for t in ns.trace], "meta": meta,
                                        "options": {**asdict(opts), "sim": asdict(opts.sim)},
