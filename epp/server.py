@@ -234,6 +234,11 @@ class EppServer:
         await self.discovery.stop()
         await self.director.waker.close()
         await self.observability.stop()
+        for plugin in self.director.config.plugins.values():  # e.g. KV-event ingestion threads, remote clients
+            try:
+                plugin.stop()
+            except Exception:
+                log.exception("plugin %s did not stop cleanly", getattr(plugin, "name", plugin))
 
 
 async def run(cfg: Config) -> int:
