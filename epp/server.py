@@ -244,9 +244,9 @@ class EppServer:
 async def run(cfg: Config) -> int:
     setup_logging(cfg.verbosity, cfg.log_format)
     if cfg.worker_index >= 0:
-        from epp.workers import die_with_parent
+        from epp.lifetime import die_with_parent
 
-        die_with_parent()
+        die_with_parent()  # SIGTERM when the supervisor dies, however it dies
     server = EppServer(cfg)
     try:
         await server.start()

@@ -46,14 +46,6 @@ RESTART_DELAY = 1.0  # seconds before a worker that died is started again
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
-def die_with_parent() -> None:
-    """In a worker: SIGTERM when the supervisor dies, however it dies (Linux prctl PR_SET_PDEATHSIG)."""
-    with contextlib.suppress(OSError, AttributeError):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
-
-
 def announce(health_port: int, metrics_port: int) -> None:
     """In a worker, once serving: tell the supervisor where its health and metrics are."""
     fd = os.environ.pop(FD_ENV, None)

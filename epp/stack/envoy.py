@@ -50,6 +50,7 @@ from epp.extproc.protocol import (
     REWRITE_HEADERS,
 )
 from epp.pools import POOL_HEADER
+from epp.stack import procs
 
 _HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 _EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
@@ -370,7 +371,7 @@ def envoy_binary() -> str:
 
 
 class EnvoyProcess:
-    """Runs Envoy with ``spec``; Envoy dies with its parent (it sets PR_SET_PDEATHSIG), which suits tests."""
+    """Runs Envoy with ``spec``; stopped with the rig however it ends (``epp.stack.procs``)."""
 
     def __init__(self, spec: EnvoySpec, log_level: str = "warning") -> None:
         self.log_level = log_level
@@ -388,7 +389,7 @@ class EnvoyProcess:
             (self.dir / name).write_text(yaml.safe_dump(doc, sort_keys=False))
         config.write_text(yaml.safe_dump(envoy_config(self.spec), sort_keys=False))
         self.log_path = self.dir / "envoy.log"
-        self.proc = subprocess.Popen(
+        self.proc = procs.spawn(
             [envoy_binary(), "-c", str(config), "--disable-hot-restart", "--log-level", self.log_level,
              "--concurrency", "2", "--log-path", str(self.log_path)],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env={**os.environ})
@@ -437,11 +438,6 @@ class EnvoyProcess:
         return ""
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        if self.proc is not None:
+            procs.stop(self.proc, 5)
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -1,7 +1,7 @@
 """A whole local stack on loopback: simulated vLLM pods, EPP and a real Envoy, each its own process.
 
 Used by the demo (``make demo``), the end-to-end tests and the benchmarks. Every process is stopped
-on ``stop()`` / context exit; Envoy also dies with its parent.
+on ``stop()`` / context exit, and however the rig itself ends (``epp.stack.procs``).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from epp.stack import procs
 from epp.stack.envoy import EnvoyProcess, EnvoySpec
 
 HOST = "127.0.0.1"
@@ -80,7 +81,7 @@ class ManagedProcess:
 
     def start(self) -> None:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = procs.spawn(self.argv, stdout=self._log, stderr=subprocess.STDOUT)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -108,16 +109,10 @@ class ManagedProcess:
             self.proc.send_signal(sig)
 
     def stop(self, timeout: float = 10.0) -> int | None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        returncode = procs.stop(self.proc, timeout) if self.proc is not None else None
         with contextlib.suppress(AttributeError):
             self._log.close()
-        return self.proc.returncode if self.proc else None
+        return returncode
 
 
 def wait_grpc_serving(port: int, timeout: float = 20.0, service: str = "") -> None:

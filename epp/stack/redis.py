@@ -13,6 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from epp.stack import procs
+
 BINARIES = ("valkey-server", "redis-server")
 
 
@@ -50,7 +52,7 @@ class RedisProcess:
         if self.password:
             argv += ["--requirepass", self.password]
         self.log = open(self.dir / "redis.log", "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = procs.spawn(argv, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -84,8 +86,7 @@ class RedisProcess:
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGCONT)  # a paused server must not keep its port
-            self.proc.kill()
-            self.proc.wait(10)
+            procs.stop(self.proc, 10, signal.SIGKILL)
 
     def tail(self, n: int = 2000) -> str:
         with contextlib.suppress(OSError):
