@@ -5,6 +5,7 @@ TTFT (first content token), end-to-end time, token usage and how the request fai
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -227,6 +228,8 @@ async def run_open_loop(http: aiohttp.ClientSession, base_url: str, workload: Wo
                         timeout: float = 300.0) -> RunOutput:
     """Send ``workload.arrivals`` open-loop (each at its time, whatever the answers), then wait up to
     ``drain_s`` for the stragglers. ``at``: callbacks to run at given offsets (counter snapshots)."""
+    gc.collect()
+    gc.freeze()  # what is built so far (workload, tokenizer) out of full collections: they would delay sends
     start = time.perf_counter() + 0.05
     lags: list[float] = []
 

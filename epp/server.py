@@ -4,6 +4,7 @@ and an orderly stop on SIGTERM (health turns NOT_SERVING, streams in flight fini
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from dataclasses import dataclass, field
@@ -253,6 +254,11 @@ async def run(cfg: Config) -> int:
     except Exception as e:
         log.error("epp failed to start: %s", e)
         return 1
+    # What startup built (modules, protobuf descriptors, tokenizers, plugins) lives as long as the process: keep it
+    # out of the collector's full passes, which otherwise scan it all and pause routing and streaming for tens
+    # of milliseconds each time.
+    gc.collect()
+    gc.freeze()
     if cfg.worker_index >= 0:
         from epp.workers import announce
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -97,6 +98,8 @@ async def serve(config: SimConfig, pods: int, host: str, base_port: int) -> None
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await cluster.start()
+    gc.collect()
+    gc.freeze()  # as vLLM does once its engine is up: startup objects stay out of the collector's full passes
     try:
         print(f"sim ready {','.join(cluster.addresses)}", flush=True)
         await stop.wait()

@@ -439,6 +439,7 @@ class _Connection(asyncio.Protocol):
         sending (what gRPC servers do); either way the stream is over for us."""
         if not call.remote_closed:
             self.out.append(_frame(RST_STREAM, 0, call.stream_id, _U32.pack(NO_ERROR)))
+        call.rpc = None  # the RPC holds its call: without this each request is cyclic garbage for the collector
         self.calls.pop(call.stream_id, None)
         self.blocked.pop(call.stream_id, None)
         if self.going_away and not self.calls:

@@ -5,6 +5,7 @@ end-to-end test."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import socket
 import struct
@@ -131,6 +132,28 @@ def test_many_concurrent_streams_on_one_connection(running):
             t.join(timeout=30)
     assert results == [4] * 24
     assert servicer.active_streams == 0
+
+
+def test_a_finished_stream_leaves_no_cyclic_garbage(running):
+    """Each request's objects (its RPC, stream, request, decision) are freed when its stream ends, by reference
+    counting: cyclic garbage would pile up for the collector, whose full passes pause routing and streaming."""
+    _, r = running
+    body = json.dumps({"model": "m", "prompt": "hi", "max_tokens": 1}).encode()
+    ch, stub = _stub(r.port)
+    ours = ("Call", "_ProcessRpc", "ExtProcStream", "InferenceRequest")
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        with ch:
+            for _ in range(20):
+                assert len(list(stub.Process(iter(_exchange(body, b"{}")), timeout=20))) == 4
+        r.call(asyncio.sleep(0.05))  # the server's loop has run every callback of those streams
+        gc.collect()
+        left = [type(o).__name__ for o in gc.garbage if type(o).__name__ in ours]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert left == []
 
 
 def test_a_message_over_the_limit_is_refused_and_the_connection_lives_on(running):
