@@ -21,6 +21,7 @@ from epp.config import Config
 from epp.datalayer.discovery import make_discovery
 from epp.datalayer.pool import EndpointPool
 from epp.datalayer.scraper import MetricsScraper
+from epp.datalayer.sources import CoreMetricsExtractor, MetricsDataSource
 from epp.director import Director
 from epp.extproc import h2grpc
 from epp.extproc.servicer import ExtProcServicer
@@ -34,7 +35,6 @@ from epp.observability.wiring import Observability
 from epp.pools import PoolSelector, parse_pools
 from epp.scheduling.config import BUILTIN_CONFIGS, PickerConfig, load_config
 from epp.workers import merge_metrics
-from plugins.datalayer import CoreMetricsExtractor, MetricsDataSource
 
 if TYPE_CHECKING:
     from epp.state.store import SharedState

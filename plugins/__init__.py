@@ -7,7 +7,6 @@ plugin package would be: importing this package registers every built-in type.
 from plugins import (  # noqa: F401
     admission,
     conformance,
-    datalayer,
     disagg,
     filters,
     pickers,

@@ -7,7 +7,8 @@ in the package's ``pyproject.toml``::
     [project.entry-points."epp.plugins"]
     my-plugins = "my_package.plugins"
 
-``load_entry_points`` imports every such module once at start-up.
+``load_entry_points`` imports every such module once at start-up, after the types the core defines itself
+(``CORE_TYPES``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "epp.plugins"
+# Modules of the types the core defines (the data layer's, whose defaults the server uses unconfigured): registered
+# here, so the core needs no built-in plugin and a configuration naming them loads wherever it is parsed.
+CORE_TYPES = ("epp.datalayer.sources",)
 _TYPE_NAME = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 _registry: dict[str, type[Plugin]] = {}
 _loaded_entry_points = False
@@ -59,6 +63,8 @@ def load_entry_points() -> None:
     if _loaded_entry_points:
         return
     _loaded_entry_points = True
+    for module in CORE_TYPES:
+        importlib.import_module(module)
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:
             importlib.import_module(ep.value.split(":")[0])

@@ -74,7 +74,7 @@ def test_parameter_helpers_name_the_parameter():
     assert api.check_duration("200ms", "timeout") == pytest.approx(0.2)
 
 
-SWITCHED = ["plugins/pickers.py", "plugins/profile_handlers.py", "plugins/datalayer.py", "plugins/filters/labels.py",
+SWITCHED = ["plugins/pickers.py", "plugins/profile_handlers.py", "plugins/filters/labels.py",
             "plugins/filters/utilization.py", "plugins/scorers/load.py", "plugins/scorers/session.py"]
 INTERNAL = ("epp.api", "epp.datalayer.endpoint", "epp.scheduling", "plugins.scorers.common")
 

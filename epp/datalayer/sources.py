@@ -1,6 +1,9 @@
-"""Data-layer plugins, as GIE names them: where endpoint metrics come from and how they are read.
+"""The data layer's configuration types, as GIE names them: where endpoint metrics come from
+(``metrics-data-source``) and how they are read (``core-metrics-extractor``).
 
-They hold parameters only; EPP's metrics scraper reads them from the config at start-up.
+Core, not built-in plugins: EPP's metrics scraper runs on their defaults when a configuration names neither, so
+they live beside the scraper and the registry registers them itself (``epp.scheduling.registry.CORE_TYPES``).
+They hold parameters only; the server reads them from the configuration at start-up.
 """
 
 from __future__ import annotations
@@ -8,7 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from epp.datalayer.engines import EngineRegistry
-from epp.plugin import Plugin, register_plugin
+from epp.scheduling.plugins import Plugin
+from epp.scheduling.registry import register_plugin
 
 
 @register_plugin("metrics-data-source")
