@@ -39,7 +39,7 @@ from epp.datalayer.pool import EndpointPool, EndpointSpec
 from epp.datalayer.promtext import ParseResult, Sample
 from epp.datalayer.scraper import MetricsScraper, Parser
 
-# vLLM V1 bucket boundaries (llmd.md §4).
+# vLLM V1 bucket boundaries (vLLM's vllm/v1/metrics/loggers.py, as sim/stats.py).
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40,
                 80, 160, 640, 2560)
 TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80)

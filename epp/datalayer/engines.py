@@ -248,7 +248,7 @@ def _s(spec: str) -> Selector:
     return Selector.parse(spec)
 
 
-# GIE §5.2 table.
+# GIE's built-in engine specs (its core-metrics-extractor's defaults), metric names as each engine exports them.
 BUILTIN_ENGINES: dict[str, EngineSpec] = {
     "vllm": EngineSpec(
         "vllm",

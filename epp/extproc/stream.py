@@ -5,7 +5,7 @@ returns the ``ProcessingResponse`` messages to send back. When the request is co
 ``pending``; the caller then awaits ``route()`` (the only async step: scheduling may queue) and sends
 what it returns. ``close()`` is called when the gRPC stream ends, however it ends.
 
-Order required by Envoy in FULL_DUPLEX_STREAMED (see reference/envoy-rig.md): the request-headers
+Order required by Envoy in FULL_DUPLEX_STREAMED (verified on Envoy 1.40 by tests/e2e): the request-headers
 response is deferred until the body is complete (the pick needs the body), then the body goes back
 as ``streamed_response`` pieces with ``end_of_stream`` on the last. Response chunks are answered one
 for one, immediately, so streams stay incremental.

@@ -1,5 +1,5 @@
-"""A standalone Envoy in front of EPP: the configuration (verified on Envoy 1.40, see
-reference/envoy-rig.md) and a process wrapper for tests, the demo and benchmarks.
+"""A standalone Envoy in front of EPP: the configuration (verified on Envoy 1.40 by tests/e2e) and a process
+wrapper for tests, the demo and benchmarks.
 
 Choices a deployment makes, as parameters:
 
@@ -10,14 +10,15 @@ Choices a deployment makes, as parameters:
 * ``response_body_mode``: ``FULL_DUPLEX_STREAMED`` (EPP sees response bodies: usage, model-name
   restore; one extra round trip per chunk) or ``NONE`` (cheapest; EPP learns the end from the
   stream's close).
-* ``failure_mode_allow``: fail-open. Only meaningful with ``override_host`` and active health checks
-  on the ext_proc cluster (both set here), see pitfalls 4-6 of the rig notes.
+* ``failure_mode_allow``: fail-open. Only meaningful with ``override_host`` (with ``original_dst`` there is
+  no endpoint to fall back to) and active health checks on the ext_proc cluster (both set here): without
+  them a dead EPP fails the stream only after body bytes went out, too late to let the request through.
 
 Headers only the gateway or EPP may set are stripped from client requests before ext_proc
 (``STRIPPED_REQUEST_HEADERS``): the pick headers, so neither fail-open nor a forged header can steer a
-request (the SSRF of pitfall 6); llm-d's ``x-prefiller-host-port`` (which prefill pod a decode sidecar
-calls); and the model-rewrite and objective headers, which a gateway policy may set (``route_headers``),
-after the strip, never a client.
+request (with ``original_dst``, Envoy would dial any ip:port a client named); llm-d's
+``x-prefiller-host-port`` (which prefill pod a decode sidecar calls); and the model-rewrite and objective
+headers, which a gateway policy may set (``route_headers``), after the strip, never a client.
 
 TLS to EPP: encrypted by default; with ``extproc_tls_dir`` Envoy also verifies EPP's certificate (a CA and
 a DNS name) and can present its own (``extproc_client_cert``, for EPP's ``--client-ca-path``). The files
@@ -149,7 +150,7 @@ def _hcm(name: str, cluster: str, filters: list[dict[str, Any]], access_log: str
         "stream_idle_timeout": f"{route_timeout:g}s",
         "route_config": {"name": name, "virtual_hosts": [{
             "name": "all", "domains": ["*"],
-            # Finite timeouts: a hung EPP or model server must not hold a request forever (pitfall 4).
+            # Finite timeouts: a hung EPP or model server must not hold a request forever.
             "routes": routes}]},
         "http_filters": [*filters, {"name": "envoy.filters.http.router",
                                     "typed_config": {"@type": _ROUTER, "suppress_envoy_headers": True}}],
@@ -179,7 +180,7 @@ def envoy_config(spec: EnvoySpec) -> dict[str, Any]:
             "response_trailer_mode": "SEND" if body_mode == "FULL_DUPLEX_STREAMED" else "SKIP"},
         "message_timeout": "1000s",  # not enforced in FULL_DUPLEX_STREAMED anyway
         "failure_mode_allow": spec.failure_mode_allow,
-        # Without receiving_namespaces Envoy silently drops EPP's envoy.lb metadata (pitfall 7).
+        # Without receiving_namespaces Envoy silently drops EPP's envoy.lb metadata (no error, no pick).
         "metadata_options": {"forwarding_namespaces": {"untyped": [LB_NAMESPACE, *sorted(
                                  {ns for md in spec.route_metadata.values() for ns in md} - {LB_NAMESPACE})]},
                              "receiving_namespaces": {"untyped": [LB_NAMESPACE]}}}}
@@ -203,7 +204,7 @@ def envoy_config(spec: EnvoySpec) -> dict[str, Any]:
     epp_cluster: dict[str, Any] = {
         "name": "epp", "type": "STATIC", "connect_timeout": "1s", "lb_policy": "ROUND_ROBIN",
         # With panic threshold 0 and active health checks, a dead EPP fails the gRPC stream at once,
-        # before body bytes are sent, which is the only way fail-open works (pitfall 5).
+        # before body bytes are sent, which is the only way fail-open works.
         "common_lb_config": {"healthy_panic_threshold": {"value": 0}},
         "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
             "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
@@ -422,7 +423,7 @@ class EnvoyProcess:
 
     def wait_extproc_unhealthy(self, timeout: float = 20.0) -> None:
         """Block until Envoy's active health check has marked EPP down (after it was stopped or killed):
-        from then on a new ext_proc stream fails at once, which is when fail-open applies (pitfall 5)."""
+        from then on a new ext_proc stream fails at once, which is when fail-open applies."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             clusters = self.admin_get("/clusters") or ""

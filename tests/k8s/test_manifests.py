@@ -366,10 +366,12 @@ def test_overlay_builds_and_holds_together(overlay):
             assert [b["name"] for b in rule["backendRefs"] if b["kind"] == "InferencePool"] == ["vllm"]
 
     # RBAC: namespaced, read-only but for the Lease, bound to EPP's service account. The Lease: create
-    # (which RBAC cannot limit by name), then get / update of EPP's own Lease only (leader.py's verbs).
+    # (which RBAC cannot limit by name), then get / update of EPP's own Lease only (the verbs of
+    # epp/datalayer/k8s/leader.py).
     assert not by_kind(docs, "ClusterRole") and not by_kind(docs, "ClusterRoleBinding")
     roles = by_kind(docs, "Role")
-    lease = f"epp-default-{cfg.pool_name}.gateway-api-inference-extension.sigs.k8s.io"  # discovery.py's name
+    # the name epp/datalayer/k8s/discovery.py gives it
+    lease = f"epp-default-{cfg.pool_name}.gateway-api-inference-extension.sigs.k8s.io"
     for role in roles.values():
         for rule in role["rules"]:
             if rule["resources"] != ["leases"]:

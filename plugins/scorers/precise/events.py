@@ -1,4 +1,4 @@
-"""Decoding vLLM's KV-cache event messages (reference: llmd.md §3.2-3.3).
+"""Decoding vLLM's KV-cache event messages (as vLLM's ``vllm/distributed/kv_events.py`` publishes them).
 
 A ZMQ message is ``[topic, seq (8-byte big-endian), msgpack payload]``; the payload is an ``EventBatch``
 ``[ts, events, data_parallel_rank?]``. Each event is either the legacy positional array

@@ -1,6 +1,7 @@
 """KV-event ingestion: one ZMQ SUB per endpoint (or one bound SUB in llm-d's centralized mode), on one thread.
 
-Per endpoint, frames are applied in sequence order (reference: llmd.md §3.5, simplified):
+Per endpoint, frames are applied in the sequence order vLLM's publisher numbers them in (its replay socket
+resends from a number; ``vllm/distributed/kv_events.py`` in vLLM):
 
 * ``seq == last + 1``: apply. The first frame of a stream is applied whatever its number (a publisher that
   ran before EPP subscribed); with a replay endpoint, EPP first asks for everything buffered from 0.
