@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 
 from epp.scheduling.config import GIE_DEFAULT_CONFIG
+from epp.stack import procs
 from epp.stack.envoy import EnvoyProcess, EnvoySpec
 from epp.stack.local import HOST, LocalStack, ManagedProcess, free_port, free_port_range
 
@@ -347,7 +348,7 @@ class VllmRouter(Target):
         self.dir = Path(tempfile.mkdtemp(prefix=f"epp-{self.program}-"))
         self.log_path = self.dir / f"{self.program}.log"
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = procs.spawn(argv, stdout=self._log, stderr=subprocess.STDOUT)  # stops with the bench
         self.url = f"http://{HOST}:{self.port}"
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -368,13 +369,8 @@ class VllmRouter(Target):
         return ""
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        if self.proc is not None:
+            procs.stop(self.proc, 15)
         with contextlib.suppress(AttributeError):
             self._log.close()
         shutil.rmtree(getattr(self, "dir", ""), ignore_errors=True)
