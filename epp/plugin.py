@@ -20,7 +20,14 @@ Parameter helpers (``check_int``, ``check_float``, ...) raise ``ValueError`` nam
 wrote it; EPP reports it as a ``PluginConfigError`` naming the plugin. ``epp.testing`` runs plugins without a
 server. Read time with ``monotonic()`` (``time.monotonic`` live, virtual time under ``epp replay``). See
 docs/plugins.md.
+
+The roles' methods take no scheduling cycle any more: ``score(self, request, endpoints)``. ``CycleState`` stays
+importable from here for one release, deprecated (importing it warns); a plugin still written ``score(self, cycle,
+request, endpoints)`` loads, adapted, with one warning naming it.
 """
+
+import warnings
+from typing import Any
 
 from epp.api.types import ApiKind, InferenceRequest, ParsedBody, Usage
 from epp.clock import monotonic
@@ -38,7 +45,6 @@ from epp.scheduling.params import (
     min_max_inverse,
 )
 from epp.scheduling.plugins import (
-    CycleState,
     Filter,
     Picker,
     Plugin,
@@ -56,7 +62,6 @@ __all__ = [
     "DEFAULT_SCORER_STALENESS",
     "PREFIX_MATCH",
     "ApiKind",
-    "CycleState",
     "DataKey",
     "Endpoint",
     "EndpointMetrics",
@@ -88,3 +93,14 @@ __all__ = [
     "register_plugin",
     "registered_types",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "CycleState":  # deprecated: removed in the next release
+        warnings.warn("epp.plugin.CycleState is deprecated and goes in the next release: plugin methods no longer "
+                      "take the scheduling cycle (score(self, request, endpoints)); share data with DataKey",
+                      DeprecationWarning, stacklevel=2)
+        from epp.scheduling.plugins import CycleState
+
+        return CycleState
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,7 +10,7 @@ suite. Test-only: off unless a configuration names them.
 
 from __future__ import annotations
 
-from epp.plugin import CycleState, Endpoint, Filter, InferenceRequest, RequestObserver, ResponseInfo, register_plugin
+from epp.plugin import Endpoint, Filter, InferenceRequest, RequestObserver, ResponseInfo, register_plugin
 
 SELECTION_HEADER = "test-epp-endpoint-selection"
 SERVED_HEADER = "x-conformance-test-served-endpoint"
@@ -18,7 +18,7 @@ SERVED_HEADER = "x-conformance-test-served-endpoint"
 
 @register_plugin("header-based-testing-filter")
 class HeaderBasedTestingFilter(Filter):
-    def filter(self, cycle: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> list[Endpoint]:
+    def filter(self, request: InferenceRequest, endpoints: list[Endpoint]) -> list[Endpoint]:
         wanted = {w.strip() for w in request.headers.get(SELECTION_HEADER, "").split(",") if w.strip()}
         return [e for e in endpoints if e.address in wanted or e.hostport in wanted]
 

@@ -28,7 +28,7 @@ from typing import Any
 from epp.api.types import InferenceRequest
 from epp.datalayer.endpoint import Endpoint
 from epp.extproc.protocol import PREFILLER_HEADER
-from epp.scheduling.plugins import CycleState, Plugin, ProfileHandler, ProfileResult, SchedulingResult
+from epp.scheduling.plugins import Plugin, ProfileHandler, ProfileResult, SchedulingResult
 from epp.scheduling.registry import PluginConfigError, register_plugin
 from plugins.scorers.common import check_float, check_int, check_mapping, check_str
 from plugins.scorers.prefix import resolve_prefix_source
@@ -117,7 +117,6 @@ class PrefixBasedDecider(PdDecider):
 
 
 _STAGES = ("decode", "prefill", "encode")
-_VERDICT_KEY = "disagg-verdict"
 
 
 @register_plugin("disagg-profile-handler")
@@ -130,6 +129,8 @@ class DisaggProfileHandler(ProfileHandler):
             raise ValueError("deciders.encode: the encode stage (multimodal encoders) is not supported")
         self.decider_name = check_str(chosen["prefill"], "deciders.prefill") if chosen.get("prefill") else None
         self.decider: PdDecider | None = None
+        # request.attributes: the decider's verdict, from pick_profiles to process_results of the same request
+        self._verdict_key = ("disagg-verdict", id(self))
 
     def start(self) -> None:
         if self.decider_name is None:
@@ -148,7 +149,7 @@ class DisaggProfileHandler(ProfileHandler):
             raise PluginConfigError(f"plugin {self.name!r}: no scheduling profile named {prefill!r} "
                                     "(profiles.prefill)")
 
-    def pick_profiles(self, cycle: CycleState, request: InferenceRequest, profiles: Mapping[str, Any],
+    def pick_profiles(self, request: InferenceRequest, profiles: Mapping[str, Any],
                       results: Mapping[str, ProfileResult | None]) -> dict[str, Any]:
         decode, prefill = self.profile["decode"], self.profile["prefill"]
         if decode not in results:
@@ -157,17 +158,17 @@ class DisaggProfileHandler(ProfileHandler):
         if not done or not done.endpoints or prefill in results or self.decider is None or prefill not in profiles:
             return {}
         verdict = self.decider.decide(request, done.endpoints[0])
-        cycle.data[_VERDICT_KEY] = verdict
+        request.attributes[self._verdict_key] = verdict
         return {prefill: profiles[prefill]} if verdict.split else {}
 
-    def process_results(self, cycle: CycleState, request: InferenceRequest,
+    def process_results(self, request: InferenceRequest,
                         results: dict[str, ProfileResult | None]) -> SchedulingResult:
         decode_name = self.profile["decode"]
         result = SchedulingResult(results, decode_name)
+        verdict: Verdict = request.attributes.pop(self._verdict_key, None) or Verdict(False, "no-decider")
         decode = results.get(decode_name)
         if not decode or not decode.endpoints:
             return result  # the scheduler answers "no endpoint"
-        verdict: Verdict = cycle.data.get(_VERDICT_KEY) or Verdict(False, "no-decider")
         info = verdict.as_dict()
         pre = results.get(self.profile["prefill"])
         target = pre.endpoints[0] if verdict.split and pre and pre.endpoints else None

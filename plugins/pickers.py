@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from epp.plugin import CycleState, Endpoint, InferenceRequest, Picker, ScoredEndpoint, register_plugin
+from epp.plugin import Endpoint, InferenceRequest, Picker, ScoredEndpoint, register_plugin
 
 
 def _check_count(n: object) -> int:
@@ -22,7 +22,7 @@ class MaxScorePicker(Picker):
         self.k = _check_count(max_num_of_endpoints)
         self.rng = random.Random(seed)
 
-    def pick(self, cycle: CycleState, request: InferenceRequest, scored: list[ScoredEndpoint]) -> list[Endpoint]:
+    def pick(self, request: InferenceRequest, scored: list[ScoredEndpoint]) -> list[Endpoint]:
         if self.k == 1:  # the hot path: one pass, reservoir-style tie-break
             best: Endpoint | None = None
             best_score = float("-inf")
@@ -49,7 +49,7 @@ class RandomPicker(Picker):
         self.k = _check_count(max_num_of_endpoints)
         self.rng = random.Random(seed)
 
-    def pick(self, cycle: CycleState, request: InferenceRequest, scored: list[ScoredEndpoint]) -> list[Endpoint]:
+    def pick(self, request: InferenceRequest, scored: list[ScoredEndpoint]) -> list[Endpoint]:
         return [s.endpoint for s in self.rng.sample(scored, min(self.k, len(scored)))]
 
 
@@ -62,7 +62,7 @@ class WeightedRandomPicker(Picker):
         self.k = _check_count(max_num_of_endpoints)
         self.rng = random.Random(seed)
 
-    def pick(self, cycle: CycleState, request: InferenceRequest, scored: list[ScoredEndpoint]) -> list[Endpoint]:
+    def pick(self, request: InferenceRequest, scored: list[ScoredEndpoint]) -> list[Endpoint]:
         if all(s.score <= 0 for s in scored):
             return [s.endpoint for s in self.rng.sample(scored, min(self.k, len(scored)))]
         keyed = []

@@ -18,7 +18,6 @@ import grpc
 from prometheus_client.core import CounterMetricFamily, SummaryMetricFamily
 
 from epp.plugin import (
-    CycleState,
     DataKey,
     Endpoint,
     InferenceRequest,
@@ -121,7 +120,7 @@ class RemoteScorer(RequestPreparer, Scorer):
         self.calls[outcome] += 1
         self.seconds += time.monotonic() - now
 
-    def score(self, cycle: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> list[float]:
+    def score(self, request: InferenceRequest, endpoints: list[Endpoint]) -> list[float]:
         scores = REMOTE_SCORES.get(request)
         if scores is None:
             return [self.fallback] * len(endpoints)

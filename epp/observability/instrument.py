@@ -23,7 +23,6 @@ from epp.api.types import InferenceRequest
 from epp.datalayer.endpoint import Endpoint
 from epp.observability.metrics import EppMetrics, FastHistogram
 from epp.scheduling.plugins import (
-    CycleState,
     Filter,
     Picker,
     Plugin,
@@ -55,10 +54,10 @@ class TimedFilter(_Timed, Filter):
     def __init__(self, inner: Filter, hist: FastHistogram) -> None:
         self._bind(inner, hist)
 
-    def filter(self, cycle: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> list[Endpoint]:
+    def filter(self, request: InferenceRequest, endpoints: list[Endpoint]) -> list[Endpoint]:
         t0 = perf_counter()
         try:
-            return self.inner.filter(cycle, request, endpoints)
+            return self.inner.filter(request, endpoints)
         finally:
             self.hist.observe(perf_counter() - t0)
 
@@ -69,10 +68,10 @@ class TimedScorer(_Timed, Scorer):
         self.category = inner.category  # type: ignore[misc]
         self.hit_ratio = hit_ratio
 
-    def score(self, cycle: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> Sequence[float]:
+    def score(self, request: InferenceRequest, endpoints: list[Endpoint]) -> Sequence[float]:
         t0 = perf_counter()
         try:
-            scores = self.inner.score(cycle, request, endpoints)
+            scores = self.inner.score(request, endpoints)
         finally:
             self.hist.observe(perf_counter() - t0)
         if self.hit_ratio is not None and scores:
@@ -87,10 +86,10 @@ class TimedPicker(_Timed, Picker):
     def __init__(self, inner: Picker, hist: FastHistogram) -> None:
         self._bind(inner, hist)
 
-    def pick(self, cycle: CycleState, request: InferenceRequest, scored: list[ScoredEndpoint]) -> list[Endpoint]:
+    def pick(self, request: InferenceRequest, scored: list[ScoredEndpoint]) -> list[Endpoint]:
         t0 = perf_counter()
         try:
-            return self.inner.pick(cycle, request, scored)
+            return self.inner.pick(request, scored)
         finally:
             self.hist.observe(perf_counter() - t0)
 
@@ -99,19 +98,19 @@ class TimedProfileHandler(_Timed, ProfileHandler):
     def __init__(self, inner: ProfileHandler, hist: FastHistogram) -> None:
         self._bind(inner, hist)
 
-    def pick_profiles(self, cycle: CycleState, request: InferenceRequest, profiles: Mapping[str, Any],
+    def pick_profiles(self, request: InferenceRequest, profiles: Mapping[str, Any],
                       results: Mapping[str, ProfileResult | None]) -> dict[str, Any]:
         t0 = perf_counter()
         try:
-            return self.inner.pick_profiles(cycle, request, profiles, results)
+            return self.inner.pick_profiles(request, profiles, results)
         finally:
             self.hist.observe(perf_counter() - t0)
 
-    def process_results(self, cycle: CycleState, request: InferenceRequest,
+    def process_results(self, request: InferenceRequest,
                         results: dict[str, ProfileResult | None]) -> SchedulingResult:
         t0 = perf_counter()
         try:
-            return self.inner.process_results(cycle, request, results)
+            return self.inner.process_results(request, results)
         finally:
             self.hist.observe(perf_counter() - t0)
 

@@ -16,6 +16,10 @@ Scheduling roles, called in this order for each request (one *cycle*):
 Before the cycle, a ``RequestPreparer`` may await work the cycle needs (a pod tokenizing the prompt); it bounds
 its own wait and, failing, leaves the request as it was.
 
+The methods take the request and what the role works on (``score(self, request, endpoints)``); data between
+plugins goes through typed keys (``epp.scheduling.datakeys``). A plugin written against the old signatures, with
+a leading ``cycle`` parameter, still loads for one release (``epp.scheduling.registry`` adapts it, warning once).
+
 Request-lifecycle roles (``RequestObserver``): ``pre_request`` once the pick is made,
 ``on_response_headers``, ``on_response_body`` (only if ``needs_response_body``), and
 ``on_response_complete`` exactly once per routed request, even when the client went away.
@@ -54,7 +58,10 @@ class Plugin:
 
 @dataclass(slots=True)
 class CycleState:
-    """Scratch space shared by the plugins of one scheduling cycle (e.g. a producer's prefix match)."""
+    """Deprecated, removed in the next release: the roles' methods no longer take it. Data between plugins goes
+    through typed keys (``epp.scheduling.datakeys.DataKey``), a plugin's own per-request state in
+    ``request.attributes`` under a key of its own. A plugin still written ``score(self, cycle, request,
+    endpoints)`` is adapted when instantiated (``epp.scheduling.registry``) and gets one of these per request."""
 
     data: dict[str, Any] = field(default_factory=dict)
 
@@ -91,30 +98,30 @@ class SchedulingResult:
 
 
 class Filter(Plugin):
-    def filter(self, cycle: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> list[Endpoint]:
+    def filter(self, request: InferenceRequest, endpoints: list[Endpoint]) -> list[Endpoint]:
         raise NotImplementedError
 
 
 class Scorer(Plugin):
     category: ClassVar[str] = "distribution"  # informational: affinity | distribution | balance
 
-    def score(self, cycle: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> Sequence[float]:
+    def score(self, request: InferenceRequest, endpoints: list[Endpoint]) -> Sequence[float]:
         """One score per endpoint, in the order given."""
         raise NotImplementedError
 
 
 class Picker(Plugin):
-    def pick(self, cycle: CycleState, request: InferenceRequest, scored: list[ScoredEndpoint]) -> list[Endpoint]:
+    def pick(self, request: InferenceRequest, scored: list[ScoredEndpoint]) -> list[Endpoint]:
         raise NotImplementedError
 
 
 class ProfileHandler(Plugin):
-    def pick_profiles(self, cycle: CycleState, request: InferenceRequest, profiles: Mapping[str, Any],
+    def pick_profiles(self, request: InferenceRequest, profiles: Mapping[str, Any],
                       results: Mapping[str, ProfileResult | None]) -> dict[str, Any]:
         """Profiles to run next (empty = done). Called repeatedly with the results so far."""
         raise NotImplementedError
 
-    def process_results(self, cycle: CycleState, request: InferenceRequest,
+    def process_results(self, request: InferenceRequest,
                         results: dict[str, ProfileResult | None]) -> SchedulingResult:
         raise NotImplementedError
 

@@ -9,10 +9,17 @@ in the package's ``pyproject.toml``::
 
 ``load_entry_points`` imports every such module once at start-up, after the types the core defines itself
 (``CORE_TYPES``).
+
+Until the next release, ``instantiate`` also loads a plugin written against the old role signatures, which took
+the scheduling cycle's ``CycleState`` first (``score(self, cycle, request, endpoints)``): it inspects the class
+once, and binds each such method on the instance to an adapter that passes a ``CycleState`` (one per request,
+shared by the adapted plugins, as the scheduler's cycle was), logging one deprecation warning per class.
+Plugins of the current signatures are called directly: the request path does no extra work for them.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import logging
@@ -21,7 +28,7 @@ from collections.abc import Callable, Mapping
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from epp.scheduling.plugins import Plugin
+from epp.scheduling.plugins import CycleState, Filter, Picker, Plugin, ProfileHandler, Scorer
 
 if TYPE_CHECKING:
     from epp.datalayer.pool import EndpointPool
@@ -116,8 +123,58 @@ def instantiate(type_name: str, name: str, params: Mapping[str, Any] | None, han
         raise PluginConfigError(f"plugin {name!r} ({type_name}): {e}") from e
     plugin.name = name
     plugin.handle = handle
+    for method in _legacy_methods(cls, name):
+        setattr(plugin, method, functools.partial(_call_legacy, getattr(plugin, method)))
     handle.plugins[name] = plugin
     return plugin
+
+
+# The scheduling roles' methods and how many positional parameters they take after ``self`` today; the releases
+# before took a ``CycleState`` first.
+_ROLE_METHODS: tuple[tuple[type[Plugin], str, int], ...] = (
+    (Filter, "filter", 2),  # request, endpoints
+    (Scorer, "score", 2),  # request, endpoints
+    (Picker, "pick", 2),  # request, scored
+    (ProfileHandler, "pick_profiles", 3),  # request, profiles, results
+    (ProfileHandler, "process_results", 2),  # request, results
+)
+_legacy: dict[type[Plugin], tuple[str, ...]] = {}
+# request.attributes: the CycleState the adapted (old-signature) plugins of a request share.
+_LEGACY_CYCLE = "epp.scheduling.legacy-cycle-state"
+
+
+def _legacy_methods(cls: type[Plugin], name: str) -> tuple[str, ...]:
+    """The role methods of ``cls`` that still take a leading ``cycle`` parameter (inspected once per class)."""
+    found = _legacy.get(cls)
+    if found is None:
+        found = _legacy[cls] = tuple(m for role, m, n in _ROLE_METHODS
+                                     if issubclass(cls, role) and _takes_cycle(getattr(cls, m), n))
+        if found:
+            log.warning("plugin %r (type %s, %s.%s) has the deprecated signature taking the scheduling cycle first "
+                        "in %s: adapted in this release only; drop the parameter, as in score(self, request, "
+                        "endpoints) (docs/plugins.md)", name, cls.type_name, cls.__module__, cls.__qualname__,
+                        ", ".join(f"{m}()" for m in found))
+    return found
+
+
+def _takes_cycle(function: Any, arity: int) -> bool:
+    """``function`` (as found on the class, ``self`` first) requires one positional parameter more than ``arity``."""
+    try:
+        params = list(inspect.signature(function).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    required = [p for p in params[1:] if p.kind in positional and p.default is p.empty]
+    return len(required) == arity + 1
+
+
+def _call_legacy(method: Callable[..., Any], request: Any, *args: Any) -> Any:
+    cycle = request.attributes.get(_LEGACY_CYCLE)
+    if cycle is None:
+        cycle = request.attributes[_LEGACY_CYCLE] = CycleState()
+    return method(cycle, request, *args)
 
 
 def _camel(snake: str) -> str:

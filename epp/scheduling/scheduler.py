@@ -8,7 +8,6 @@ from epp.api.errors import EppError
 from epp.api.types import InferenceRequest
 from epp.datalayer.endpoint import Endpoint
 from epp.scheduling.plugins import (
-    CycleState,
     Filter,
     Picker,
     ProfileHandler,
@@ -26,17 +25,16 @@ class SchedulerProfile:
     scorers: list[tuple[Scorer, float]] = field(default_factory=list)
     picker: Picker | None = None
 
-    def run(self, cycle: CycleState, request: InferenceRequest, candidates: list[Endpoint],
-            explain: bool = False) -> ProfileResult | None:
+    def run(self, request: InferenceRequest, candidates: list[Endpoint], explain: bool = False) -> ProfileResult | None:
         endpoints = candidates
         for f in self.filters:
-            endpoints = f.filter(cycle, request, endpoints)
+            endpoints = f.filter(request, endpoints)
             if not endpoints:
                 return None
         totals = [0.0] * len(endpoints)
         breakdown: dict[str, dict[str, float]] | None = {} if explain else None
         for scorer, weight in self.scorers:
-            scores = scorer.score(cycle, request, endpoints)
+            scores = scorer.score(request, endpoints)
             if len(scores) != len(endpoints):
                 raise RuntimeError(f"scorer {scorer.name}: {len(scores)} scores for {len(endpoints)} endpoints")
             for i, s in enumerate(scores):
@@ -46,7 +44,7 @@ class SchedulerProfile:
                     breakdown.setdefault(scorer.name, {})[endpoints[i].name] = s
         assert self.picker is not None
         scored = [ScoredEndpoint(e, t) for e, t in zip(endpoints, totals, strict=True)]
-        picked = self.picker.pick(cycle, request, scored)
+        picked = self.picker.pick(request, scored)
         if not picked:
             return None
         if breakdown is not None:
@@ -59,18 +57,17 @@ class Scheduler:
         self.profiles = profiles
         self.handler = handler
 
-    def schedule(self, request: InferenceRequest, candidates: list[Endpoint], explain: bool = False,
-                 cycle: CycleState | None = None) -> SchedulingResult:
-        cycle = cycle or CycleState()
+    def schedule(self, request: InferenceRequest, candidates: list[Endpoint],
+                 explain: bool = False) -> SchedulingResult:
         results: dict[str, ProfileResult | None] = {}
         for _ in range(len(self.profiles) + 1):  # each profile runs at most once
-            todo = self.handler.pick_profiles(cycle, request, self.profiles, results)
+            todo = self.handler.pick_profiles(request, self.profiles, results)
             todo = {n: p for n, p in todo.items() if n not in results}
             if not todo:
                 break
             for name, profile in todo.items():
-                results[name] = profile.run(cycle, request, candidates, explain)
-        result = self.handler.process_results(cycle, request, results)
+                results[name] = profile.run(request, candidates, explain)
+        result = self.handler.process_results(request, results)
         if not result.endpoints:
             raise EppError(429, "scheduling-failed", "failed to find target endpoint: no endpoint passed the filters")
         return result

@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 
 from epp.plugin import (
-    CycleState,
     Endpoint,
     Filter,
     InferenceRequest,
@@ -48,7 +47,7 @@ class PrefixCacheAffinityFilter(Filter):
     def start(self) -> None:
         self._source = resolve_prefix_source(self, self.prefix_name, required=True)
 
-    def filter(self, cycle: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> list[Endpoint]:
+    def filter(self, request: InferenceRequest, endpoints: list[Endpoint]) -> list[Endpoint]:
         if len(endpoints) <= 1 or self._source is None:
             return endpoints
         prod = self._source.prefix_producer()

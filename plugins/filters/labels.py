@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from epp.plugin import (
-    CycleState,
     Endpoint,
     Filter,
     InferenceRequest,
@@ -80,7 +79,7 @@ class LabelSelectorFilter(Filter):
                 return False
         return True
 
-    def filter(self, cycle: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> list[Endpoint]:
+    def filter(self, request: InferenceRequest, endpoints: list[Endpoint]) -> list[Endpoint]:
         return [e for e in endpoints if self.matches(e.labels)]
 
 
@@ -105,7 +104,7 @@ class ByLabelFilter(Filter):
         self.valid = frozenset(values)
         self.allows_no_label = check_bool(allows_no_label, "allowsNoLabel")
 
-    def filter(self, cycle: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> list[Endpoint]:
+    def filter(self, request: InferenceRequest, endpoints: list[Endpoint]) -> list[Endpoint]:
         label, valid, absent_ok = self.label, self.valid, self.allows_no_label
         out = []
         for e in endpoints:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from epp.plugin import CycleState, Endpoint, Filter, InferenceRequest, register_plugin
+from epp.plugin import Endpoint, Filter, InferenceRequest, register_plugin
 from plugins.scorers.session import SessionAffinity
 
 
@@ -11,6 +11,6 @@ class SessionAffinityFilter(SessionAffinity, Filter):
     """Only the bound endpoint when it is a candidate; every candidate otherwise (new session, bound endpoint
     gone or filtered out)."""
 
-    def filter(self, cycle: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> list[Endpoint]:
+    def filter(self, request: InferenceRequest, endpoints: list[Endpoint]) -> list[Endpoint]:
         i = self.bound_index(request, endpoints)
         return endpoints if i is None else [endpoints[i]]

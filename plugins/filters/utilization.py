@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from epp.plugin import (
-    CycleState,
     Endpoint,
     Filter,
     InferenceRequest,
@@ -32,7 +31,7 @@ class UtilizationFilter(Filter):
         self.headroom = check_float(headroom, "headroom", 0.0)
         self.staleness = check_duration(metrics_staleness_threshold, "metricsStalenessThreshold")
 
-    def filter(self, cycle: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> list[Endpoint]:
+    def filter(self, request: InferenceRequest, endpoints: list[Endpoint]) -> list[Endpoint]:
         q_limit = self.queue * (1.0 + self.headroom)
         kv_limit = self.kv * (1.0 + self.headroom)
         fresh = fresh_mask(endpoints, self.staleness)

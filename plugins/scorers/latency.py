@@ -63,7 +63,6 @@ from dataclasses import dataclass, field
 from epp.observability.audit import SECONDS_ERROR_BUCKETS, PredictionAudit
 from epp.plugin import (
     DEFAULT_SCORER_STALENESS,
-    CycleState,
     Endpoint,
     InferenceRequest,
     RequestObserver,
@@ -342,7 +341,7 @@ class PredictedLatencyScorer(Scorer, RequestObserver):
         limit = request.body.max_output_tokens
         return float(min(limit, 4096)) if limit is not None else PRIOR_OUTPUT_TOKENS
 
-    def score(self, cycle: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> Sequence[float]:
+    def score(self, request: InferenceRequest, endpoints: list[Endpoint]) -> Sequence[float]:
         preds = self.predict(request, endpoints)
         request.attributes[self._key] = dict(zip((e.name for e in endpoints), preds, strict=True))
         # A request's own prefill is paid again by others (module docstring): the capacity it takes, and the

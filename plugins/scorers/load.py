@@ -18,7 +18,6 @@ from typing import Any
 
 from epp.plugin import (
     DEFAULT_SCORER_STALENESS,
-    CycleState,
     Endpoint,
     InferenceRequest,
     Scorer,
@@ -53,7 +52,7 @@ def _fresh_min_max(endpoints: Sequence[Endpoint], values: Sequence[float], stale
 class QueueScorer(_MetricsScorer):
     """Fewer waiting requests -> higher: ``(max - q) / (max - min)`` over the fresh candidates, all equal -> 1."""
 
-    def score(self, cycle: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> Sequence[float]:
+    def score(self, request: InferenceRequest, endpoints: list[Endpoint]) -> Sequence[float]:
         return _fresh_min_max(endpoints, [e.metrics.waiting_requests for e in endpoints], self.staleness)
 
 
@@ -61,7 +60,7 @@ class QueueScorer(_MetricsScorer):
 class RunningRequestsSizeScorer(_MetricsScorer):
     """Fewer running requests -> higher (min-max over the fresh candidates, all equal -> 1)."""
 
-    def score(self, cycle: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> Sequence[float]:
+    def score(self, request: InferenceRequest, endpoints: list[Endpoint]) -> Sequence[float]:
         return _fresh_min_max(endpoints, [e.metrics.running_requests for e in endpoints], self.staleness)
 
 
@@ -71,7 +70,7 @@ class KVCacheUtilizationScorer(_MetricsScorer):
     scrape (``Endpoint.kv_usage_now``) when the endpoint reports its KV capacity; GIE reads the scraped value,
     so every pick made within one scrape interval goes to the same endpoint."""
 
-    def score(self, cycle: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> Sequence[float]:
+    def score(self, request: InferenceRequest, endpoints: list[Endpoint]) -> Sequence[float]:
         fresh = fresh_mask(endpoints, self.staleness)
         return [1.0 - e.kv_usage_now() if f else 0.0
                 for e, f in zip(endpoints, fresh, strict=True)]
@@ -86,7 +85,7 @@ class LoadAwareScorer(_MetricsScorer):
         super().__init__(metrics_staleness_threshold)
         self.threshold = check_int(threshold, "threshold", 1)
 
-    def score(self, cycle: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> Sequence[float]:
+    def score(self, request: InferenceRequest, endpoints: list[Endpoint]) -> Sequence[float]:
         t = self.threshold
         fresh = fresh_mask(endpoints, self.staleness)
         out = []
@@ -103,7 +102,7 @@ class LoraAffinityScorer(_MetricsScorer):
 
     category = "affinity"
 
-    def score(self, cycle: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> Sequence[float]:
+    def score(self, request: InferenceRequest, endpoints: list[Endpoint]) -> Sequence[float]:
         target = request.target_model or request.model
         fresh = fresh_mask(endpoints, self.staleness)
         out = []
@@ -134,7 +133,7 @@ class ActiveRequestScorer(Scorer):
         if request_timeout is not None:
             check_duration(request_timeout, "requestTimeout")
 
-    def score(self, cycle: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> Sequence[float]:
+    def score(self, request: InferenceRequest, endpoints: list[Endpoint]) -> Sequence[float]:
         counts = [e.inflight_requests for e in endpoints]
         top = max(counts, default=0)
         idle, busy = self.idle, self.max_busy
@@ -156,7 +155,7 @@ class TokenLoadScorer(Scorer):
     def start(self) -> None:
         self._source = resolve_prefix_source(self, self.prefix_name, required=bool(self.prefix_name))
 
-    def score(self, cycle: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> Sequence[float]:
+    def score(self, request: InferenceRequest, endpoints: list[Endpoint]) -> Sequence[float]:
         t = self.threshold
         loads = [e.inflight_tokens for e in endpoints]
         if self._source is not None:

@@ -6,7 +6,6 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 from epp.plugin import (
-    CycleState,
     Endpoint,
     InferenceRequest,
     RequestObserver,
@@ -47,7 +46,7 @@ class NoHitLruScorer(Scorer, RequestObserver):
         st = prod.state(request, endpoints)
         return not any(prod.match_all(st, endpoints))
 
-    def score(self, cycle: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> Sequence[float]:
+    def score(self, request: InferenceRequest, endpoints: list[Endpoint]) -> Sequence[float]:
         n = len(endpoints)
         cold = self._is_cold(request, endpoints)
         request.attributes[self.name] = cold

@@ -52,7 +52,6 @@ import xxhash
 from epp.observability.audit import TOKEN_ERROR_BUCKETS, PredictionAudit
 from epp.plugin import (
     PREFIX_MATCH,
-    CycleState,
     Endpoint,
     InferenceRequest,
     Plugin,
@@ -600,7 +599,7 @@ class PrefixCacheScorer(Scorer, RequestObserver):
     def prediction_audits(self) -> dict[str, PredictionAudit]:
         return self._own.prediction_audits() if self.producer is self._own else {}
 
-    def score(self, cycle: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> Sequence[float]:
+    def score(self, request: InferenceRequest, endpoints: list[Endpoint]) -> Sequence[float]:
         prod = self.producer
         st = prod.state(request, endpoints)
         request.attributes[self.name] = st  # truthy when the request has blocks; .hit_ratio for metrics

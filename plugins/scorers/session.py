@@ -22,7 +22,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from epp.plugin import (
-    CycleState,
     Endpoint,
     InferenceRequest,
     RequestObserver,
@@ -148,7 +147,7 @@ class SessionAffinityScorer(SessionAffinity, Scorer):
 
     category = "affinity"
 
-    def score(self, cycle: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> Sequence[float]:
+    def score(self, request: InferenceRequest, endpoints: list[Endpoint]) -> Sequence[float]:
         scores = [0.0] * len(endpoints)
         i = self.bound_index(request, endpoints)
         if i is not None:

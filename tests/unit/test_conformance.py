@@ -24,7 +24,7 @@ def test_the_header_pins_by_address_or_address_and_port():
     assert h.pick(request(headers={SELECTION_HEADER: "10.9.0.2"})).name == "c"  # both of 10.9.0.2: least queue
     assert h.pick(request(headers={SELECTION_HEADER: "10.9.0.2:3000"})).name == "b"
     assert h.pick(request(headers={SELECTION_HEADER: " 10.9.0.7, 10.9.0.2:3000 "})).name == "b"
-    got = h.config.plugins["header-based-testing-filter"].filter(None, request(), h.endpoints)
+    got = h.config.plugins["header-based-testing-filter"].filter(request(), h.endpoints)
     assert got == []  # no header: no endpoint, as in GIE
 
 

@@ -7,7 +7,7 @@ import base64
 import pytest
 
 from epp.api.errors import EppError
-from epp.scheduling.plugins import CycleState, ProfileResult, SchedulingResult
+from epp.scheduling.plugins import ProfileResult, SchedulingResult
 from epp.scheduling.registry import PluginConfigError
 from tests.unit.test_scorers_helpers import config, eps, plugin, req
 
@@ -17,7 +17,7 @@ def names(endpoints):
 
 
 def run(f, endpoints, request=None):
-    return names(f.filter(CycleState(), request or req("hello"), endpoints))
+    return names(f.filter(request or req("hello"), endpoints))
 
 
 def esc(message):
@@ -137,7 +137,7 @@ def routed(cfg, text, target, endpoints, rid="seed"):
     """Index ``text`` on ``target`` as a routed request would."""
     prefix = cfg.plugins["prefix-cache-scorer"]
     r = req(text, rid=rid)
-    prefix.score(CycleState(), r, endpoints)
+    prefix.score(r, endpoints)
     prefix.pre_request(r, SchedulingResult({"default": ProfileResult([target])}, "default"))
 
 

@@ -33,8 +33,8 @@ def setup(pool: EndpointPool | None = None):
 def pick(scorer, prefix, request, endpoints, target=None):
     """Score (both plugins), then report the pick to both, as the director does; ``target`` None takes the
     best score (the first of equals)."""
-    prefix.score(None, request, endpoints)
-    scores = scorer.score(None, request, endpoints)
+    prefix.score(request, endpoints)
+    scores = scorer.score(request, endpoints)
     if target is None:
         target = endpoints[max(range(len(endpoints)), key=lambda k: (scores[k], -k))]
     target.inflight_requests += 1
@@ -70,7 +70,7 @@ def test_the_formula_prefill_queue_and_admission_wait():
     assert preds[0].ttft == pytest.approx(PRIOR_BASE + PRIOR_PER_TOKEN * 1000, rel=0.01)
     assert preds[1].wait == pytest.approx(1.0)
     assert preds[1].ttft == pytest.approx(preds[0].ttft + 1.0, rel=0.01)
-    scores = scorer.score(None, req(text), [a, b])
+    scores = scorer.score(req(text), [a, b])
     assert scores[0] == 1.0 and scores[1] < 0.2
 
 
@@ -83,10 +83,10 @@ def test_a_cached_prefix_is_worth_its_prefill_and_no_more():
     answer(scorer, prefix, first, a, ttft=0.22)
     # a holds the system prompt: it wins while its queue costs less than the 2,000-token prefill it saves
     follow = req(system + words(400, 4), rid="2")
-    assert scorer.score(None, follow, [a, b])[0] == 1.0
+    assert scorer.score(follow, [a, b])[0] == 1.0
     scorer._rates(a).pending[1] = _Pending(5000, time.monotonic() + 60)  # 5,000 tokens of prefill ahead on a
     follow = req(system + words(400, 5), rid="3")
-    scores = scorer.score(None, follow, [a, b])
+    scores = scorer.score(follow, [a, b])
     assert scores[1] == 1.0 and scores[0] < 1.0  # a cold prefill on b is sooner than waiting on a
 
 
@@ -120,10 +120,10 @@ def test_a_cold_prompt_goes_where_few_requests_follow_it():
     cold = req(words(12000, 3), rid="cold")
     preds = scorer.predict(cold, endpoints)
     assert max(p.ttft for p in preds) < 1.2 * min(p.ttft for p in preds)  # about the same prefill everywhere
-    scores = scorer.score(None, cold, endpoints)
+    scores = scorer.score(cold, endpoints)
     assert scores[1] < min(scores[0], scores[2], scores[3])  # not where the hot prefix keeps arriving
     assert scores[0] == scores[2] == 1.0 and scores[3] < 1.0  # nor on the one with some traffic
-    warm = scorer.score(None, req(hot_prompt + words(400, 999), rid="warm"), endpoints)
+    warm = scorer.score(req(hot_prompt + words(400, 999), rid="warm"), endpoints)
     assert warm[1] == 1.0 and max(warm[0], warm[2], warm[3]) < 0.5
 
 
@@ -141,7 +141,7 @@ def test_a_slow_endpoint_is_learned():
     # truth at 1,000 tokens: 0.12 s and 0.52 s; each endpoint's slowness moves slowly (a geometric mean)
     assert slow_p.ttft / fast_p.ttft > 3.0
     assert fast_p.ttft == pytest.approx(0.12, rel=0.5) and slow_p.ttft == pytest.approx(0.52, rel=0.5)
-    scores = scorer.score(None, req(words(4000, 999)), [fast, slow])
+    scores = scorer.score(req(words(4000, 999)), [fast, slow])
     assert scores[0] == 1.0 and scores[1] < 0.4
     audit = scorer.audit.summary()
     assert audit["count"] == 60
@@ -212,10 +212,10 @@ def test_slo_headers_prefer_endpoints_that_meet_them():
     scorer._rates(a).tpot = DecayedFit(0.08, 0.0, 64, 0.0, 1.0)  # a answers first sooner but decodes slowly
     scorer._rates(b).speed.value = math.log(3.0)  # b is three times slower to first token
     text = words(400, 5)
-    assert scorer.score(None, req(text), [a, b])[0] == 1.0  # by TTFT alone, a
-    scores = scorer.score(None, req(text, headers={"x-llm-d-slo-tpot-ms": "40"}), [a, b])
+    assert scorer.score(req(text), [a, b])[0] == 1.0  # by TTFT alone, a
+    scores = scorer.score(req(text, headers={"x-llm-d-slo-tpot-ms": "40"}), [a, b])
     assert scores[1] > 0.5 > scores[0]  # only b meets 40 ms per token
-    scores = scorer.score(None, req(text, headers={"x-llm-d-slo-ttft-ms": "1", "x-llm-d-slo-tpot-ms": "x"}), [a, b])
+    scores = scorer.score(req(text, headers={"x-llm-d-slo-ttft-ms": "1", "x-llm-d-slo-tpot-ms": "x"}), [a, b])
     assert scores[0] > scores[1]  # none meets 1 ms; a misses by least
 
 

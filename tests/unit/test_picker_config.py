@@ -7,7 +7,7 @@ import pytest
 from epp.api.types import ApiKind, InferenceRequest, ParsedBody
 from epp.datalayer.endpoint import Endpoint
 from epp.scheduling.config import load_config
-from epp.scheduling.plugins import CycleState, ScoredEndpoint, Scorer
+from epp.scheduling.plugins import ScoredEndpoint, Scorer
 from epp.scheduling.registry import PluginConfigError, register_plugin
 from plugins.pickers import MaxScorePicker, RandomPicker, WeightedRandomPicker
 from plugins.profile_handlers import SingleProfileHandler
@@ -76,7 +76,7 @@ class FixedScorer(Scorer):
     def __init__(self, scores: list[float]) -> None:
         self.scores = scores
 
-    def score(self, cycle, request, eps):
+    def score(self, request, eps):
         return self.scores[: len(eps)]
 
 
@@ -97,9 +97,9 @@ def test_max_score_picker_breaks_ties_at_random_and_returns_fallbacks():
     eps = endpoints(4)
     scored = [ScoredEndpoint(e, s) for e, s in zip(eps, [0.5, 0.9, 0.9, 0.1], strict=True)]
     picker = MaxScorePicker(seed=1)
-    winners = {picker.pick(CycleState(), request(), scored)[0].name for _ in range(200)}
+    winners = {picker.pick(request(), scored)[0].name for _ in range(200)}
     assert winners == {"e1", "e2"}
-    top3 = MaxScorePicker(max_num_of_endpoints=3, seed=2).pick(CycleState(), request(), scored)
+    top3 = MaxScorePicker(max_num_of_endpoints=3, seed=2).pick(request(), scored)
     assert {e.name for e in top3[:2]} == {"e1", "e2"} and top3[2].name == "e0"
 
 
@@ -109,10 +109,10 @@ def test_weighted_random_picker_follows_scores():
     picker = WeightedRandomPicker(seed=3)
     counts = {"e0": 0, "e1": 0, "e2": 0}
     for _ in range(4000):
-        counts[picker.pick(CycleState(), request(), scored)[0].name] += 1
+        counts[picker.pick(request(), scored)[0].name] += 1
     assert counts["e0"] == 0 and 0.65 < counts["e2"] / 4000 < 0.85
     zeros = [ScoredEndpoint(e, 0.0) for e in eps]
-    assert len({picker.pick(CycleState(), request(), zeros)[0].name for _ in range(100)}) == 3
+    assert len({picker.pick(request(), zeros)[0].name for _ in range(100)}) == 3
 
 
 def test_all_endpoints_filtered_out_is_429():
@@ -129,7 +129,7 @@ from epp.scheduling.plugins import Filter  # noqa: E402
 
 @register_plugin("test-empty-filter")
 class EmptyFilter(Filter):
-    def filter(self, cycle, request, eps):
+    def filter(self, request, eps):
         return []
 
 

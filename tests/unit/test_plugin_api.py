@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import ast
+import logging
 from pathlib import Path
 
 import pytest
 
 import epp.plugin as api
+import epp.scheduling.registry as registry
 from epp.api.types import ApiKind
 from epp.testing import API_PATHS, Harness, endpoint, request
 
@@ -48,7 +50,7 @@ def test_serve_runs_the_lifecycle_so_the_prefix_index_learns():
 class PrefixReader(api.Scorer):
     consumes = (api.PREFIX_MATCH,)
 
-    def score(self, cycle, request, endpoints):
+    def score(self, request, endpoints):
         match = api.PREFIX_MATCH.get(request)
         return [match.ratio(e) if match else 0.0 for e in endpoints]
 
@@ -66,6 +68,137 @@ def test_a_consumer_listed_before_its_producer_is_refused():
     ok = body.replace("test-prefix-reader\n  - pluginRef: prefix-cache-scorer",
                       "prefix-cache-scorer\n  - pluginRef: test-prefix-reader")
     assert Harness(HEAD + ok, [endpoint("a")]).pick(request()).name == "a"
+
+
+# Plugins written against the previous signatures, which took the scheduling cycle first: adapted for one release.
+@api.register_plugin("test-legacy-filter")
+class LegacyFilter(api.Filter):
+    def __init__(self) -> None:
+        self.cycles: list[object] = []
+
+    def filter(self, cycle, request, endpoints):
+        self.cycles.append(cycle)
+        cycle.data["filtered"] = True
+        return [e for e in endpoints if e.name != "drop"]
+
+
+@api.register_plugin("test-legacy-scorer")
+class LegacyScorer(api.Scorer):
+    def score(self, cycle, request, endpoints):
+        assert cycle.data["filtered"]  # the filter's cycle: shared within the request, as before
+        return [1.0 if e.name == "b" else 0.0 for e in endpoints]
+
+
+@api.register_plugin("test-legacy-picker")
+class LegacyPicker(api.Picker):
+    def pick(self, cycle, request, scored):
+        return [s.endpoint for s in sorted(scored, key=lambda s: -s.score)]
+
+
+@api.register_plugin("test-legacy-handler")
+class LegacyHandler(api.ProfileHandler):
+    def pick_profiles(self, cycle, request, profiles, results):
+        cycle.data["profiles"] = cycle.data.get("profiles", 0) + 1
+        return {} if results else dict(profiles)
+
+    def process_results(self, cycle, request, results):
+        assert cycle.data["profiles"] == 2
+        (name,) = results
+        return api.SchedulingResult(results, name)
+
+
+@api.register_plugin("test-optional-arg-scorer")
+class OptionalArgScorer(api.Scorer):
+    def score(self, request, endpoints, scale=1.0):  # current signature, one optional parameter more
+        return [scale] * len(endpoints)
+
+
+LEGACY = HEAD + """\
+plugins:
+- type: test-legacy-filter
+- type: test-legacy-scorer
+- type: test-legacy-picker
+- type: test-legacy-handler
+- type: queue-scorer
+- type: test-optional-arg-scorer
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: test-legacy-filter
+  - {pluginRef: test-legacy-scorer, weight: 2}
+  - pluginRef: queue-scorer
+  - pluginRef: test-optional-arg-scorer
+  - pluginRef: test-legacy-picker
+"""
+
+
+def legacy_pool():
+    return [endpoint("drop"), endpoint("a", waiting=5), endpoint("b", waiting=9)]
+
+
+def test_plugins_of_the_old_and_the_new_signatures_schedule_together():
+    h = Harness(LEGACY, legacy_pool())
+    assert h.pick(request()).name == "b"  # legacy scorer x 2 beats queue-scorer; "drop" filtered out
+    scores = h.scores(request())
+    assert scores["test-legacy-scorer"] == {"a": 0.0, "b": 1.0}
+    assert scores["queue-scorer"] == {"a": 1.0, "b": 0.0}
+    assert scores["test-optional-arg-scorer"] == {"a": 1.0, "b": 1.0}
+    assert [e.name for e in h.schedule(request()).endpoints] == ["b", "a"]
+    cycles = h.plugin("test-legacy-filter").cycles
+    assert len(cycles) == 3 and len({id(c) for c in cycles}) == 3  # one cycle state per request
+
+
+def test_only_old_signature_methods_are_adapted_on_the_instance_and_the_class_is_untouched():
+    h = Harness(LEGACY, legacy_pool())
+    for name, method in [("test-legacy-filter", "filter"), ("test-legacy-scorer", "score"),
+                         ("test-legacy-picker", "pick"), ("test-legacy-handler", "pick_profiles"),
+                         ("test-legacy-handler", "process_results")]:
+        assert method in vars(h.plugin(name)), name
+    for name in ("queue-scorer", "test-optional-arg-scorer"):
+        assert "score" not in vars(h.plugin(name))  # called directly: no wrapper on the request path
+    # an author's own test calling the class directly still gets the old method
+    state = api_cycle_state()
+    state.data["filtered"] = True
+    assert LegacyScorer().score(state, request(), h.endpoints) == [0.0, 0.0, 1.0]
+
+
+def api_cycle_state():
+    from epp.scheduling.plugins import CycleState
+
+    return CycleState()
+
+
+def test_old_signatures_are_inspected_at_load_not_per_request(monkeypatch):
+    h = Harness(LEGACY, legacy_pool())
+
+    def boom(*args, **kwargs):
+        raise AssertionError("inspect.signature on the request path")
+
+    monkeypatch.setattr(registry.inspect, "signature", boom)
+    assert h.pick(request()).name == "b"
+
+
+def test_an_old_signature_plugin_is_named_in_one_deprecation_warning(monkeypatch, caplog):
+    monkeypatch.setattr(registry, "_legacy", {})
+    with caplog.at_level(logging.WARNING, logger=registry.__name__):
+        Harness(LEGACY, legacy_pool())
+        Harness(LEGACY, legacy_pool())  # a reload, another instance: no second warning
+    warned = [r.getMessage() for r in caplog.records if "deprecated signature" in r.getMessage()]
+    assert len(warned) == 4  # filter, scorer, picker, handler: one each
+    assert any("'test-legacy-scorer'" in m and " score()" in m and "LegacyScorer" in m for m in warned)
+    assert any("pick_profiles(), process_results()" in m for m in warned)
+    assert not any("queue-scorer" in m or "optional-arg" in m for m in warned)
+
+
+def test_cycle_state_stays_importable_for_one_release_deprecated():
+    from epp.scheduling.plugins import CycleState as Internal
+
+    with pytest.deprecated_call():
+        from epp.plugin import CycleState
+    assert CycleState is Internal
+    assert "CycleState" not in api.__all__
+    with pytest.raises(AttributeError):
+        api.NoSuchName  # noqa: B018
 
 
 def test_parameter_helpers_name_the_parameter():

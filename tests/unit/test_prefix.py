@@ -27,7 +27,7 @@ def result(endpoint, prefill=None):
 
 def route(p, request, endpoints, target):
     """What the scheduler and director do: score every candidate, then report the pick."""
-    scores = p.score(None, request, endpoints)
+    scores = p.score(request, endpoints)
     p.pre_request(request, result(target))
     return scores
 
@@ -236,7 +236,7 @@ def test_prefill_profile_target_is_indexed_too():
     s = plugin("prefix-cache-scorer", "{scoreMode: ratio}")
     a, b = eps({}, {})
     r = req("k" * 640)
-    s.score(None, r, [a, b])
+    s.score(r, [a, b])
     s.pre_request(r, result(a, prefill=b))
     assert score(s, [a, b], req("k" * 640)) == [1.0, 1.0]
 
@@ -457,11 +457,11 @@ def test_hit_ratio_is_exposed_for_metrics_whatever_the_score_mode():
     text = words(6400, 12)  # 100 blocks
     route(s, req(text[:3200]), [a, b], a)
     r = req(text)
-    s.score(None, r, [a, b])
+    s.score(r, [a, b])
     st = r.attributes["prefix-cache-scorer"]
     assert st and st.hit_ratio == 0.5
     r2 = req("tiny")
-    s.score(None, r2, [a, b])
+    s.score(r2, [a, b])
     assert not r2.attributes["prefix-cache-scorer"]
 
 

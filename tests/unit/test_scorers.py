@@ -134,7 +134,7 @@ def test_token_load_scorer_charges_the_uncached_part_of_the_prompt():
     a, b = eps({"tokens": 1000}, {"tokens": 1000})
     text = "x" * 4000  # 62.5 blocks of 64 characters: ~1000 tokens
     first = req(text)
-    prefix.score(None, first, [a, b])
+    prefix.score(first, [a, b])
     prefix.pre_request(first, result(a))
     again = req(text)
     s = score(tl, [a, b], again)

@@ -8,7 +8,6 @@ from typing import Any
 from epp.api.types import ApiKind, InferenceRequest, ParsedBody
 from epp.datalayer.endpoint import Endpoint
 from epp.scheduling.config import load_config
-from epp.scheduling.plugins import CycleState
 
 HEAD = "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\n"
 
@@ -49,4 +48,4 @@ def config(body: str) -> Any:
 
 
 def score(p: Any, endpoints: list[Endpoint], request: InferenceRequest | None = None) -> list[float]:
-    return [round(s, 6) for s in p.score(CycleState(), request or req("hello"), endpoints)]
+    return [round(s, 6) for s in p.score(request or req("hello"), endpoints)]

@@ -1,6 +1,7 @@
 """tenant-scorer through EPP's own configuration loader and scheduler (epp.testing)."""
 
 import pytest
+from epp_tenant_scorer import TenantScorer
 
 from epp.plugin import PluginConfigError, registered_types
 from epp.testing import Harness, endpoint, request
@@ -38,6 +39,12 @@ def test_others_avoid_the_reserved_endpoint_and_balance_by_queue():
     h = Harness(CONFIG, [endpoint("gold", address="10.1.0.1"), endpoint("a", waiting=3), endpoint("b")])
     assert h.pick(request()).name == "b"
     assert h.pick(request(headers={"x-tenant": "unknown"})).name == "b"
+
+
+def test_the_scorer_alone_takes_the_request_and_the_endpoints():
+    scorer = TenantScorer(tenants={"gold": ["10.1.0.1:8000"]})
+    assert scorer.score(request(headers={"x-tenant": "gold"}), pool()) == [1.0, 0.0, 0.0]
+    assert scorer.score(request(), pool()) == [0.0, 1.0, 1.0]
 
 
 def test_bad_parameters_name_the_plugin():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from epp.plugin import CycleState, Endpoint, InferenceRequest, Scorer, check_str, register_plugin
+from epp.plugin import Endpoint, InferenceRequest, Scorer, check_str, register_plugin
 
 
 @register_plugin("tenant-scorer")
@@ -25,7 +25,7 @@ class TenantScorer(Scorer):
             self.tenants[name] = frozenset(hostports)
         self.reserved = frozenset().union(*self.tenants.values())
 
-    def score(self, cycle: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> list[float]:
+    def score(self, request: InferenceRequest, endpoints: list[Endpoint]) -> list[float]:
         mine = self.tenants.get(request.headers.get(self.header, ""))
         if mine is not None:
             return [1.0 if e.hostport in mine else 0.0 for e in endpoints]
