@@ -196,13 +196,16 @@ def _media_source(value: Any) -> Any:
 def parse_responses(payload: dict[str, Any]) -> ParsedBody:
     parsed = common_fields(payload, ApiKind.RESPONSES)
     parsed.max_output_tokens = optional_count(payload, "max_output_tokens")
+    # Rendered as chat and Anthropic messages are (tools, then the system message, then the turns): the model
+    # server renders `instructions` as the system message, so the same content keys the same prefix whichever
+    # API carried it.
     parts: list[str] = []
-    instructions = optional_str(payload, "instructions")
-    if instructions:
-        parts.append(role_marker("instructions") + instructions)
     tools = optional_list(payload, "tools")
     if tools:
         parts.append(compact_json(tools))
+    instructions = optional_str(payload, "instructions")
+    if instructions:
+        parts.append(role_marker("system") + instructions)
     value = payload.get("input")
     if isinstance(value, str):
         parts.append(role_marker("user") + value)

@@ -396,9 +396,19 @@ def test_responses_orders_instructions_tools_input() -> None:
     body = {"model": "m", "instructions": "be nice", "tools": tools, "input": items}
     text = parse(RESPONSES, body).prompt_text
     assert text is not None
-    positions = [text.index(s) for s in ("be nice", '"lookup"', "question", "<|image:", 'lookup{"q":1}',
+    positions = [text.index(s) for s in ('"lookup"', "be nice", "question", "<|image:", 'lookup{"q":1}',
                                          "result-text", "answer", "<|reasoning|>")]
     assert positions == sorted(positions)
+
+
+def test_the_same_conversation_keys_the_same_prefix_through_chat_responses_and_messages() -> None:
+    system, question = "You are terse. " * 20, "What is the capital of France?"
+    chat = parse(CHAT, {"model": "m", "messages": [{"role": "system", "content": system},
+                                                  {"role": "user", "content": question}]}).prompt_text
+    responses = parse(RESPONSES, {"model": "m", "instructions": system, "input": question}).prompt_text
+    messages = parse(MESSAGES, {"model": "m", "max_tokens": 5, "system": system,
+                                "messages": [{"role": "user", "content": question}]}).prompt_text
+    assert chat == responses == messages
 
 
 def test_responses_prefix_stable() -> None:
