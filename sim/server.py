@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from sim import sleep
 from sim.apis import anthropic, misc, openai, pooling, responses
-from sim.apis.base import BODY_KEY, REQS_KEY, STREAM_KEY, Handler, Pod, StreamCut, json_response, parse_json
+from sim.apis.base import BODY_KEY, REQS_KEY, STREAM_KEY, Handler, Parser, Pod, StreamCut, json_response, parse_json
 from sim.config import SimConfig
 from sim.engine import Engine
 from sim.errors import ApiError, error_bytes
@@ -49,6 +49,7 @@ class Route:
     inference: bool = True  # subject to the hang/fail/delay faults
     json: bool = True  # parse the body as JSON before calling the handler
     anthropic: bool = False  # errors in Anthropic's envelope
+    parse: Parser | None = None  # the request as engine work, as the handler parses it (sim/offline.py)
 
 
 # -- admin handlers --------------------------------------------------------------------------------------
@@ -127,19 +128,19 @@ ROUTES: tuple[Route, ...] = (
     Route("/v1/chat/completions/render", _POST, misc.render_chat_request),
     Route("/v1/completions/render", _POST, misc.render_completions),
     Route("/v1/responses/render", _POST, misc.render_responses),
-    Route("/v1/chat/completions", _POST, openai.chat_completions),
-    Route("/v1/completions", _POST, openai.completions),
-    Route("/v1/responses", _POST, responses.responses),
-    Route("/v1/embeddings", _POST, pooling.embeddings),
+    Route("/v1/chat/completions", _POST, openai.chat_completions, parse=openai.parse_chat),
+    Route("/v1/completions", _POST, openai.completions, parse=openai.parse_completions),
+    Route("/v1/responses", _POST, responses.responses, parse=responses.parse_responses),
+    Route("/v1/embeddings", _POST, pooling.embeddings, parse=pooling.parse_embeddings),
     Route("/v1/messages/count_tokens", _POST, anthropic.count_tokens, anthropic=True),
-    Route("/v1/messages", _POST, anthropic.messages, anthropic=True),
-    Route("/inference/v1/generate", _POST, openai.generate),
+    Route("/v1/messages", _POST, anthropic.messages, anthropic=True, parse=anthropic.parse_messages),
+    Route("/inference/v1/generate", _POST, openai.generate, parse=openai.parse_generate),
     Route("/detokenize", _POST, misc.detokenize),
     Route("/tokenize", _POST, misc.tokenize),
-    Route("/score", _POST, pooling.score),
-    Route("/rerank", _POST, pooling.rerank),
-    Route("/classify", _POST, pooling.classify),
-    Route("/invocations", _POST, misc.invocations),
+    Route("/score", _POST, pooling.score, parse=pooling.parse_score),
+    Route("/rerank", _POST, pooling.rerank, parse=pooling.parse_rerank),
+    Route("/classify", _POST, pooling.classify, parse=pooling.parse_classify),
+    Route("/invocations", _POST, misc.invocations, parse=misc.parse_invocations),
     Route("/v1/audio/transcriptions", _POST, misc.transcriptions, json=False),
     Route("/v1/models", _GET, misc.models, json=False),
     Route("/health", _GET, _health, inference=False, json=False),

@@ -15,6 +15,7 @@ from aiohttp import web
 from sim.apis.base import (
     Pod,
     SseWriter,
+    Submission,
     before_engine,
     check_length,
     json_response,
@@ -22,8 +23,9 @@ from sim.apis.base import (
     resolve_model,
     run_to_end,
     sse_event,
+    stream_flag,
     stream_many,
-    submit,
+    submit_all,
 )
 from sim.engine import SimRequest
 from sim.errors import ApiError
@@ -44,7 +46,7 @@ def _parse(pod: Pod, body: dict[str, Any]) -> tuple[str, str | None, list[int]]:
     return model, lora, prompt
 
 
-async def messages(pod: Pod, request: web.Request, doc: Any) -> web.StreamResponse:
+def parse_messages(pod: Pod, doc: Any) -> Submission:
     body = require_object(doc)
     model, lora, prompt = _parse(pod, body)
     max_tokens = body.get("max_tokens")
@@ -52,14 +54,18 @@ async def messages(pod: Pod, request: web.Request, doc: Any) -> web.StreamRespon
         raise ApiError(400, "max_tokens: Field required", param="max_tokens")
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
         raise ApiError(400, "max_tokens: max_tokens must be positive", param="max_tokens")
-    stream = body.get("stream", False)
-    if stream is not None and not isinstance(stream, bool):
-        raise ApiError(400, "stream: Input should be a valid boolean", param="stream")
-    max_tokens = check_length(pod, len(prompt), max_tokens, True)
+    stream = stream_flag(body)
+    return Submission(body=body, model=model, lora=lora, prompts=[prompt],
+                      max_tokens=[check_length(pod, len(prompt), max_tokens, True)], stream=stream)
+
+
+async def messages(pod: Pod, request: web.Request, doc: Any) -> web.StreamResponse:
+    sub = parse_messages(pod, doc)
+    model = sub.model
     await before_engine(pod)
-    req = submit(pod, request, prompt, max_tokens, stream=bool(stream), lora=lora, explicit_max=True)
+    req, = submit_all(pod, request, sub)
     mid = f"msg_{req.rid}"
-    if not stream:
+    if not sub.stream:
         await run_to_end(pod, [req])
         return json_response({
             "id": mid, "type": "message", "role": "assistant",

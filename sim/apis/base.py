@@ -64,6 +64,31 @@ class Pod:
 Handler = Callable[[Pod, web.Request, Any], Awaitable[web.StreamResponse]]
 
 
+@dataclass(slots=True)
+class Submission:
+    """A request parsed into engine work: what its handler submits (one engine request per prompt), and what
+    the answer tells the client. Each API's ``parse_*`` function makes it, for the pod's HTTP handler and for
+    the simulator without HTTP (sim/offline.py) alike; an empty one (no prompts) needs no engine."""
+
+    body: dict[str, Any] = field(default_factory=dict)
+    model: str = ""  # the name the response reports
+    lora: str | None = None
+    prompts: list[list[int]] = field(default_factory=list)
+    max_tokens: list[int] = field(default_factory=list)  # one per prompt, within max_model_len
+    explicit: bool = True  # the client set max_tokens (finish reason "length", not "stop")
+    stream: bool = False
+    include_usage: bool = False  # stream_options.include_usage
+    continuous: bool = False  # stream_options.continuous_usage_stats
+    cache_salt: str | None = None
+    prefill_only: bool = False  # pooling: the prompt's prefill is the whole work
+    usage: bool = True  # the response reports token usage (a stream only with include_usage)
+    cached: bool = True  # ... including the cached prompt tokens
+    options: dict[str, Any] = field(default_factory=dict)  # what else the handler answers with (per API)
+
+
+Parser = Callable[[Pod, Any], Submission]
+
+
 # -- parsing ---------------------------------------------------------------------------------------------
 def parse_json(request: web.Request) -> Any:
     ctype = request.headers.get("Content-Type")
@@ -151,13 +176,19 @@ def cache_salt_of(body: dict[str, Any]) -> str | None:
     return salt
 
 
-def stream_flags(body: dict[str, Any]) -> tuple[bool, bool, bool]:
-    """(stream, include_usage, continuous_usage_stats)."""
+def stream_flag(body: dict[str, Any]) -> bool:
+    """``stream``: a boolean; null or absent is False."""
     stream = body.get("stream", False)
     if stream is None:
-        stream = False
+        return False
     if not isinstance(stream, bool):
         raise ApiError(400, "stream: Input should be a valid boolean", param="stream")
+    return stream
+
+
+def stream_flags(body: dict[str, Any]) -> tuple[bool, bool, bool]:
+    """(stream, include_usage, continuous_usage_stats)."""
+    stream = stream_flag(body)
     opts = body.get("stream_options")
     if opts is None:
         return stream, False, False
@@ -187,6 +218,14 @@ def submit(pod: Pod, request: web.Request, prompt: list[int], max_tokens: int, *
     req = pod.engine.submit(prompt, max_tokens, **kw)
     request.setdefault(REQS_KEY, []).append(req)
     return req
+
+
+def submit_all(pod: Pod, request: web.Request, sub: Submission) -> list[SimRequest]:
+    """One engine request per prompt of ``sub``."""
+    if sub.prefill_only:
+        return [submit(pod, request, p, 0, prefill_only=True, lora=sub.lora) for p in sub.prompts]
+    return [submit(pod, request, p, m, stream=sub.stream, lora=sub.lora, cache_salt=sub.cache_salt,
+                   explicit_max=sub.explicit) for p, m in zip(sub.prompts, sub.max_tokens, strict=True)]
 
 
 async def before_engine(pod: Pod) -> None:

@@ -9,7 +9,10 @@ from aiohttp import web
 from sim.apis import openai, pooling
 from sim.apis.base import (
     BODY_KEY,
+    Handler,
+    Parser,
     Pod,
+    Submission,
     before_engine,
     check_length,
     json_response,
@@ -127,22 +130,33 @@ async def transcriptions(pod: Pod, request: web.Request, doc: Any) -> web.Stream
 
 
 # -- SageMaker -------------------------------------------------------------------------------------------
-async def invocations(pod: Pod, request: web.Request, doc: Any) -> web.StreamResponse:
+def invocation_api(doc: Any) -> tuple[Handler, Parser]:
+    """The API a SageMaker ``/invocations`` body is for (its handler and parser), by the keys it has."""
     body = require_object(doc)
     if "messages" in body:
-        return await openai.chat_completions(pod, request, body)
+        return openai.chat_completions, openai.parse_chat
     if "token_ids" in body and "sampling_params" in body:
-        return await openai.generate(pod, request, body)
+        return openai.generate, openai.parse_generate
     if "prompt" in body:
-        return await openai.completions(pod, request, body)
+        return openai.completions, openai.parse_completions
     if "input" in body:
-        return await pooling.embeddings(pod, request, body)
+        return pooling.embeddings, pooling.parse_embeddings
     if "query" in body and "documents" in body:
-        return await pooling.rerank(pod, request, body)
+        return pooling.rerank, pooling.parse_rerank
     if "text_1" in body and "text_2" in body:
-        return await pooling.score(pod, request, body)
+        return pooling.score, pooling.parse_score
     raise ApiError(400, "Cannot find a suitable handler for request body with keys "
                         f"{sorted(body)[:10]}")
+
+
+async def invocations(pod: Pod, request: web.Request, doc: Any) -> web.StreamResponse:
+    handler, _ = invocation_api(doc)
+    return await handler(pod, request, doc)
+
+
+def parse_invocations(pod: Pod, doc: Any) -> Submission:
+    _, parse = invocation_api(doc)
+    return parse(pod, doc)
 
 
 # -- vLLM's render endpoints (scale-out): the prompt token ids a request would run, without running it ------

@@ -13,6 +13,7 @@ from sim.apis.base import (
     DONE,
     Pod,
     SseWriter,
+    Submission,
     before_engine,
     cache_salt_of,
     check_length,
@@ -26,7 +27,7 @@ from sim.apis.base import (
     sse,
     stream_flags,
     stream_many,
-    submit,
+    submit_all,
     token_ids_of,
 )
 from sim.engine import SimRequest
@@ -48,26 +49,39 @@ def chat_prompt(pod: Pod, body: dict[str, Any]) -> list[int]:
     return pod.tokenizer.encode_segments(segments)
 
 
-async def chat_completions(pod: Pod, request: web.Request, doc: Any) -> web.StreamResponse:
+def _submission(pod: Pod, body: dict[str, Any], model: str, lora: str | None, flags: tuple[bool, bool, bool],
+                prompts: list[list[int]], params: dict[str, Any], *max_keys: str) -> Submission:
+    """The rest of an OpenAI-style request: max_tokens (from ``params``) within the context, the cache salt."""
+    stream, include_usage, continuous = flags
+    max_tokens, explicit = max_tokens_of(pod, params, *max_keys)
+    return Submission(body=body, model=model, lora=lora, prompts=prompts,
+                      max_tokens=[check_length(pod, len(p), max_tokens, explicit) for p in prompts],
+                      explicit=explicit, stream=stream, include_usage=include_usage, continuous=continuous,
+                      cache_salt=cache_salt_of(body), usage=include_usage or not stream)
+
+
+def parse_chat(pod: Pod, doc: Any) -> Submission:
     body = require_object(doc)
     model, lora = resolve_model(pod, body)
-    stream, include_usage, continuous = stream_flags(body)
-    prompt = chat_prompt(pod, body)
-    max_tokens, explicit = max_tokens_of(pod, body, "max_completion_tokens", "max_tokens")
-    max_tokens = check_length(pod, len(prompt), max_tokens, explicit)
-    salt = cache_salt_of(body)
+    flags = stream_flags(body)
+    return _submission(pod, body, model, lora, flags, [chat_prompt(pod, body)], body, "max_completion_tokens",
+                       "max_tokens")
+
+
+async def chat_completions(pod: Pod, request: web.Request, doc: Any) -> web.StreamResponse:
+    sub = parse_chat(pod, doc)
+    body, model, lora, salt, prompt = sub.body, sub.model, sub.lora, sub.cache_salt, sub.prompts[0]
     await before_engine(pod)
     await pd.prepare(pod, request, body, prompt, lora, salt)
-    req = submit(pod, request, prompt, max_tokens, stream=stream, lora=lora, cache_salt=salt,
-                 explicit_max=explicit)
+    req, = submit_all(pod, request, sub)
     rid = f"chatcmpl-{req.rid}"
     created = int(time.time())
-    if not stream:
+    if not sub.stream:
         await run_to_end(pod, [req])
         doc = chat_completion_doc(rid, created, model, req)
         doc["kv_transfer_params"] = pd.produced(pod, body, req, prompt, lora, salt)
         return json_response(doc)
-    return await _stream_chat(pod, request, rid, created, model, req, include_usage, continuous)
+    return await _stream_chat(pod, request, rid, created, model, req, sub.include_usage, sub.continuous)
 
 
 def chat_completion_doc(rid: str, created: int, model: str, req: SimRequest) -> dict[str, Any]:
@@ -135,24 +149,26 @@ def completion_prompts(pod: Pod, prompt: Any) -> list[list[int]]:
     raise ApiError(400, "prompt: must be a string, a list of strings or token ids", param="prompt")
 
 
-async def completions(pod: Pod, request: web.Request, doc: Any) -> web.StreamResponse:
+def parse_completions(pod: Pod, doc: Any) -> Submission:
     body = require_object(doc)
     model, lora = resolve_model(pod, body)
-    stream, include_usage, continuous = stream_flags(body)
+    flags = stream_flags(body)
     if "prompt" not in body:
         raise ApiError(400, "prompt: Field required", param="prompt")
-    prompts = completion_prompts(pod, body["prompt"])
-    max_tokens, explicit = max_tokens_of(pod, body, "max_tokens")
-    limits = [check_length(pod, len(p), max_tokens, explicit) for p in prompts]
-    salt = cache_salt_of(body)
+    return _submission(pod, body, model, lora, flags, completion_prompts(pod, body["prompt"]), body, "max_tokens")
+
+
+async def completions(pod: Pod, request: web.Request, doc: Any) -> web.StreamResponse:
+    sub = parse_completions(pod, doc)
+    body, model, lora, salt, prompts = sub.body, sub.model, sub.lora, sub.cache_salt, sub.prompts
+    include_usage, continuous = sub.include_usage, sub.continuous
     await before_engine(pod)
     if len(prompts) == 1:  # P/D for one prompt, as llm-d's sidecar
         await pd.prepare(pod, request, body, prompts[0], lora, salt)
-    reqs = [submit(pod, request, p, m, stream=stream, lora=lora, cache_salt=salt, explicit_max=explicit)
-            for p, m in zip(prompts, limits, strict=True)]
+    reqs = submit_all(pod, request, sub)
     rid = f"cmpl-{reqs[0].rid}"
     created = int(time.time())
-    if not stream:
+    if not sub.stream:
         await run_to_end(pod, reqs)
         params = pd.produced(pod, body, reqs[0], prompts[0], lora, salt) if len(prompts) == 1 else None
         return json_response({
@@ -184,7 +200,7 @@ async def completions(pod: Pod, request: web.Request, doc: Any) -> web.StreamRes
 
 
 # -- /inference/v1/generate ------------------------------------------------------------------------------
-async def generate(pod: Pod, request: web.Request, doc: Any) -> web.StreamResponse:
+def parse_generate(pod: Pod, doc: Any) -> Submission:
     body = require_object(doc)
     model, lora = resolve_model(pod, body)
     if "token_ids" not in body:
@@ -193,16 +209,17 @@ async def generate(pod: Pod, request: web.Request, doc: Any) -> web.StreamRespon
     params = body.get("sampling_params")
     if not isinstance(params, dict):
         raise ApiError(400, "sampling_params: Field required (an object)", param="sampling_params")
-    stream, include_usage, continuous = stream_flags(body)
-    max_tokens, explicit = max_tokens_of(pod, params, "max_tokens")
-    max_tokens = check_length(pod, len(prompt), max_tokens, explicit)
-    salt = cache_salt_of(body)
-    given_id = body.get("request_id")
+    return _submission(pod, body, model, lora, stream_flags(body), [prompt], params, "max_tokens")
+
+
+async def generate(pod: Pod, request: web.Request, doc: Any) -> web.StreamResponse:
+    sub = parse_generate(pod, doc)
+    model, include_usage, continuous = sub.model, sub.include_usage, sub.continuous
+    given_id = sub.body.get("request_id")
     await before_engine(pod)
-    req = submit(pod, request, prompt, max_tokens, stream=stream, lora=lora, cache_salt=salt,
-                 explicit_max=explicit)
+    req, = submit_all(pod, request, sub)
     rid = given_id if isinstance(given_id, str) and given_id else f"gen-{req.rid}"
-    if not stream:
+    if not sub.stream:
         await run_to_end(pod, [req])
         return json_response({
             "request_id": rid, "model": model, "created": int(time.time()),

@@ -14,13 +14,14 @@ from aiohttp import web
 
 from sim.apis.base import (
     Pod,
+    Submission,
     before_engine,
     check_length,
     json_response,
     require_object,
     resolve_model,
     run_to_end,
-    submit,
+    submit_all,
     token_ids_of,
 )
 from sim.engine import SimRequest
@@ -50,12 +51,18 @@ def _inputs(pod: Pod, value: Any, param: str) -> list[list[int]]:
     raise ApiError(400, f"{param}: must be a string or a non-empty list", param=param)
 
 
-async def _run(pod: Pod, request: web.Request, body: dict[str, Any], prompts: list[list[int]],
-               lora: str | None) -> list[SimRequest]:
+def _submission(pod: Pod, body: dict[str, Any], model: str, lora: str | None, prompts: list[list[int]],
+                usage: bool = True, **options: Any) -> Submission:
+    """Prefill-only work; the usage reports prompt tokens, none of them cached."""
     for p in prompts:
         check_length(pod, len(p), 0, False)
+    return Submission(body=body, model=model, lora=lora, prompts=prompts, max_tokens=[0] * len(prompts),
+                      explicit=False, prefill_only=True, usage=usage, cached=False, options=options)
+
+
+async def _run(pod: Pod, request: web.Request, sub: Submission) -> list[SimRequest]:
     await before_engine(pod)
-    reqs = [submit(pod, request, p, 0, prefill_only=True, lora=lora) for p in prompts]
+    reqs = submit_all(pod, request, sub)
     await run_to_end(pod, reqs)
     return reqs
 
@@ -77,19 +84,29 @@ def _similarity(a: list[int], b: list[int]) -> float:
     return len(sa & sb) / len(sa | sb) if sa or sb else 0.0
 
 
-async def embeddings(pod: Pod, request: web.Request, doc: Any) -> web.StreamResponse:
+def _input_prompts(pod: Pod, doc: Any) -> tuple[dict[str, Any], str, str | None, list[list[int]]]:
     body = require_object(doc)
     model, lora = resolve_model(pod, body)
     if "input" not in body:
         raise ApiError(400, "input: Field required", param="input")
-    prompts = _inputs(pod, body["input"], "input")
+    return body, model, lora, _inputs(pod, body["input"], "input")
+
+
+def parse_embeddings(pod: Pod, doc: Any) -> Submission:
+    body, model, lora, prompts = _input_prompts(pod, doc)
     dim = body.get("dimensions") or pod.rc.base.embedding_dim
     if not isinstance(dim, int) or isinstance(dim, bool) or not 1 <= dim <= 65536:
         raise ApiError(400, "dimensions: must be a positive integer", param="dimensions")
     fmt = body.get("encoding_format") or "float"
     if fmt not in ("float", "base64"):
         raise ApiError(400, "encoding_format: must be 'float' or 'base64'", param="encoding_format")
-    reqs = await _run(pod, request, body, prompts, lora)
+    return _submission(pod, body, model, lora, prompts, dimensions=dim, encoding_format=fmt)
+
+
+async def embeddings(pod: Pod, request: web.Request, doc: Any) -> web.StreamResponse:
+    sub = parse_embeddings(pod, doc)
+    model, prompts, dim, fmt = sub.model, sub.prompts, sub.options["dimensions"], sub.options["encoding_format"]
+    reqs = await _run(pod, request, sub)
     data = []
     for i, p in enumerate(prompts):
         vec: Any = _vector(p, dim)
@@ -116,7 +133,7 @@ def _texts(value: Any, param: str) -> list[str]:
     raise ApiError(400, f"{param}: must be a string or a non-empty list of strings", param=param)
 
 
-async def score(pod: Pod, request: web.Request, doc: Any) -> web.StreamResponse:
+def parse_score(pod: Pod, doc: Any) -> Submission:
     body = require_object(doc)
     model, lora = resolve_model(pod, body)
     left_key = next((k for k in ("text_1", "queries", "query") if k in body), None)
@@ -131,13 +148,19 @@ async def score(pod: Pod, request: web.Request, doc: Any) -> web.StreamResponse:
                        param=left_key)
     tok = pod.tokenizer
     pairs = [(tok.encode(a), tok.encode(b)) for a, b in zip(left, right, strict=True)]
-    reqs = await _run(pod, request, body, [a + tok.encode(_SEP) + b or [0] for a, b in pairs], lora)
+    return _submission(pod, body, model, lora, [a + tok.encode(_SEP) + b or [0] for a, b in pairs], pairs=pairs)
+
+
+async def score(pod: Pod, request: web.Request, doc: Any) -> web.StreamResponse:
+    sub = parse_score(pod, doc)
+    model, pairs = sub.model, sub.options["pairs"]
+    reqs = await _run(pod, request, sub)
     data = [{"index": i, "object": "score", "score": _similarity(a, b)} for i, (a, b) in enumerate(pairs)]
     return json_response({"id": f"score-{reqs[0].rid}", "object": "list", "created": int(time.time()),
                           "model": model, "data": data, "usage": _usage(reqs)})
 
 
-async def rerank(pod: Pod, request: web.Request, doc: Any) -> web.StreamResponse:
+def parse_rerank(pod: Pod, doc: Any) -> Submission:
     body = require_object(doc)
     model, lora = resolve_model(pod, body)
     query = body.get("query")
@@ -150,7 +173,15 @@ async def rerank(pod: Pod, request: web.Request, doc: Any) -> web.StreamResponse
     tok = pod.tokenizer
     q = tok.encode(query)
     encoded = [tok.encode(d) for d in docs]
-    reqs = await _run(pod, request, body, [q + tok.encode(_SEP) + d or [0] for d in encoded], lora)
+    return _submission(pod, body, model, lora, [q + tok.encode(_SEP) + d or [0] for d in encoded],
+                       usage=False, query=q, documents=docs, encoded=encoded, top_n=top_n)  # usage: total_tokens only
+
+
+async def rerank(pod: Pod, request: web.Request, doc: Any) -> web.StreamResponse:
+    sub = parse_rerank(pod, doc)
+    model, q, docs, encoded, top_n = (sub.model, sub.options["query"], sub.options["documents"],
+                                      sub.options["encoded"], sub.options["top_n"])
+    reqs = await _run(pod, request, sub)
     results = [{"index": i, "document": {"text": docs[i]}, "relevance_score": _similarity(q, d)}
                for i, d in enumerate(encoded)]
     results.sort(key=lambda r: -r["relevance_score"])
@@ -159,13 +190,15 @@ async def rerank(pod: Pod, request: web.Request, doc: Any) -> web.StreamResponse
                           "results": results[:top_n]})
 
 
+def parse_classify(pod: Pod, doc: Any) -> Submission:
+    body, model, lora, prompts = _input_prompts(pod, doc)
+    return _submission(pod, body, model, lora, prompts)
+
+
 async def classify(pod: Pod, request: web.Request, doc: Any) -> web.StreamResponse:
-    body = require_object(doc)
-    model, lora = resolve_model(pod, body)
-    if "input" not in body:
-        raise ApiError(400, "input: Field required", param="input")
-    prompts = _inputs(pod, body["input"], "input")
-    reqs = await _run(pod, request, body, prompts, lora)
+    sub = parse_classify(pod, doc)
+    model, prompts = sub.model, sub.prompts
+    reqs = await _run(pod, request, sub)
     data = []
     for i, p in enumerate(prompts):
         logit = (hash(tuple(p[:4096])) % 2001 - 1000) / 250.0

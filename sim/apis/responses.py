@@ -11,6 +11,7 @@ from aiohttp import web
 from sim.apis.base import (
     Pod,
     SseWriter,
+    Submission,
     before_engine,
     cache_salt_of,
     check_length,
@@ -20,8 +21,9 @@ from sim.apis.base import (
     resolve_model,
     run_to_end,
     sse_event,
+    stream_flag,
     stream_many,
-    submit,
+    submit_all,
 )
 from sim.engine import SimRequest
 from sim.errors import ApiError
@@ -65,26 +67,29 @@ def _response(rid: str, created: int, model: str, body: dict[str, Any], req: Sim
     }
 
 
-async def responses(pod: Pod, request: web.Request, doc: Any) -> web.StreamResponse:
+def parse_responses(pod: Pod, doc: Any) -> Submission:
     body = require_object(doc)
     model, lora = resolve_model(pod, body)
-    stream = body.get("stream", False)
-    if stream is not None and not isinstance(stream, bool):
-        raise ApiError(400, "stream: Input should be a valid boolean", param="stream")
+    stream = stream_flag(body)
     if "input" not in body:
         raise ApiError(400, "input: Field required", param="input")
     prompt = pod.tokenizer.encode_segments(responses_segments(body))
     max_tokens, explicit = max_tokens_of(pod, body, "max_output_tokens")
-    max_tokens = check_length(pod, len(prompt), max_tokens, explicit)
-    salt = cache_salt_of(body)
+    return Submission(body=body, model=model, lora=lora, prompts=[prompt],
+                      max_tokens=[check_length(pod, len(prompt), max_tokens, explicit)], explicit=explicit,
+                      stream=stream, cache_salt=cache_salt_of(body))
+
+
+async def responses(pod: Pod, request: web.Request, doc: Any) -> web.StreamResponse:
+    sub = parse_responses(pod, doc)
+    body, model = sub.body, sub.model
     await before_engine(pod)
-    req = submit(pod, request, prompt, max_tokens, stream=bool(stream), lora=lora, cache_salt=salt,
-                 explicit_max=explicit)
+    req, = submit_all(pod, request, sub)
     rid = f"resp_{req.rid}"
     item_id = f"msg_{req.rid}"
     created = int(time.time())
-    reported_max = max_tokens if explicit else None
-    if not stream:
+    reported_max = sub.max_tokens[0] if sub.explicit else None
+    if not sub.stream:
         await run_to_end(pod, [req])
         return json_response(_response(rid, created, model, body, req, reported_max, item_id))
 

@@ -126,6 +126,10 @@ async def test_render_matches_the_pods_http_handlers():
                           "messages": [{"role": "user", "content": "hi"}]}),
         ("/inference/v1/generate", {"model": MODEL, "token_ids": [5, 6, 7, 8], "sampling_params": {"max_tokens": 2}}),
         ("/v1/embeddings", {"model": MODEL, "input": long}),
+        ("/classify", {"model": MODEL, "input": long}),
+        ("/score", {"model": MODEL, "text_1": long, "text_2": "hi"}),
+        ("/rerank", {"model": MODEL, "query": long, "documents": ["hi"]}),
+        ("/invocations", {"model": MODEL, "prompt": long, "max_tokens": 2}),
     ]
     async with SimCluster(cfg, n=1) as cluster, aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
         pod = offline_pod(cluster.rc, cluster.tokenizer, 0)
@@ -133,10 +137,11 @@ async def test_render_matches_the_pods_http_handlers():
             async with http.post(cluster.urls[0] + path, json=body) as r:
                 assert r.status == 200, (path, await r.text())
                 usage = (await r.json())["usage"]
-            prompt = usage.get("prompt_tokens") or usage["input_tokens"] + usage.get("cache_read_input_tokens", 0)
+            inputs = usage.get("input_tokens", 0) + usage.get("cache_read_input_tokens", 0)  # Responses, Anthropic
+            prompt = usage.get("prompt_tokens") or inputs or usage["total_tokens"]  # rerank: total_tokens only
             sub = render(pod, path, body)
             assert [len(p) for p in sub.prompts] == [prompt], path
-            assert sub.prefill_only == (path == "/v1/embeddings")
+            assert sub.prefill_only == (path in ("/v1/embeddings", "/classify", "/score", "/rerank"))
         async with http.post(cluster.urls[0] + "/v1/messages", json={"model": MODEL, "messages": []}) as r:
             status = r.status
     with pytest.raises(Exception) as err:
