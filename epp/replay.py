@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import math
 import multiprocessing
@@ -34,7 +35,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from epp.api.errors import EppError
 from epp.api.parsing import parse_request
 from epp.api.types import InferenceRequest, Usage
 from epp.config import parse_duration
+from epp.datalayer.endpoint import Endpoint
 from epp.datalayer.engines import Extracted
 from epp.datalayer.pool import EndpointPool, EndpointSpec
 from epp.director import Decision, Director
@@ -64,6 +66,9 @@ from sim.tokenizer import Tokenizer, load_tokenizer
 _FIRST_CHUNK = b'data: {"replay":"first token"}\n\n'
 _LAST_CHUNK = b"data: [DONE]\n\n"
 _SAMPLE_EVERY = 0.5  # s between samples of the pods' queues (as bench.quality samples them)
+# Objects allocated between collections of the youngest generation while replaying (Python's default: 700): a
+# replay allocates prompt-sized lists by the thousand, which mostly die young, uncollected at this threshold.
+_GC_YOUNG = 20_000
 
 
 @dataclass
@@ -155,6 +160,7 @@ def scrape(pod: Pod) -> Extracted:
     families), read from the engine directly: rendering and parsing the page 20 times a second per pod would
     cost more than the routing being replayed."""
     e = pod.engine
+    e.sync()
     p_ = e.rc.profile
     return Extracted(waiting_requests=len(e.waiting), running_requests=len(e.running), kv_cache_usage=e.kv.usage,
                      block_size=p_.block_size, num_gpu_blocks=p_.num_gpu_blocks, sleeping=e.sleep_level > 0,
@@ -184,26 +190,24 @@ class _Run:
         self.outcomes: list[Outcome] = [Outcome(r.t - trace[0].t) for r in trace] if trace else []
         self.waiting: list[int] = []
         self.counters0: tuple[int, int, list[float]] | None = None
+        self.scrapes: dict[str, asyncio.TimerHandle] = {}
 
     def _counters(self) -> tuple[int, int, list[float]]:
+        for pod in self.pods:
+            pod.engine.sync()
         stats = [pod.engine.stats for pod in self.pods]
         return (sum(s.prefix_hits for s in stats), sum(s.prefix_queries for s in stats),
                 [pod.engine.busy_s for pod in self.pods])
 
-    async def _scrape_loop(self, endpoint_name: str) -> None:
-        """EPP's scraper (epp.datalayer.scraper): random phase, then every interval."""
+    def _scrape(self, ep: Endpoint, pod: Pod) -> None:
+        """EPP's scraper (epp.datalayer.scraper) reading one pod, then again an interval later (a timer rather
+        than a task's sleep: it runs 20 times a second per pod)."""
         loop = asyncio.get_running_loop()
-        interval = self.opts.refresh_interval
-        ep = self.pool.get(endpoint_name)
-        assert ep is not None
-        pod = self.by_name[endpoint_name]
-        await asyncio.sleep(self.rng.uniform(0, interval))
-        while True:
-            scrape(pod).apply(ep.metrics)
-            ep.metrics.inflight_tokens_at_scrape = ep.inflight_tokens
-            ep.metrics.inflight_requests_at_scrape = ep.inflight_requests
-            ep.metrics.updated_at = loop.time()
-            await asyncio.sleep(interval)
+        scrape(pod).apply(ep.metrics)
+        ep.metrics.inflight_tokens_at_scrape = ep.inflight_tokens
+        ep.metrics.inflight_requests_at_scrape = ep.inflight_requests
+        ep.metrics.updated_at = loop.time()
+        self.scrapes[ep.name] = loop.call_later(self.opts.refresh_interval, self._scrape, ep, pod)
 
     async def _sample_loop(self) -> None:
         while True:
@@ -216,8 +220,10 @@ class _Run:
         start = loop.time()
         for pod in self.pods:
             pod.engine.start()
-        side = [asyncio.create_task(self._scrape_loop(e.name)) for e in self.pool.endpoints]
-        side.append(asyncio.create_task(self._sample_loop()))
+        for e in self.pool.endpoints:  # random phases, then every interval
+            self.scrapes[e.name] = loop.call_later(self.rng.uniform(0, self.opts.refresh_interval), self._scrape,
+                                                   e, self.by_name[e.name])
+        side = [asyncio.create_task(self._sample_loop())]
         tasks: list[asyncio.Task[None]] = []
         t0 = self.trace[0].t if self.trace else 0.0
         warmup_at = start + self.opts.warmup
@@ -237,6 +243,8 @@ class _Run:
             await asyncio.gather(*tasks, return_exceptions=True)
         for t in side:
             t.cancel()
+        for h in self.scrapes.values():
+            h.cancel()
         await asyncio.gather(*side, return_exceptions=True)
         c0 = self.counters0 or (0, 0, [0.0] * len(self.pods))
         c1 = self._counters()
@@ -365,55 +373,90 @@ def replay_config(name: str, config_text: str, trace: list[TraceRecord], opts: R
     """One configuration over the trace, on a fresh virtual-time loop (blocking; not from a running loop)."""
     tok = tokenizer or load_tokenizer(opts.sim.tokenizer, opts.sim.vocab_size)
     loop = VirtualTimeLoop()
+    threshold = gc.get_threshold()
+    gc.set_threshold(max(threshold[0], _GC_YOUNG), *threshold[1:])
     try:
         with clock.use(loop.time):
             return loop.run_until_complete(_Run(name, config_text, trace, opts, tok).run())
     finally:
+        gc.set_threshold(*threshold)
         loop.close()
 
 
-# What forked worker processes inherit (a trace is hundreds of MB: never pickled), and each one's tokenizer, kept
-# across the configurations it replays (its cache of long segments is most of a trace's tokenization).
-_SHARED: tuple[list[TraceRecord], ReplayOptions] | None = None
-_TOKENIZER: Tokenizer | None = None
+# What forked worker processes inherit (a trace is hundreds of MB: never pickled): the trace, the options and the
+# tokenizer, whose cache of long segments holds most of the trace's tokenization, done once before they fork.
+_SHARED: tuple[list[TraceRecord], ReplayOptions, Tokenizer] | None = None
+_PARALLELISM = "TOKENIZERS_PARALLELISM"
 
 
 def _replay_in_worker(item: tuple[str, str]) -> ConfigResult:
-    global _TOKENIZER
     assert _SHARED is not None
-    trace, opts = _SHARED
-    if _TOKENIZER is None:
-        _TOKENIZER = load_tokenizer(opts.sim.tokenizer, opts.sim.vocab_size)
-    return replay_config(item[0], item[1], trace, opts, _TOKENIZER)
+    trace, opts, tokenizer = _SHARED
+    return replay_config(item[0], item[1], trace, opts, tokenizer)
 
 
 def replay_configs(configs: Sequence[tuple[str, str]], trace: list[TraceRecord], opts: ReplayOptions,
                    jobs: int = 1) -> Iterator[ConfigResult]:
     """Each (name, YAML text) over the trace, ``jobs`` at a time in forked processes (1: in this one), in order."""
-    global _SHARED, _TOKENIZER
-    _SHARED = (trace, opts)
+    global _SHARED
+    tokenizer = load_tokenizer(opts.sim.tokenizer, opts.sim.vocab_size)
+    warm_tokenizer(trace, opts, tokenizer)
+    _SHARED = (trace, opts, tokenizer)
     try:
         if jobs <= 1 or len(configs) <= 1:
             for item in configs:
                 yield _replay_in_worker(item)
             return
-        # Tokenize once, here: the forked workers inherit the tokenizer's cache of long segments.
-        _TOKENIZER = _TOKENIZER or load_tokenizer(opts.sim.tokenizer, opts.sim.vocab_size)
-        warm_tokenizer(trace, opts, _TOKENIZER)
-        with multiprocessing.get_context("fork").Pool(min(jobs, len(configs))) as pool:
+        # The workers tokenise little, on one thread; and HF tokenizers warns in a process forked after its
+        # threads ran unless TOKENIZERS_PARALLELISM is set.
+        saved = os.environ.get(_PARALLELISM)
+        os.environ[_PARALLELISM] = "false"
+        try:
+            pool = multiprocessing.get_context("fork").Pool(min(jobs, len(configs)))
+        finally:
+            if saved is None:
+                del os.environ[_PARALLELISM]
+            else:
+                os.environ[_PARALLELISM] = saved
+        with pool:
             yield from pool.imap(_replay_in_worker, configs)
     finally:
         _SHARED = None
 
 
+class _SegmentNotes:
+    """A tokenizer that notes the prompt segments it is asked for (each once), and tokenises nothing."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.vocab_size = tokenizer.vocab_size
+        self.output_vocab = tokenizer.output_vocab
+        self.segments: dict[str, None] = {}
+
+    def encode(self, text: str) -> list[int]:
+        return []
+
+    def encode_segments(self, segments: list[str]) -> list[int]:
+        self.segments.update(dict.fromkeys(segments))
+        return []
+
+    def decode(self, ids: list[int]) -> str:
+        return ""
+
+    def cache_segments(self, segments: Iterable[str]) -> None:
+        pass
+
+
 def warm_tokenizer(trace: list[TraceRecord], opts: ReplayOptions, tokenizer: Tokenizer) -> None:
-    """Render every request once, as a pod will (its tokenizer keeps the token ids of long segments)."""
-    pod = offline_pod(opts.sim.resolved(), tokenizer, 0)
+    """Tokenise the long prompt segments (system prompts, earlier turns, ...) of every request at once, as the
+    pods' tokenizer caches them: each request rendered as a pod renders it, its segments tokenised in batches."""
+    notes = _SegmentNotes(tokenizer)
+    pod = offline_pod(opts.sim.resolved(), notes, 0)
     for rec in trace:
         if rec.method.upper() != "POST":
             continue
         with contextlib.suppress(ValueError, ApiError):
             render(pod, rec.path, json.loads(rec.body))
+    tokenizer.cache_segments(notes.segments)
 
 
 # -- command line -------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from array import array
 from collections import deque
 from collections.abc import Callable
 from enum import Enum
+from operator import itemgetter
 from typing import Any
 
 import xxhash
@@ -73,10 +74,12 @@ class SimRequest:
 
     def __init__(self, rid: str, prompt_ids: list[int], output_ids: list[int], output_text: list[str],
                  max_tokens: int, *, block_size: int, root: int, lora: str | None, stream: bool,
-                 prefill_only: bool, length_reason: str, arrival: float) -> None:
+                 prefill_only: bool, length_reason: str, arrival: float, prompt_bytes: bytes | None = None) -> None:
         self.rid = rid
         self.all_ids = prompt_ids + output_ids
-        self.token_bytes = array("I", self.all_ids).tobytes()
+        if prompt_bytes is None:
+            prompt_bytes = array("I", prompt_ids).tobytes()
+        self.token_bytes = prompt_bytes + array("I", output_ids).tobytes() if output_ids else prompt_bytes
         self.num_prompt = len(prompt_ids)
         self.output_text = output_text
         self.max_tokens = max_tokens
@@ -115,6 +118,11 @@ class SimRequest:
             parent = hs[-1] if hs else self.root
             hs.extend(chain_hashes(self.token_bytes, parent, len(hs), upto, self._bs))
         return hs[index]
+
+    def block_hashes(self, n: int) -> list[int]:
+        if n > len(self.hashes):
+            self.block_hash(n - 1)
+        return self.hashes
 
     def block_tokens(self, index: int) -> list[int]:
         return self.all_ids[index * self._bs:(index + 1) * self._bs]
@@ -186,17 +194,21 @@ class Engine:
         bs = self.p.block_size
         model_key = lora or self.rc.model_label
         root = hash_root(model_key, cache_salt, self._seed)
+        prompt_bytes = array("I", prompt_ids).tobytes()
         if max_tokens > 0:
-            rng = random.Random(xxhash.xxh3_64_intdigest(array("I", prompt_ids).tobytes(), seed=root))
+            rng = random.Random(xxhash.xxh3_64_intdigest(prompt_bytes, seed=root))
             picks = rng.choices(range(len(self._out_ids)), k=max_tokens)
-            out_ids = [self._out_ids[i] for i in picks]
-            out_text = [self._out_text[i] for i in picks]
+            if max_tokens > 1:
+                pick = itemgetter(*picks)
+                out_ids, out_text = list(pick(self._out_ids)), list(pick(self._out_text))
+            else:
+                out_ids, out_text = [self._out_ids[picks[0]]], [self._out_text[picks[0]]]
         else:
             out_ids, out_text = [], []
         req = SimRequest(rid or self.next_id(), prompt_ids, out_ids, out_text, max_tokens, block_size=bs,
                          root=root, lora=lora, stream=stream, prefill_only=prefill_only,
                          length_reason="length" if explicit_max else "stop",
-                         arrival=asyncio.get_running_loop().time())
+                         arrival=asyncio.get_running_loop().time(), prompt_bytes=prompt_bytes)
         self.waiting.append(req)
         self._wake.set()
         return req
@@ -219,6 +231,10 @@ class Engine:
 
     def reset_prefix_cache(self) -> int:
         return self.kv.reset_prefix_cache()
+
+    def sync(self) -> None:
+        """Bring the state up to the event loop's present before reading it: a no-op here, where every step is
+        applied when it ends (sim/offline.py's engine applies steps no one sees late)."""
 
     # -- P/D: KV blocks computed elsewhere (sim/pd.py) -----------------------------------------------------
     def _probe(self, prompt_ids: list[int], lora: str | None, cache_salt: str | None) -> SimRequest:
@@ -277,13 +293,16 @@ class Engine:
                 credit = min(max(loop.time() - target, 0.0), _MAX_OVERSLEEP_CREDIT)
             else:
                 await asyncio.sleep(0)
-            now = loop.time()
-            self.busy_s += now - t0
-            self._apply(plan, now)
-            if self.kv.events:
-                events = self.kv.drain_events()
-                for cb in self.on_kv_events:
-                    cb(events)
+            self._step_ended(plan, t0, loop.time())
+
+    def _step_ended(self, plan: list[tuple[SimRequest, int]], t0: float, now: float) -> None:
+        """The step planned at ``t0`` ended at ``now``: busy time, its tokens, its KV events."""
+        self.busy_s += now - t0
+        self._apply(plan, now)
+        if self.kv.events:
+            events = self.kv.drain_events()
+            for cb in self.on_kv_events:
+                cb(events)
 
     def _schedule(self) -> tuple[list[tuple[SimRequest, int]], float]:
         p = self.p

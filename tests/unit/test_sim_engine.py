@@ -96,6 +96,9 @@ def test_lru_evicts_least_recently_freed_and_tail_first() -> None:
         def block_hash(self, i: int) -> int:
             return self.hashes[i]
 
+        def block_hashes(self, n: int) -> list[int]:
+            return self.hashes
+
         def block_tokens(self, i: int) -> list[int]:
             return self.ids[i * 4:(i + 1) * 4]
 
