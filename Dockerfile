@@ -4,7 +4,7 @@
 # Stage 1 builds wheels for EPP and its dependencies; stage 2 installs them into a clean slim image.
 FROM python:3.11-slim AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY epp ./epp
 COPY plugins ./plugins
 COPY sim ./sim

@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test lint bench bench-overhead clean proto
 
-$(STAMP): pyproject.toml examples/epp-tenant-scorer/pyproject.toml
+$(STAMP): pyproject.toml setup.py examples/epp-tenant-scorer/pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'

@@ -87,7 +87,7 @@ class CpuMeter:
 
 # -- the simulated pods -----------------------------------------------------------------------------------
 class SimPods:
-    """``python -m sim`` serving ``n`` pods on consecutive loopback ports, with async helpers to reset their
+    """``python -m epp_sim`` serving ``n`` pods on consecutive loopback ports, with async helpers to reset their
     prefix caches, wait for them to be idle and read their prefix-cache counters."""
 
     def __init__(self, n: int, sim_args: list[str], log_dir: Path, kv_events: bool = False) -> None:
@@ -103,7 +103,7 @@ class SimPods:
             sim_args = [*sim_args, "--kv-events", f"tcp://*:{ev}", "--kv-events-topic", "",
                         "--kv-events-encoding", "map"]
         self.sim_args = sim_args
-        self.proc = ManagedProcess("sim", [sys.executable, "-m", "sim", "--pods", str(n), "--host", HOST,
+        self.proc = ManagedProcess("sim", [sys.executable, "-m", "epp_sim", "--pods", str(n), "--host", HOST,
                                            "--base-port", str(self.base), *sim_args], log_dir)
 
     def start(self) -> SimPods:
@@ -273,8 +273,7 @@ class EnvoyEppPrecise(EnvoyEpp):
     def __init__(self, endpoints: list[str], kv_event_endpoints: list[str], tokenizer: str | None = None,
                  name: str = "epp-precise") -> None:
         import yaml
-
-        from sim.model_files import write_model_dir
+        from epp_sim.model_files import write_model_dir
 
         self.dir = Path(tempfile.mkdtemp(prefix="epp-precise-"))
         doc = yaml.safe_load(PRECISE_EXAMPLE.read_text())

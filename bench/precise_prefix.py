@@ -25,14 +25,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from epp_plugins.scorers.precise.events import decode_batch
+from epp_plugins.scorers.precise.index import BlockIndex, BlockKeys
+from epp_plugins.scorers.precise.tokenize import LocalTokenizer
+from epp_sim.kv_events import msgpack_encode, to_wire
+from epp_sim.model_files import write_model_dir
+
 from bench.report import fmt, table
 from bench.workloads import NaturalText
 from epp.api.types import ApiKind, InferenceRequest, ParsedBody
-from plugins.scorers.precise.events import decode_batch
-from plugins.scorers.precise.index import BlockIndex, BlockKeys
-from plugins.scorers.precise.tokenize import LocalTokenizer
-from sim.kv_events import msgpack_encode, to_wire
-from sim.model_files import write_model_dir
 
 BLOCK = 16
 
@@ -81,8 +82,7 @@ def ingest_zmq(payloads: list[bytes], n_events: int, timeout: float = 120.0) -> 
     """Events/s through EPP's ingestion thread (PUB on loopback -> SUB -> decode -> index): wall time from the
     first frame to the last event applied."""
     import zmq
-
-    from plugins.scorers.precise.subscriber import EventIngestor
+    from epp_plugins.scorers.precise.subscriber import EventIngestor
 
     index = BlockIndex(BlockKeys(BLOCK), 0.0)
     ctx = zmq.Context()
@@ -120,7 +120,7 @@ def index_memory(blocks: int, blocks_per_event: int = 16) -> float:
     rng = random.Random(2)
     index = BlockIndex(BlockKeys(BLOCK), 0.0)
     slot = index.slot("pod")
-    from plugins.scorers.precise.events import BlockStored
+    from epp_plugins.scorers.precise.events import BlockStored
 
     chunk = [rng.randrange(128000) for _ in range(BLOCK * blocks_per_event)]  # content: keys differ by parent
     tracemalloc.start()

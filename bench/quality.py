@@ -9,7 +9,7 @@ DeepSeek tokenizer, restarts them when a workload needs other pod settings (KV b
 one table per workload (pooled over seeds) with a verdict line: EPP's default against the best peer router and
 against round robin.
 
-The simulated pods (``python -m sim``, profile ``realistic`` with a smaller KV cache) start once and are
+The simulated pods (``python -m epp_sim``, profile ``realistic`` with a smaller KV cache) start once and are
 shared by every target; before each run they are waited for until idle and their prefix caches are reset
 (``POST /sim/control {"reset_prefix_cache": true}``). For each workload the targets run one after another,
 each freshly started and stopped after its run, so only the router under test uses CPU. Optional targets:
@@ -454,7 +454,7 @@ def parse_args(argv: list[str] | None) -> QualityConfig:
     ap.add_argument("--pods", type=int)
     ap.add_argument("--sim-profile")
     ap.add_argument("--num-gpu-blocks", type=int, help="KV blocks (16 tokens) per pod (suite: per workload)")
-    ap.add_argument("--sim-arg", action="append", default=[], help="extra flag for python -m sim (repeatable)")
+    ap.add_argument("--sim-arg", action="append", default=[], help="extra flag for python -m epp_sim (repeatable)")
     ap.add_argument("--tokenizer", help="the pods' --tokenizer (suite default: deepseek)")
     ap.add_argument("--workloads", help=f"comma list of {', '.join(wl.WORKLOADS)} (suite: of its workloads)")
     ap.add_argument("--targets", help=f"comma list of {', '.join(TARGETS)} (suite default: "

@@ -13,7 +13,7 @@ compute.
 
 The pressure suite (PRESSURE, ``python -m bench.quality --suite pressure``) uses the same builders with
 ``text="natural"``: common English words, counted in DeepSeek-V3 tokens (the pods run the same tokenizer,
-``python -m sim --tokenizer deepseek``), about 6.3 characters per token instead of the pseudo-tokenizer's 4,
+``python -m epp_sim --tokenizer deepseek``), about 6.3 characters per token instead of the pseudo-tokenizer's 4,
 plus Zipf-skewed groups, rate bursts and short multi-turn sessions. See bench/README.md.
 """
 
@@ -27,8 +27,9 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from epp_sim.tokenizer import PseudoTokenizer, Tokenizer, load_tokenizer
+
 from bench.client import Planned, Result
-from sim.tokenizer import PseudoTokenizer, Tokenizer, load_tokenizer
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 APIS = ("chat", "completions", "responses", "messages", "generate", "embeddings")
@@ -67,7 +68,7 @@ class TextGen:
 
 @functools.cache
 def deepseek() -> Tokenizer:
-    """The tokenizer the pressure suite's pods run (``python -m sim --tokenizer deepseek``)."""
+    """The tokenizer the pressure suite's pods run (``python -m epp_sim --tokenizer deepseek``)."""
     return load_tokenizer("deepseek", 0)
 
 

@@ -4,7 +4,7 @@ Loaded through the ``epp.plugins`` entry point declared in ``pyproject.toml``, e
 plugin package would be: importing this package registers every built-in type.
 """
 
-from plugins import (  # noqa: F401
+from epp_plugins import (  # noqa: F401
     admission,
     conformance,
     disagg,

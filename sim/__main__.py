@@ -1,4 +1,4 @@
-"""`python -m sim` / `epp-sim`: serve N simulated vLLM pods until SIGTERM or SIGINT."""
+"""`python -m epp_sim` / `epp-sim`: serve N simulated vLLM pods until SIGTERM or SIGINT."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import logging
 import signal
 import sys
 
-from sim.config import DEFAULT_MODEL, SimConfig
-from sim.profiles import PROFILES
-from sim.server import SimCluster
+from epp_sim.config import DEFAULT_MODEL, SimConfig
+from epp_sim.profiles import PROFILES
+from epp_sim.server import SimCluster
 
 
 def _csv(value: str) -> list[str]:
@@ -20,7 +20,7 @@ def _csv(value: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="python -m sim",
+        prog="python -m epp_sim",
         description="Simulated vLLM pods (OpenAI/Anthropic/vLLM APIs, V1-style scheduler, "
                     "prefix-cached paged KV cache, vLLM metrics).")
     ap.add_argument("--pods", type=int, default=1, help="number of pods, on consecutive ports")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from sim.profiles import PROFILES, Profile
+from epp_sim.profiles import PROFILES, Profile
 
 DEFAULT_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 

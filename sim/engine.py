@@ -27,11 +27,10 @@ from operator import itemgetter
 from typing import Any
 
 import xxhash
-
-from sim.config import ResolvedConfig
-from sim.kv_cache import KVCacheManager, chain_hashes, hash_root
-from sim.stats import EngineStats
-from sim.tokenizer import Tokenizer
+from epp_sim.config import ResolvedConfig
+from epp_sim.kv_cache import KVCacheManager, chain_hashes, hash_root
+from epp_sim.stats import EngineStats
+from epp_sim.tokenizer import Tokenizer
 
 _MAX_OVERSLEEP_CREDIT = 0.005
 

@@ -6,7 +6,7 @@ import random
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sim.errors import ApiError
+from epp_sim.errors import ApiError
 
 _METRICS_MODES = ("ok", "error", "slow", "garbage", "empty")
 

@@ -1,7 +1,7 @@
 """The files a model repository holds for the simulated model (``tokenizer.json``, ``tokenizer_config.json`` with
 its chat template), so a router can tokenize exactly as the simulator does, like it would for a real model.
 
-``CHAT_TEMPLATE`` is ``sim.prompts.chat_segments`` written as a Jinja2 chat template (message content already
+``CHAT_TEMPLATE`` is ``epp_sim.prompts.chat_segments`` written as a Jinja2 chat template (message content already
 flattened to text, as vLLM hands it to string-content templates)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import json
 import os
 from pathlib import Path
 
-from sim.tokenizer import SPECIAL_TOKENS, tokenizer_path
+from epp_sim.tokenizer import SPECIAL_TOKENS, tokenizer_path
 
 CHAT_TEMPLATE = (
     "{%- if tools %}<|tools|>{{ tools | tojson(separators=(',', ':'), sort_keys=True) }}<|end|>{% endif -%}"

@@ -22,13 +22,13 @@ from bisect import bisect_right
 from collections.abc import Callable
 from typing import Any
 
-from sim.apis.base import Pod, Submission
-from sim.config import ResolvedConfig
-from sim.engine import _MAX_OVERSLEEP_CREDIT, Engine, SimRequest, Status
-from sim.errors import ApiError
-from sim.metrics import PodMetrics
-from sim.server import match_route
-from sim.tokenizer import Tokenizer
+from epp_sim.apis.base import Pod, Submission
+from epp_sim.config import ResolvedConfig
+from epp_sim.engine import _MAX_OVERSLEEP_CREDIT, Engine, SimRequest, Status
+from epp_sim.errors import ApiError
+from epp_sim.metrics import PodMetrics
+from epp_sim.server import match_route
+from epp_sim.tokenizer import Tokenizer
 
 _POLL_EVERY = 64  # loop iterations between polls of real file descriptors (a syscall each)
 

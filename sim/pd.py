@@ -22,9 +22,8 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-
-from sim.apis.base import Pod
-from sim.engine import SimRequest
+from epp_sim.apis.base import Pod
+from epp_sim.engine import SimRequest
 
 log = logging.getLogger("sim.pd")
 

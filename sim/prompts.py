@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sim.errors import ApiError
+from epp_sim.errors import ApiError
 
 _ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
 

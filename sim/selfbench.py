@@ -1,6 +1,6 @@
-"""Measure the simulator's own CPU cost per request: `python -m sim.selfbench [--stream] [--requests N]`.
+"""Measure the simulator's own CPU cost per request: `python -m epp_sim.selfbench [--stream] [--requests N]`.
 
-Starts `python -m sim` as a child process, drives it from this process with an aiohttp client, and reads
+Starts `python -m epp_sim` as a child process, drives it from this process with an aiohttp client, and reads
 the child's user+system CPU time from /proc before and after the load (Linux only).
 """
 
@@ -24,7 +24,7 @@ def _cpu_seconds(pid: int) -> float:
 
 async def run(args: argparse.Namespace) -> dict[str, float]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sim", "--pods", str(args.pods), "--base-port", "0", "--profile", args.profile,
+        sys.executable, "-m", "epp_sim", "--pods", str(args.pods), "--base-port", "0", "--profile", args.profile,
         stdout=asyncio.subprocess.PIPE)
     try:
         assert proc.stdout is not None
@@ -69,7 +69,7 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m sim.selfbench")
+    ap = argparse.ArgumentParser(prog="python -m epp_sim.selfbench")
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--pods", type=int, default=3)

@@ -20,18 +20,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from epp_sim import sleep
+from epp_sim.apis import anthropic, misc, openai, pooling, responses
+from epp_sim.apis.base import BODY_KEY, REQS_KEY, STREAM_KEY, Handler, Parser, Pod, StreamCut, json_response, parse_json
+from epp_sim.config import SimConfig
+from epp_sim.engine import Engine
+from epp_sim.errors import ApiError, error_bytes
+from epp_sim.kv_events import KVEventLog
+from epp_sim.metrics import PodMetrics
+from epp_sim.pd import ROLES
+from epp_sim.tokenizer import Tokenizer, load_tokenizer
 from prometheus_client import CONTENT_TYPE_LATEST
-
-from sim import sleep
-from sim.apis import anthropic, misc, openai, pooling, responses
-from sim.apis.base import BODY_KEY, REQS_KEY, STREAM_KEY, Handler, Parser, Pod, StreamCut, json_response, parse_json
-from sim.config import SimConfig
-from sim.engine import Engine
-from sim.errors import ApiError, error_bytes
-from sim.kv_events import KVEventLog
-from sim.metrics import PodMetrics
-from sim.pd import ROLES
-from sim.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger("sim")
 
@@ -102,7 +101,7 @@ async def _kv_events(pod: Pod, request: web.Request, doc: Any) -> web.StreamResp
     events = request.app.get(EVENTS_KEY)
     if events is None:
         raise ApiError(404, "KV events are off; start the sim with --kv-events-buffer N or --kv-events")
-    if request.method == "POST":  # publish faults for tests (sim.kv_events)
+    if request.method == "POST":  # publish faults for tests (epp_sim.kv_events)
         body = parse_json(request)
         if not isinstance(body, dict):
             raise ApiError(400, "body must be a JSON object")

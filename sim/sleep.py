@@ -20,11 +20,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-
-from sim.errors import ApiError
+from epp_sim.errors import ApiError
 
 if TYPE_CHECKING:
-    from sim.apis.base import Pod
+    from epp_sim.apis.base import Pod
 
 SLEEP_STATES = {0: "awake", 1: "weights_offloaded", 2: "discard_all"}
 

@@ -174,7 +174,7 @@ class LocalStack:
         return f"http://{HOST}:{self.envoy_port}"
 
     def start_sim(self) -> None:
-        self.sim = ManagedProcess("sim", [sys.executable, "-m", "sim", "--pods", str(self.pods), "--host", HOST,
+        self.sim = ManagedProcess("sim", [sys.executable, "-m", "epp_sim", "--pods", str(self.pods), "--host", HOST,
                                           "--base-port", str(self.sim_base), *self.sim_args], self.dir)
         self.sim.start()
         self.sim.wait_for_log("sim ready", 30)

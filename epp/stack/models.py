@@ -46,9 +46,9 @@ class MultiModelStack:
             entries = []
             for i, spec in enumerate(self.models):
                 base = free_port_range(spec.pods)
-                sim = ManagedProcess(f"sim-{i}", [sys.executable, "-m", "sim", "--pods", str(spec.pods), "--host", HOST,
-                                                  "--base-port", str(base), "--model", spec.model, *self.sim_args],
-                                     self.dir)
+                sim = ManagedProcess(f"sim-{i}", [sys.executable, "-m", "epp_sim", "--pods", str(spec.pods),
+                                                  "--host", HOST, "--base-port", str(base), "--model", spec.model,
+                                                  *self.sim_args], self.dir)
                 sim.start()
                 self.sims.append(sim)
                 self.pods[spec.model] = [f"{HOST}:{base + k}" for k in range(spec.pods)]

@@ -50,7 +50,7 @@ class PdPods:
         for role, (sim_role, eps) in self.groups.items():
             port = int(eps[0].rsplit(":", 1)[1])
             proc = ManagedProcess(f"sim-{role}", [
-                sys.executable, "-m", "sim", "--pods", str(len(eps)), "--host", HOST, "--base-port", str(port),
+                sys.executable, "-m", "epp_sim", "--pods", str(len(eps)), "--host", HOST, "--base-port", str(port),
                 "--roles", ",".join([sim_role] * len(eps)), *self.sim_args], self.dir)
             self.procs[role] = proc
             proc.start()

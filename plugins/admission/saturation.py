@@ -19,11 +19,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from epp_plugins.scorers.common import check_duration, check_float, check_int, check_str
+
 from epp.admission.interfaces import SaturationDetector
 from epp.clock import monotonic
 from epp.datalayer.endpoint import Endpoint
 from epp.scheduling.registry import register_plugin
-from plugins.scorers.common import check_duration, check_float, check_int, check_str
 
 
 @register_plugin("utilization-detector")

@@ -1,3 +1,3 @@
 """Built-in filters."""
 
-from plugins.filters import affinity, labels, session, utilization  # noqa: F401
+from epp_plugins.filters import affinity, labels, session, utilization  # noqa: F401

@@ -1,9 +1,10 @@
-"""``session-affinity-filter`` (llm-d): pin a session to its endpoint (see ``plugins.scorers.session``)."""
+"""``session-affinity-filter`` (llm-d): pin a session to its endpoint (see ``epp_plugins.scorers.session``)."""
 
 from __future__ import annotations
 
+from epp_plugins.scorers.session import SessionAffinity
+
 from epp.plugin import Endpoint, Filter, InferenceRequest, register_plugin
-from plugins.scorers.session import SessionAffinity
 
 
 @register_plugin("session-affinity-filter")

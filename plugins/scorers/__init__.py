@@ -1,3 +1,3 @@
 """Built-in scorers (and the approximate prefix-cache producer)."""
 
-from plugins.scorers import latency, load, nohit, precise, prefix, session  # noqa: F401
+from epp_plugins.scorers import latency, load, nohit, precise, prefix, session  # noqa: F401

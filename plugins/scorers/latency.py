@@ -60,6 +60,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from epp_plugins.scorers.prefix import PrefixSource, resolve_prefix_source
+
 from epp.observability.audit import SECONDS_ERROR_BUCKETS, PredictionAudit
 from epp.plugin import (
     DEFAULT_SCORER_STALENESS,
@@ -75,7 +77,6 @@ from epp.plugin import (
     monotonic,
     register_plugin,
 )
-from plugins.scorers.prefix import PrefixSource, resolve_prefix_source
 
 SLO_TTFT_HEADER = "x-llm-d-slo-ttft-ms"
 SLO_TPOT_HEADER = "x-llm-d-slo-tpot-ms"

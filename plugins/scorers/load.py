@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from epp_plugins.scorers.prefix import PrefixSource, resolve_prefix_source
+
 from epp.plugin import (
     DEFAULT_SCORER_STALENESS,
     Endpoint,
@@ -29,7 +31,6 @@ from epp.plugin import (
     min_max_inverse,
     register_plugin,
 )
-from plugins.scorers.prefix import PrefixSource, resolve_prefix_source
 
 __all__ = ["min_max_inverse"]
 

@@ -11,8 +11,7 @@ import json
 from typing import Any
 
 from aiohttp import web
-
-from sim.apis.base import (
+from epp_sim.apis.base import (
     Pod,
     SseWriter,
     Submission,
@@ -27,9 +26,9 @@ from sim.apis.base import (
     stream_many,
     submit_all,
 )
-from sim.engine import SimRequest
-from sim.errors import ApiError
-from sim.prompts import anthropic_segments
+from epp_sim.engine import SimRequest
+from epp_sim.errors import ApiError
+from epp_sim.prompts import anthropic_segments
 
 _STOP = {"length": "max_tokens", "stop": "end_turn", "abort": "end_turn"}
 

@@ -11,14 +11,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
-
-from sim.config import ResolvedConfig
-from sim.engine import Engine, SimRequest
-from sim.errors import ApiError, model_not_found
-from sim.faults import Faults
-from sim.metrics import PodMetrics
-from sim.sleep import SleepMode
-from sim.tokenizer import Tokenizer
+from epp_sim.config import ResolvedConfig
+from epp_sim.engine import Engine, SimRequest
+from epp_sim.errors import ApiError, model_not_found
+from epp_sim.faults import Faults
+from epp_sim.metrics import PodMetrics
+from epp_sim.sleep import SleepMode
+from epp_sim.tokenizer import Tokenizer
 
 
 def _request_key(name: str, kind: type) -> Any:

@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from aiohttp import web
-
-from sim.apis import openai, pooling
-from sim.apis.base import (
+from epp_sim.apis import openai, pooling
+from epp_sim.apis.base import (
     BODY_KEY,
     Handler,
     Parser,
@@ -23,8 +22,8 @@ from sim.apis.base import (
     submit,
     token_ids_of,
 )
-from sim.errors import ApiError
-from sim.prompts import render_chat, responses_segments
+from epp_sim.errors import ApiError
+from epp_sim.prompts import render_chat, responses_segments
 
 _MAX_AUDIO_TOKENS = 1500  # Whisper's encoder sees 30 s as 1500 positions
 

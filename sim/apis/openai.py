@@ -7,9 +7,8 @@ import time
 from typing import Any
 
 from aiohttp import web
-
-from sim import pd
-from sim.apis.base import (
+from epp_sim import pd
+from epp_sim.apis.base import (
     DONE,
     Pod,
     SseWriter,
@@ -30,9 +29,9 @@ from sim.apis.base import (
     submit_all,
     token_ids_of,
 )
-from sim.engine import SimRequest
-from sim.errors import ApiError
-from sim.prompts import chat_segments
+from epp_sim.engine import SimRequest
+from epp_sim.errors import ApiError
+from epp_sim.prompts import chat_segments
 
 _MAX_BATCH = 256
 

@@ -11,8 +11,7 @@ import time
 from typing import Any
 
 from aiohttp import web
-
-from sim.apis.base import (
+from epp_sim.apis.base import (
     Pod,
     Submission,
     before_engine,
@@ -24,8 +23,8 @@ from sim.apis.base import (
     submit_all,
     token_ids_of,
 )
-from sim.engine import SimRequest
-from sim.errors import ApiError
+from epp_sim.engine import SimRequest
+from epp_sim.errors import ApiError
 
 _MAX_INPUTS = 2048
 _SEP = "\n\n"

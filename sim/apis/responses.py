@@ -7,8 +7,7 @@ import time
 from typing import Any
 
 from aiohttp import web
-
-from sim.apis.base import (
+from epp_sim.apis.base import (
     Pod,
     SseWriter,
     Submission,
@@ -25,9 +24,9 @@ from sim.apis.base import (
     stream_many,
     submit_all,
 )
-from sim.engine import SimRequest
-from sim.errors import ApiError
-from sim.prompts import responses_segments
+from epp_sim.engine import SimRequest
+from epp_sim.errors import ApiError
+from epp_sim.prompts import responses_segments
 
 
 def _usage(req: SimRequest) -> dict[str, Any]:

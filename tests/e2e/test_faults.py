@@ -77,7 +77,7 @@ def pods(fstack: LocalStack) -> Iterator[list[str]]:
 def victim(fstack: LocalStack) -> Iterator[tuple[ManagedProcess, str]]:
     """A pod in its own process, so it can be killed; slow (20 ms per token) so streams last."""
     port = free_port()
-    proc = ManagedProcess(f"victim-{port}", [sys.executable, "-m", "sim", "--pods", "1", "--host", HOST,
+    proc = ManagedProcess(f"victim-{port}", [sys.executable, "-m", "epp_sim", "--pods", "1", "--host", HOST,
                                              "--base-port", str(port), "--profile", "fast", "--model", MODEL,
                                              "--step-fixed-ms", "20"], fstack.dir)
     proc.start()

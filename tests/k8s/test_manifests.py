@@ -591,7 +591,7 @@ def test_crds_build():
 
 
 def test_model_server_commands_parse():
-    from sim.__main__ import build_parser
+    from epp_sim.__main__ import build_parser
 
     sim = yaml.safe_load((MANIFESTS / "model-servers/sim/deployment.yaml").read_text())
     container = sim["spec"]["template"]["spec"]["containers"][0]

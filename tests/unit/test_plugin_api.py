@@ -209,7 +209,7 @@ def test_parameter_helpers_name_the_parameter():
 
 SWITCHED = ["plugins/pickers.py", "plugins/profile_handlers.py", "plugins/filters/labels.py",
             "plugins/filters/utilization.py", "plugins/scorers/load.py", "plugins/scorers/session.py"]
-INTERNAL = ("epp.api", "epp.datalayer.endpoint", "epp.scheduling", "plugins.scorers.common")
+INTERNAL = ("epp.api", "epp.datalayer.endpoint", "epp.scheduling", "epp_plugins.scorers.common")
 
 
 @pytest.mark.parametrize("path", SWITCHED)

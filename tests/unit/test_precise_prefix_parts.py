@@ -8,15 +8,15 @@ from pathlib import Path
 
 import msgpack
 import pytest
+from epp_plugins.scorers.precise.events import BadEvent, BlockStored, decode_batch
+from epp_plugins.scorers.precise.index import BlockIndex, BlockKeys
+from epp_plugins.scorers.precise.tokenize import LocalTokenizer
+from epp_sim.kv_events import msgpack_encode, to_map, to_wire
+from epp_sim.model_files import write_model_dir
+from epp_sim.prompts import chat_segments
+from epp_sim.tokenizer import load_tokenizer
 
 from epp.api.types import ApiKind, InferenceRequest, ParsedBody
-from plugins.scorers.precise.events import BadEvent, BlockStored, decode_batch
-from plugins.scorers.precise.index import BlockIndex, BlockKeys
-from plugins.scorers.precise.tokenize import LocalTokenizer
-from sim.kv_events import msgpack_encode, to_map, to_wire
-from sim.model_files import write_model_dir
-from sim.prompts import chat_segments
-from sim.tokenizer import load_tokenizer
 
 TOKENS = list(range(100, 164))  # 4 blocks of 16
 
@@ -102,10 +102,11 @@ async def test_pods_render_when_no_tokenizer_is_configured(tmp_path: Path):
     """Without ``tokenizer`` the producer asks a pod (render, else ``/tokenize`` with messages), in the request's
     prepare step: every chat API gets the ids the pod's engine uses; an unreachable pod leaves the request to the
     approximate index."""
+    from epp_plugins.scorers.precise.producer import PrecisePrefixCacheProducer
+    from epp_sim.config import DEFAULT_MODEL, SimConfig
+    from epp_sim.server import SimCluster
+
     from epp.datalayer.endpoint import Endpoint
-    from plugins.scorers.precise.producer import PrecisePrefixCacheProducer
-    from sim.config import DEFAULT_MODEL, SimConfig
-    from sim.server import SimCluster
 
     local = LocalTokenizer(str(write_model_dir(tmp_path / "model")))
     system = "You answer questions about the ledger.\nBe brief. " * 40
@@ -148,11 +149,12 @@ async def test_director_renders_on_a_pod_with_the_shipped_config():
     before scheduling, so the request is keyed by the pod's own token ids."""
     import json
 
+    from epp_sim.config import DEFAULT_MODEL, SimConfig
+    from epp_sim.server import SimCluster
+
     from epp.datalayer.pool import EndpointPool, EndpointSpec
     from epp.director import Director
     from epp.scheduling.config import load_config
-    from sim.config import DEFAULT_MODEL, SimConfig
-    from sim.server import SimCluster
 
     shipped = Path(__file__).parents[2] / "manifests/examples/precise-prefix.yaml"
     async with SimCluster(SimConfig(tokenizer="deepseek"), n=1) as c:

@@ -12,10 +12,9 @@ import time
 
 import aiohttp
 import pytest
-
-from sim.config import SimConfig
-from sim.server import SimCluster
-from sim.testing import chat_body, parse_sse
+from epp_sim.config import SimConfig
+from epp_sim.server import SimCluster
+from epp_sim.testing import chat_body, parse_sse
 
 JSON = {"Content-Type": "application/json"}
 LONG = "The quick brown fox jumps over the lazy dog. " * 40
@@ -463,7 +462,7 @@ BAD_BODIES = [
 
 
 async def test_bad_input_never_breaks_the_server(cluster, http) -> None:
-    from sim.server import ROUTES
+    from epp_sim.server import ROUTES
 
     paths = [r.suffix for r in ROUTES if "POST" in r.methods and not r.suffix.startswith("/sim")]
     for path in paths:

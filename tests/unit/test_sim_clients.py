@@ -9,9 +9,8 @@ import sys
 
 import aiohttp
 import pytest
-
-from sim.config import SimConfig
-from sim.server import SimCluster
+from epp_sim.config import SimConfig
+from epp_sim.server import SimCluster
 
 openai = pytest.importorskip("openai")
 anthropic = pytest.importorskip("anthropic")
@@ -85,7 +84,7 @@ async def test_anthropic_sdk_messages(url: str) -> None:
 
 async def test_cli_serves_pods_and_exits_on_sigterm() -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sim", "--pods", "3", "--base-port", "0", "--profile", "fast",
+        sys.executable, "-m", "epp_sim", "--pods", "3", "--base-port", "0", "--profile", "fast",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     try:

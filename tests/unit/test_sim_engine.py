@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from epp_sim.config import SimConfig
+from epp_sim.engine import Engine, SimRequest
+from epp_sim.kv_cache import KVCacheManager
+from epp_sim.tokenizer import PseudoTokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from sim.config import SimConfig
-from sim.engine import Engine, SimRequest
-from sim.kv_cache import KVCacheManager
-from sim.tokenizer import PseudoTokenizer
 
 TOK = PseudoTokenizer()
 
@@ -81,7 +80,7 @@ async def test_generated_blocks_are_cached_for_the_next_turn(engine_factory) -> 
 def test_lru_evicts_least_recently_freed_and_tail_first() -> None:
     class Req:
         def __init__(self, ids: list[int]) -> None:
-            from sim.kv_cache import chain_hashes
+            from epp_sim.kv_cache import chain_hashes
 
             self.ids = ids
             self.blocks: list[int] = []
@@ -181,7 +180,7 @@ async def test_output_is_deterministic_per_prompt_and_seed() -> None:
 
 
 def test_pseudo_tokenizer_is_prefix_stable_and_reversible() -> None:
-    from sim.prompts import render_chat
+    from epp_sim.prompts import render_chat
 
     turn1 = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hello there, friend"}]
     p1 = TOK.encode(render_chat(turn1))
@@ -197,7 +196,7 @@ def test_pseudo_tokenizer_is_prefix_stable_and_reversible() -> None:
 @given(st.lists(st.text(alphabet="ab <|>\n\té", max_size=300), max_size=6))
 @settings(max_examples=200, deadline=None)
 def test_segment_tokenisation_equals_whole(texts: list[str]) -> None:
-    from sim.prompts import chat_segments
+    from epp_sim.prompts import chat_segments
 
     msgs = [{"role": "user" if i % 2 == 0 else "assistant", "content": t * 3} for i, t in enumerate(texts)]
     if not msgs:

@@ -7,10 +7,9 @@ import json
 
 import aiohttp
 import pytest
-
-from sim.config import SimConfig
-from sim.server import SimCluster
-from sim.testing import chat_body
+from epp_sim.config import SimConfig
+from epp_sim.server import SimCluster
+from epp_sim.testing import chat_body
 
 JSON = {"Content-Type": "application/json"}
 
@@ -171,7 +170,7 @@ async def test_kv_events_buffer(http) -> None:
 
 
 def test_msgpack_encoder_matches_format() -> None:
-    from sim.kv_events import msgpack_encode, to_wire
+    from epp_sim.kv_events import msgpack_encode, to_wire
 
     assert msgpack_encode([1.5, [], 0]) == b"\x93\xcb" + (1.5).hex().encode() * 0 + bytes.fromhex(
         "3ff8000000000000") + b"\x90\x00"

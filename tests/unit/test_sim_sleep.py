@@ -8,10 +8,9 @@ import time
 
 import aiohttp
 import pytest
-
-from sim.config import SimConfig
-from sim.server import SimCluster
-from sim.testing import chat_body
+from epp_sim.config import SimConfig
+from epp_sim.server import SimCluster
+from epp_sim.testing import chat_body
 
 
 @pytest.fixture

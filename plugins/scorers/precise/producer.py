@@ -10,7 +10,7 @@ Parameters (llm-d's names). A parameter is accepted only when EPP does what it a
 load with the reason and what to use instead (``PluginConfigError``).
 
 * ``tokenProcessorConfig``: ``blockSizeTokens`` (16; ``blockSize`` accepted), ``hashSeed`` (""). Refused:
-  ``hashAlgorithm`` (keys are EPP's own on both sides, see ``plugins.scorers.precise.index``).
+  ``hashAlgorithm`` (keys are EPP's own on both sides, see ``epp_plugins.scorers.precise.index``).
 * ``kvEventsConfig``: ``zmqEndpoint`` (centralized mode: bind a SUB there, pods connect and name themselves in
   the topic ``kv@<pod>@<model>``), ``topicFilter`` ("" -- vLLM's default topic is empty), ``engineType`` (``vllm``
   | ``sglang``: the events' schema, see ``events``), ``discoverPods`` (true: subscribe to the endpoints of the
@@ -48,6 +48,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from epp_plugins.scorers.common import check_bool, check_duration, check_float, check_int, check_mapping, check_str
+from epp_plugins.scorers.precise.events import ENGINES, BlockStored, Event
+from epp_plugins.scorers.precise.index import BlockIndex, BlockKeys
+from epp_plugins.scorers.precise.selector import parse_label_selector
+from epp_plugins.scorers.precise.tokenize import LocalTokenizer, PodRenderer
+from epp_plugins.scorers.prefix import ApproxPrefixCacheProducer, PrefixState
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from epp.api.types import InferenceRequest
@@ -55,12 +61,6 @@ from epp.datalayer.endpoint import Endpoint
 from epp.datalayer.pool import EndpointPool
 from epp.scheduling.plugins import RequestPreparer, SchedulingResult
 from epp.scheduling.registry import PluginConfigError, register_plugin
-from plugins.scorers.common import check_bool, check_duration, check_float, check_int, check_mapping, check_str
-from plugins.scorers.precise.events import ENGINES, BlockStored, Event
-from plugins.scorers.precise.index import BlockIndex, BlockKeys
-from plugins.scorers.precise.selector import parse_label_selector
-from plugins.scorers.precise.tokenize import LocalTokenizer, PodRenderer
-from plugins.scorers.prefix import ApproxPrefixCacheProducer, PrefixState
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ class PrecisePrefixCacheProducer(ApproxPrefixCacheProducer, RequestPreparer):
         the thread and index are kept, the (possibly new) pool followed."""
         super().start()
         if self.ingestor is None:
-            from plugins.scorers.precise.subscriber import EventIngestor  # pyzmq only when the plugin is configured
+            from epp_plugins.scorers.precise.subscriber import EventIngestor  # pyzmq only when the plugin is configured
 
             self.ingestor = EventIngestor(self._apply, self.index.drop_endpoint, bind=self.bind,
                                           resolve_pod=self._resolve_pod, topic_filter=self.topic_filter,
