@@ -1,7 +1,7 @@
 """The request path's brain: candidates -> scheduler -> pick, and the lifecycle hooks around it.
 
 The ext_proc state machine calls ``route`` once the request is parsed, then reports the response as
-it streams past and, exactly once, its end.
+it streams past and, exactly once, its end. What it calls is ``epp.extproc.stream.StreamDirector``.
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from epp.admission.controller import Admission
-from epp.admission.models import ModelPaths
+from epp.admission.models import ModelPath, ModelPaths
 from epp.admission.wake import Waker
 from epp.api.errors import EppError
 from epp.api.types import InferenceRequest
+from epp.clock import monotonic  # the clock received_at is read on (epp.extproc.stream)
 from epp.datalayer.endpoint import Endpoint
 from epp.datalayer.pool import EndpointPool
 from epp.datalayer.tokens import TokenRatios
@@ -122,6 +123,18 @@ class Director:
             log.warning("Envoy sends no response bodies (response_body_mode NONE) but plugins %s need them; "
                         "they will only see response headers and the end of each request",
                         [o.name for o in self.body_observers])
+
+    def model_path(self, path: str) -> ModelPath | None:
+        """The model a ``/<model>/...`` path prefix names, or None."""
+        return self.models.resolve(path)
+
+    def model_status(self, route: ModelPath) -> dict[str, Any]:
+        """The answer to ``GET /<model>/status`` (``Waker.status``)."""
+        return self.waker.status(route.name, route.model)
+
+    def priority(self, objective: str | None) -> int:
+        """The priority of a request's objective (``Objectives.priority``)."""
+        return self.objectives.priority(objective)
 
     def target_model(self, model: str, header_target: str | None) -> str:
         """The model to send upstream: a rewrite rule for the incoming model wins, then the rewrite header."""
@@ -267,7 +280,7 @@ class Director:
             self.pool.tokens.observe(request.target_model or request.model, len(text), u.prompt_tokens)
         if self.metrics:
             u = response.usage
-            self.metrics.completed(request, response.status, time.monotonic() - request.received_at, response.bytes,
+            self.metrics.completed(request, response.status, monotonic() - request.received_at, response.bytes,
                                    u and u.prompt_tokens, u and u.completion_tokens, u and u.cached_tokens)
         if self.hooks is not None:
             self.hooks.completed(request, decision, response)

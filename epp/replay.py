@@ -268,7 +268,7 @@ class _Run:
         headers.setdefault(":method", rec.method)
         headers.setdefault(":path", rec.path)
         path = rec.path
-        route = director.models.resolve(path)
+        route = director.model_path(path)
         if route is not None:
             path = route.path
         try:
@@ -281,7 +281,7 @@ class _Run:
         return InferenceRequest(
             request_id=headers.get(p.REQUEST_ID_HEADER) or f"replay-{i}", path=path, method=rec.method,
             headers=headers, body=parsed, raw_body=rec.body, target_model=director.target_model(parsed.model, None),
-            priority=director.objectives.priority(None),
+            priority=director.priority(None),
             fairness_id=p.first_header(headers, p.FAIRNESS_HEADERS) or "default-flow",
             received_at=clock.monotonic(), path_model=route.model if route else None)
 

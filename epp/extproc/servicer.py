@@ -14,9 +14,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
 
-from epp.director import Director
 from epp.extproc import h2grpc
-from epp.extproc.stream import ExtProcStream, Phase, StreamOptions
+from epp.extproc.stream import ExtProcStream, Phase, StreamDirector, StreamOptions
 from epp.health import HealthServicer
 from epp.pools import PoolSelector
 
@@ -31,7 +30,7 @@ HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
 class ExtProcServicer:
     """Counts open streams (the drain waits on them) and makes one ``_ProcessRpc`` per stream."""
 
-    def __init__(self, director: Director, options: StreamOptions, selector: PoolSelector | None = None) -> None:
+    def __init__(self, director: StreamDirector, options: StreamOptions, selector: PoolSelector | None = None) -> None:
         self.director = director
         self.options = options
         self.selector = selector  # several pools: the request's pool from the gateway-set header

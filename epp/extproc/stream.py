@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum, auto
+from typing import Any, Protocol
 
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -30,7 +31,8 @@ from epp.api.parsing import api_for_path, decode_json_object, parse_request
 from epp.api.rewrite import ModelNameRestorer, rewrite_request_model
 from epp.api.types import ApiKind, ErrorStyle, InferenceRequest, ParsedBody
 from epp.api.usage import UsageExtractor
-from epp.director import Decision, Director
+from epp.clock import monotonic
+from epp.director import Decision
 from epp.extproc import protocol as p
 from epp.pools import PoolSelector, metadata_pool
 from epp.scheduling.plugins import ResponseInfo
@@ -101,14 +103,39 @@ def _header_int(text: str) -> int | None:
     return int(text) if text.isascii() and text.isdigit() and len(text) <= 20 else None
 
 
+class StreamDirector(Protocol):
+    """All a stream asks of its pool's director (``epp.director.Director``): the stream sees no scheduler, pool or
+    admission, so its tests can stand in a small fake."""
+
+    def note_response_body_mode(self, sends_bodies: bool) -> None: ...
+    def model_path(self, path: str) -> ModelPath | None: ...
+    def model_status(self, route: ModelPath) -> dict[str, Any]: ...
+    def target_model(self, model: str, header_target: str | None) -> str: ...
+    def priority(self, objective: str | None) -> int: ...
+    async def route(self, request: InferenceRequest, subset: Sequence[str] | None) -> Decision: ...
+    def rejected(self, request: InferenceRequest | None, err: EppError) -> None: ...
+    def response_headers(self, request: InferenceRequest, decision: Decision, response: ResponseInfo) -> None: ...
+    def response_body(self, request: InferenceRequest, decision: Decision, chunk: bytes, eos: bool) -> None: ...
+    def complete(self, request: InferenceRequest, decision: Decision, response: ResponseInfo) -> None: ...
+
+
+def new_request_id() -> str:
+    return str(uuid.uuid4())
+
+
 class ExtProcStream:
-    def __init__(self, director: Director, options: StreamOptions | None = None,
-                 selector: PoolSelector | None = None) -> None:
+    def __init__(self, director: StreamDirector, options: StreamOptions | None = None,
+                 selector: PoolSelector | None = None, *, clock: Callable[[], float] = monotonic,
+                 request_ids: Callable[[], str] = new_request_id) -> None:
+        """``clock``: epp.clock's by default, so ``epp replay``'s virtual time applies; ``request_ids`` makes the
+        ``x-request-id`` of a request that came without one."""
         self.director = director  # with several pools, the request's pool's once its headers are in
         self.selector = selector
         self.options = options or StreamOptions()
+        self.clock = clock
+        self.request_ids = request_ids
         self.phase = Phase.REQUEST_HEADERS
-        self.started = time.monotonic()
+        self.started = clock()
         self.headers: dict[str, str] = {}
         self.path = "/"
         self.request: InferenceRequest | None = None
@@ -169,7 +196,7 @@ class ExtProcStream:
         self.path = self.headers.get(":path", "/")
         if self.selector is not None:
             self.director = self.selector.select(self.headers, self._route_pool)
-        self._model_path = self.director.models.resolve(self.path)
+        self._model_path = self.director.model_path(self.path)
         if self._model_path is not None:
             self.path = self._model_path.path
             if is_status(self._model_path, self.headers.get(":method", "GET")):
@@ -245,7 +272,7 @@ class ExtProcStream:
         eos = msg.end_of_stream
         if self.phase is Phase.RESPONSE and self.request is not None and self.decision is not None:
             if self.response.first_byte_at is None and chunk:
-                self.response.first_byte_at = time.monotonic()
+                self.response.first_byte_at = self.clock()
             self.response.bytes += len(chunk)
             if self._usage is not None:
                 self._usage.feed(chunk, self.response.content_type)
@@ -274,7 +301,7 @@ class ExtProcStream:
         header itself goes upstream untouched), or one generated now and sent upstream and back."""
         request_id = self.headers.get(p.REQUEST_ID_HEADER, "")[:MAX_REQUEST_ID_CHARS]
         if not request_id:
-            request_id = self._generated_id = self._generated_id or str(uuid.uuid4())
+            request_id = self._generated_id = self._generated_id or self.request_ids()
         return request_id
 
     def _too_large(self) -> EppError:
@@ -326,7 +353,7 @@ class ExtProcStream:
         self.request = InferenceRequest(
             request_id=request_id, path=self.path, method=headers.get(":method", "POST"), headers=headers,
             body=parsed, raw_body=raw, target_model=target,
-            objective=objective, priority=self.director.objectives.priority(objective),
+            objective=objective, priority=self.director.priority(objective),
             fairness_id=(p.first_header(headers, p.FAIRNESS_HEADERS) or "default-flow")[:MAX_MODEL_NAME_CHARS],
             received_at=self.started, path_model=self._model_path.model if self._model_path else None)
         self.phase = Phase.ROUTING
@@ -387,7 +414,7 @@ class ExtProcStream:
     def _status(self, route: ModelPath) -> list[pb.ProcessingResponse]:
         """``GET /<model>/status``, answered by EPP (see ``Waker.status``)."""
         self.phase = Phase.DONE
-        body = json.dumps(self.director.waker.status(route.name, route.model)).encode()
+        body = json.dumps(self.director.model_status(route)).encode()
         headers = {"content-type": "application/json", p.REQUEST_ID_HEADER: self._request_id()}
         return [p.immediate_response(200, headers, body, "model-status")]
 

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from typing import Any
 
 import pytest
 
+from epp.admission.models import ModelPath
+from epp.api.errors import EppError
+from epp.api.types import InferenceRequest
+from epp.datalayer.endpoint import Endpoint
+from epp.director import Decision
 from epp.extproc.protocol import MAX_CHUNK
-from epp.scheduling.plugins import RequestObserver
+from epp.extproc.stream import ExtProcStream, Phase, StreamOptions
+from epp.scheduling.plugins import ProfileResult, RequestObserver, ResponseInfo, SchedulingResult
 from epp.scheduling.registry import register_plugin
 from tests.extproc_helpers import (
     NONE,
@@ -284,3 +292,116 @@ async def test_empty_post_to_a_json_api_is_refused_with_the_request_id():
     assert status == 400 and doc["requestId"] == headers["x-request-id"] and len(doc["requestId"]) == 36
     out = await drive(new_stream(make_director()), [headers_msg(path="/v1/models", method="GET", eos=True)])
     assert pick_of(out)  # a GET without a body is routed
+
+
+# -- the stream alone: a fake director (no scheduler, pool or admission), a fixed clock and id source ----------
+
+
+class FakeDirector:
+    """A ``StreamDirector`` that picks one fixed endpoint (or refuses with ``refuse``) and records each call."""
+
+    def __init__(self, refuse: EppError | None = None) -> None:
+        self.endpoint = Endpoint("e", "10.0.0.9", 8000)
+        self.refuse = refuse
+        self.calls: list[tuple[Any, ...]] = []
+
+    def note_response_body_mode(self, sends_bodies: bool) -> None:
+        self.calls.append(("body_mode", sends_bodies))
+
+    def model_path(self, path: str) -> ModelPath | None:
+        return ModelPath("m", "served-m", path[2:]) if path.startswith("/m/") else None
+
+    def model_status(self, route: ModelPath) -> dict[str, Any]:
+        self.calls.append(("status", route))
+        return {"model": route.name, "state": "serving"}
+
+    def target_model(self, model: str, header_target: str | None) -> str:
+        return header_target or model
+
+    def priority(self, objective: str | None) -> int:
+        return 7 if objective == "critical" else 0
+
+    async def route(self, request: InferenceRequest, subset: Sequence[str] | None) -> Decision:
+        self.calls.append(("route", request, subset))
+        if self.refuse is not None:
+            raise self.refuse
+        result = SchedulingResult({"default": ProfileResult([self.endpoint])}, "default")
+        return Decision([self.endpoint], result, 42)
+
+    def rejected(self, request: InferenceRequest | None, err: EppError) -> None:
+        self.calls.append(("rejected", request, err))
+
+    def response_headers(self, request: InferenceRequest, decision: Decision, response: ResponseInfo) -> None:
+        self.calls.append(("response_headers", request, decision, response.status))
+
+    def response_body(self, request: InferenceRequest, decision: Decision, chunk: bytes, eos: bool) -> None:
+        self.calls.append(("response_body", chunk, eos))
+
+    def complete(self, request: InferenceRequest, decision: Decision, response: ResponseInfo) -> None:
+        self.calls.append(("complete", request, decision, response))
+
+
+class FakeTime:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def fake_stream(director: FakeDirector, now: FakeTime, **options: Any) -> ExtProcStream:
+    ids = iter(f"req-{i}" for i in range(1, 100))
+    return ExtProcStream(director, StreamOptions(**options), clock=now, request_ids=lambda: next(ids))
+
+
+async def test_stream_reports_to_its_director_on_its_clock_with_its_ids():
+    director, now = FakeDirector(), FakeTime(100.0)
+    stream = fake_stream(director, now, trust_objective_header=True)
+    now.now = 100.5  # the request's arrival is the stream's start, not when its body is complete
+    out = await drive(stream, [headers_msg(headers={"x-gateway-inference-objective": "critical"}, metadata={
+        SUBSET: {SUBSET_KEY: "10.0.0.9:8000"}}), body_msg(json.dumps(REQ).encode())])
+    request = stream.request
+    assert pick_of(out) == "10.0.0.9:8000"
+    assert set_headers(out[0])["x-request-id"] == request.request_id == "req-1"  # generated: sent upstream
+    assert request.received_at == 100.0 and request.priority == 7 and request.target_model == "my-model"
+    assert director.calls == [("body_mode", True), ("route", request, ["10.0.0.9:8000"])]
+    decision = stream.decision
+    director.calls.clear()
+    now.now = 101.0
+    await drive(stream, [response_headers_msg()])
+    now.now = 102.5
+    await drive(stream, [response_body_msg(b'{"id":')])
+    now.now = 103.0
+    await drive(stream, [response_body_msg(b'"1"}', eos=True)])
+    response = stream.response
+    assert response.first_byte_at == 102.5 and response.bytes == 10 and response.completed
+    assert director.calls == [("response_headers", request, decision, 200), ("response_body", b'{"id":', False),
+                              ("response_body", b'"1"}', True), ("complete", request, decision, response)]
+    stream.close()
+    assert len(director.calls) == 4 and stream.phase is Phase.DONE  # completed once
+
+
+async def test_stream_refused_by_its_director_answers_with_its_id():
+    err = EppError(503, "rejected-no-endpoints", "no endpoint")
+    director = FakeDirector(refuse=err)
+    stream = fake_stream(director, FakeTime(5.0))
+    out = await drive(stream, [headers_msg(), body_msg(json.dumps(REQ).encode())])
+    status, headers, doc = immediate(out[0])
+    assert status == 503 and headers["x-request-id"] == "req-1" and doc["error"]["message"] == "no endpoint"
+    assert [c[0] for c in director.calls] == ["body_mode", "route", "rejected"]
+    assert director.calls[-1] == ("rejected", stream.request, err) and stream.phase is Phase.DONE
+    stream.close()
+    assert director.calls[-1][0] == "rejected"  # nothing routed: nothing to complete
+    # Refused before a request exists (bad JSON): the director hears of it without one.
+    bad = FakeDirector()
+    out = await drive(fake_stream(bad, FakeTime(5.0)), [headers_msg(), body_msg(b"{no json")])
+    assert immediate(out[0])[1]["x-request-id"] == "req-1"
+    assert bad.calls[-1][:2] == ("rejected", None) and bad.calls[-1][2].reason == "invalid-json"
+
+
+async def test_model_status_comes_from_the_director():
+    director = FakeDirector()
+    out = await drive(fake_stream(director, FakeTime(0.0)), [headers_msg("/m/status", method="GET", eos=True)])
+    ir = out[0].immediate_response
+    assert ir.status.code == 200 and json.loads(ir.body) == {"model": "m", "state": "serving"}
+    assert director.calls[-1] == ("status", ModelPath("m", "served-m", "/status"))
