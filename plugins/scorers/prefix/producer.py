@@ -1,14 +1,5 @@
-"""Approximate prefix-cache affinity: send a prompt where its prefix was sent before.
-
-Two plugins, as in GIE:
-
-* ``approx-prefix-cache-producer`` hashes the prompt into blocks, matches the blocks against a per-endpoint
-  index of what EPP sent there, updates the index when a pick is made and corrects it from the
-  ``cached_tokens`` the model server reports.
-* ``prefix-cache-scorer`` turns the match into a score. Without a configured producer it builds its own
-  from the same parameters (so ``prefix-cache-scorer: {blockSizeTokens: 32}`` works as our README and
-  older GIE docs show); with one, it uses that producer (``prefixMatchInfoProducerName`` picks among
-  several) and the producer parameters belong on the producer.
+"""``approx-prefix-cache-producer``: hashes prompts into blocks, matches them against the index, updates the
+index at each pick and corrects it from the ``cached_tokens`` the model server reports.
 
 Hashing. Blocks are ``B`` tokens: the request's token ids when it carries them (``/v1/completions`` with
 ids, vLLM ``/inference/v1/generate``), the ids of a configured ``tokenizer`` (a HF ``tokenizer.json``),
@@ -18,13 +9,6 @@ multiple of that size that is >= ``blockSizeTokens``. Block ``i`` hashes as
 ``h_i = xxh64(block_i, seed=h_{i-1})`` with ``h_{-1} = xxh64(target model \\0 cache_salt)``, so equal
 hashes mean equal prefixes; a trailing partial block is hashed too, a prompt shorter than one block has
 no hash. At most ``maxPrefixBlocksToMatch`` blocks (or ``maxPrefixTokensToMatch / B`` when that is set).
-
-Index. One LRU of block hashes per endpoint (capacity ``lruCapacityPerServer``, or with ``autoTune`` the
-endpoint's KV capacity ``num_gpu_blocks * block_size / B`` when scraped). A pick inserts the request's
-blocks in *reverse* order, so that, like vLLM (which frees a request's blocks tail first), an endpoint
-loses a prompt's tail before its head. Every insertion carries all earlier blocks of the chain, so an
-endpoint holding block ``i`` holds blocks ``0..i-1``: the match length is found by binary search
-(O(log n) lookups per endpoint instead of GIE's walk).
 
 Feedback from ``cached_tokens`` (``cachedTokensFeedback``, default on). An entry is stamped with the
 number of blocks inserted on that endpoint when it was (re)inserted; its *age* is how many blocks were
@@ -40,185 +24,33 @@ own blocks stay indexed: the model server has just computed and cached them.
 
 from __future__ import annotations
 
-import logging
 import math
 from array import array
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import xxhash
+from epp_plugins.scorers.prefix.index import _NO_HORIZON, PrefixState, _Credit, _Server
+from epp_plugins.scorers.prefix.tokenizer import CHARS_PER_TOKEN, ChunkedTokenizer
 
 from epp.observability.audit import TOKEN_ERROR_BUCKETS, PredictionAudit
 from epp.plugin import (
-    PREFIX_MATCH,
     Endpoint,
     InferenceRequest,
-    Plugin,
-    PluginConfigError,
-    PrefixMatch,
     RequestObserver,
     ResponseInfo,
     SchedulingResult,
-    Scorer,
     check_bool,
-    check_float,
     check_int,
     check_str,
     register_plugin,
 )
 
-log = logging.getLogger(__name__)
-
-CHARS_PER_TOKEN = 4  # GIE's estimate when hashing characters
 PREFILL_PROFILE = "prefill"
-_NO_HORIZON = 1 << 62
 # How far a reported cached-token count may be off from our block count, per kind of block ("chars" once the
 # model's characters per token is learned; before that "chars-prior").
 _SLACK = {"ids": 1.0, "tokenizer": 1.25, "chars": 1.25, "chars-prior": 1.5}
 LEARNED_AFTER = 3  # responses before a model's learned characters per token replaces the prior in feedback
 MISSES_TO_FORGET = 2  # consistent misses before an endpoint's horizon drops (one can be a race, not eviction)
-
-
-
-# --------------------------------------------------------------------------------------------------
-# Tokenizer (optional)
-
-
-class ChunkedTokenizer:
-    """A HF ``tokenizer.json`` applied to fixed 512-character chunks of the prompt, with an LRU of chunk ->
-    token ids. Tokenizing a 30 KB prompt costs tens of milliseconds; prompts that share a prefix share
-    its chunks, so only the new tail is tokenized. Chunk boundaries shift a token here and there compared
-    with tokenizing the whole text; the result is still deterministic and prefix-stable, which is all
-    block hashing needs."""
-
-    CHUNK_CHARS = 512
-
-    def __init__(self, path: str, cache_chunks: int = 16384) -> None:
-        try:
-            from tokenizers import Tokenizer
-        except ImportError as e:  # pragma: no cover - a declared dependency
-            raise ValueError(f"tokenizer: the 'tokenizers' package is not installed ({e})") from None
-        try:
-            self._tok = Tokenizer.from_file(path)
-        except Exception as e:
-            raise ValueError(f"tokenizer: cannot load {path!r}: {e}") from None
-        self._tok.no_truncation()
-        self._tok.no_padding()
-        self.path = path
-        self._cache: OrderedDict[str, bytes] = OrderedDict()
-        self._cap = cache_chunks
-
-    def encode(self, text: str, max_tokens: int) -> tuple[bytes, int]:
-        """Little-endian uint32 token ids of the first ``max_tokens`` tokens, and an estimate of the
-        whole text's token count."""
-        chunk = self.CHUNK_CHARS
-        cache = self._cache
-        parts: list[bytes] = []
-        n = 0
-        pos = 0
-        size = len(text)
-        while pos < size and n < max_tokens:
-            want = max((max_tokens - n) * CHARS_PER_TOKEN, chunk)
-            end = min(size, pos + -(-want // chunk) * chunk)
-            chunks = [text[j: j + chunk] for j in range(pos, end, chunk)]
-            missing = list(dict.fromkeys(c for c in chunks if c not in cache))
-            if missing:
-                for c, enc in zip(missing, self._tok.encode_batch(missing, add_special_tokens=False), strict=True):
-                    cache[c] = array("I", enc.ids).tobytes()
-            for c in chunks:
-                ids = cache[c]
-                cache.move_to_end(c)
-                parts.append(ids)
-                n += len(ids) // 4
-                pos += len(c)
-                if n >= max_tokens:
-                    break
-            while len(cache) > self._cap:
-                cache.popitem(last=False)
-        data = b"".join(parts)
-        total = n if pos >= size else n + int((size - pos) * n / max(pos, 1))
-        return data[: max_tokens * 4], total
-
-
-# --------------------------------------------------------------------------------------------------
-# Per-request state
-
-
-@dataclass(slots=True)
-class _Credit:
-    endpoint: str
-    stamp: int
-    credited: int  # blocks credited at pick time whose inserting requests had completed
-    ages: list[int]  # age (blocks inserted since) of each block present at pick time, from block 0
-
-
-@dataclass(slots=True)
-class PrefixState:
-    """What the producer knows about one request: its block hashes and, per endpoint, the match."""
-
-    hashes: list[int]
-    block_tokens: int
-    covered_tokens: int  # tokens (estimated for character blocks) the hashes cover
-    prompt_tokens: int  # tokens (estimated) of the whole prompt
-    kind: str  # "ids" | "tokenizer" | "chars"
-    unit: float = 0.0  # server tokens per block: block_tokens, or for character blocks the learned equivalent
-    matches: dict[str, int] = field(default_factory=dict)  # endpoint name -> matched blocks
-    credit: _Credit | None = None
-    stamps: list[tuple[str, int]] = field(default_factory=list)  # (endpoint, stamp) inserted, to release
-
-    def __bool__(self) -> bool:
-        return bool(self.hashes)
-
-    def matched_tokens(self, blocks: int) -> int:
-        return min(int(blocks * (self.unit or self.block_tokens)), self.covered_tokens)
-
-    @property
-    def hit_ratio(self) -> float:
-        """Best match over the endpoints matched so far, as a fraction of the request's blocks."""
-        if not self.hashes or not self.matches:
-            return 0.0
-        return max(self.matches.values()) / len(self.hashes)
-
-
-class _Server:
-    """One endpoint's index: block hash -> stamp, least recently inserted first."""
-
-    __slots__ = ("horizon", "inflight", "lru", "seq", "suspect")
-
-    def __init__(self) -> None:
-        self.lru: OrderedDict[int, int] = OrderedDict()
-        self.seq = 0  # blocks inserted so far; a stamp is the value of seq right after an insertion
-        self.inflight: set[int] = set()  # stamps of insertions whose request has not completed
-        self.horizon = _NO_HORIZON  # entries this old (in blocks inserted since) or older no longer match
-        self.suspect: list[int] = []  # ages of recent misses not yet confirmed by another (MISSES_TO_FORGET)
-
-    def match(self, hashes: list[int]) -> int:
-        lru = self.lru
-        if not lru:
-            return 0
-        get = lru.get
-        seq, horizon = self.seq, self.horizon
-        s = get(hashes[0])
-        if s is None or seq - s >= horizon:
-            return 0
-        n = len(hashes)
-        s = get(hashes[-1])
-        if s is not None and seq - s < horizon:
-            return n
-        lo, hi = 1, n - 1  # hashes[lo-1] held, hashes[hi] not held
-        while lo < hi:
-            mid = (lo + hi) >> 1
-            s = get(hashes[mid])
-            if s is not None and seq - s < horizon:
-                lo = mid + 1
-            else:
-                hi = mid
-        return lo
-
-
-# --------------------------------------------------------------------------------------------------
-# Producer
 
 
 @register_plugin("approx-prefix-cache-producer")
@@ -408,7 +240,7 @@ class ApproxPrefixCacheProducer(RequestObserver):
             st.credit = _Credit(endpoint.name, stamp, credited, ages)
 
     def _index(self, srv: _Server, endpoint: Endpoint, hashes: Sequence[int], block_tokens: float) -> int:
-        """Insert a chain's blocks tail first (see the module notes); the insertion's stamp."""
+        """Insert a chain's blocks tail first (see plugins/scorers/prefix/index.py); the insertion's stamp."""
         lru = srv.lru
         stamp = srv.seq + len(hashes)
         srv.seq = stamp
@@ -505,165 +337,3 @@ class ApproxPrefixCacheProducer(RequestObserver):
         """The endpoint's learned horizon (blocks), None when no miss lowered it."""
         srv = self._servers.get(endpoint_name)
         return None if srv is None or srv.horizon >= _NO_HORIZON else srv.horizon
-
-
-# --------------------------------------------------------------------------------------------------
-# Scorer
-
-
-SCORE_MODES = ("tokens", "ratio")
-
-
-@register_plugin("prefix-cache-scorer")
-class PrefixCacheScorer(Scorer, RequestObserver):
-    """Score from the prefix match.
-
-    ``scoreMode: tokens`` (default): the prefill the endpoint saves *compared with the candidate that saves
-    least*, ``min(1, (matchedTokens - leastMatchedTokens) / matchLengthScaleTokens)`` (scale 1024 tokens,
-    about one engine step of prefill on an H100-class GPU serving an 8B model). Measuring in tokens, a 100%
-    match on a 20-token prompt scores 0.02 where 90% of an 8,000-token prompt scores 1. Measuring against the
-    least, what every candidate holds (a system prompt cached everywhere) does not count: holding a chat's
-    history beyond the shared prompt scores 1 and outweighs one waiting request on GIE's min-max
-    queue-scorer, which GIE's ratio (history 0.9 against 0.5 elsewhere) does not.
-    ``scoreMode: ratio``: GIE's ``matchedBlocks / totalBlocks``. ``matchLengthWeight`` (llm-d's parameter)
-    selects llm-d's blend ``w * min(1, matchedTokens / scale)^2 + (1 - w) * ratio`` instead (scale 8192).
-    """
-
-    produces = (PREFIX_MATCH,)
-
-    category = "affinity"
-
-    def __init__(self, score_mode: str | None = None, match_length_scale_tokens: int | None = None,
-                 match_length_weight: float | None = None, prefix_match_info_producer_name: str | None = None,
-                 block_size_tokens: int | None = None, max_prefix_blocks_to_match: int | None = None,
-                 max_prefix_tokens_to_match: int | None = None, lru_capacity_per_server: int | None = None,
-                 auto_tune: bool | None = None, tokenizer: str | None = None,
-                 cached_tokens_feedback: bool | None = None) -> None:
-        if score_mode is not None and match_length_weight is not None:
-            raise ValueError("set either scoreMode or matchLengthWeight (llm-d's blend), not both")
-        self.mode = check_str(score_mode, "scoreMode", SCORE_MODES) if score_mode is not None else "tokens"
-        # Default scale: ours for tokens mode, llm-d's (8192) for its blend.
-        default_scale = 8192 if match_length_weight is not None else 1024
-        self.scale = check_int(match_length_scale_tokens if match_length_scale_tokens is not None else default_scale,
-                               "matchLengthScaleTokens", 1)
-        self.weight = (check_float(match_length_weight, "matchLengthWeight", 0.0, 1.0)
-                       if match_length_weight is not None else None)
-        self.producer_name = (check_str(prefix_match_info_producer_name, "prefixMatchInfoProducerName")
-                              if prefix_match_info_producer_name is not None else None)
-        given = {"block_size_tokens": block_size_tokens, "max_prefix_blocks_to_match": max_prefix_blocks_to_match,
-                 "max_prefix_tokens_to_match": max_prefix_tokens_to_match,
-                 "lru_capacity_per_server": lru_capacity_per_server, "auto_tune": auto_tune,
-                 "tokenizer": tokenizer, "cached_tokens_feedback": cached_tokens_feedback}
-        self._own_params = sorted(k for k, v in given.items() if v is not None)
-        self._own = ApproxPrefixCacheProducer(**{k: v for k, v in given.items() if v is not None})
-        self.producer: ApproxPrefixCacheProducer = self._own
-
-    def start(self) -> None:
-        handle = self.handle
-        external: ApproxPrefixCacheProducer | None = None
-        if handle is not None:
-            if self.producer_name is not None:
-                found = handle.plugin(self.producer_name)
-                if not isinstance(found, ApproxPrefixCacheProducer):
-                    raise PluginConfigError(f"plugin {self.name!r}: prefixMatchInfoProducerName "
-                                            f"{self.producer_name!r} is not an approx-prefix-cache-producer")
-                external = found
-            else:
-                producers = handle.plugins_of(ApproxPrefixCacheProducer)
-                if len(producers) > 1:
-                    raise PluginConfigError(f"plugin {self.name!r}: several approx-prefix-cache-producer plugins; "
-                                            "choose one with prefixMatchInfoProducerName")
-                external = producers[0] if producers else None
-        elif self.producer_name is not None:
-            raise PluginConfigError(f"plugin {self.name!r}: prefixMatchInfoProducerName needs a configuration")
-        if external is not None:
-            if self._own_params:
-                raise PluginConfigError(f"plugin {self.name!r}: {external.name!r} produces the prefix match; set "
-                                        f"{[_camel(p) for p in self._own_params]} on it, not on the scorer")
-            self.producer = external
-        else:
-            self._own.name = f"{self.name}/producer"
-            self._own.handle = handle
-            self._own.start()
-
-    def stop(self) -> None:
-        if self.producer is self._own:
-            self._own.stop()
-
-    def prefix_producer(self) -> ApproxPrefixCacheProducer:
-        return self.producer
-
-    def indexer_size(self) -> int:
-        return self._own.indexer_size() if self.producer is self._own else 0
-
-    def prediction_audits(self) -> dict[str, PredictionAudit]:
-        return self._own.prediction_audits() if self.producer is self._own else {}
-
-    def score(self, request: InferenceRequest, endpoints: list[Endpoint]) -> Sequence[float]:
-        prod = self.producer
-        st = prod.state(request, endpoints)
-        request.attributes[self.name] = st  # truthy when the request has blocks; .hit_ratio for metrics
-        if not st.hashes:
-            return [0.0] * len(endpoints)
-        matches = prod.match_all(st, endpoints)
-        PREFIX_MATCH.put(request, PrefixMatch(st.prompt_tokens, {e.name: st.matched_tokens(m)
-                                                                 for e, m in zip(endpoints, matches, strict=True)}))
-        n = len(st.hashes)
-        if self.weight is not None:
-            w, scale = self.weight, self.scale
-            return [w * min(1.0, st.matched_tokens(m) / scale) ** 2 + (1 - w) * m / n for m in matches]
-        if self.mode == "ratio":
-            return [m / n for m in matches]
-        tokens = [st.matched_tokens(m) for m in matches]
-        least = min(tokens)
-        scale = self.scale
-        return [min(1.0, (t - least) / scale) for t in tokens]
-
-    # The observer hooks run the embedded producer's; an external producer is an observer itself.
-    def pre_request(self, request: InferenceRequest, result: SchedulingResult) -> None:
-        if self.producer is self._own:
-            self._own.pre_request(request, result)
-
-    def on_response_complete(self, request: InferenceRequest, endpoint: Endpoint, response: ResponseInfo) -> None:
-        if self.producer is self._own:
-            self._own.on_response_complete(request, endpoint, response)
-
-
-def _camel(snake: str) -> str:
-    head, *rest = snake.split("_")
-    return head + "".join(w.title() for w in rest)
-
-
-# --------------------------------------------------------------------------------------------------
-# For other plugins (affinity filter, no-hit-lru, token-load)
-
-
-def resolve_prefix_source(plugin: Plugin, name: str | None, required: bool) -> PrefixSource | None:
-    """The plugin whose prefix match ``plugin`` should read: the one called ``name`` (a producer or a prefix
-    scorer), else the only producer, else the only prefix scorer. Raises when ``required`` and none
-    qualifies, or when several do. Call ``prefix_producer()`` on the result at request time (a scorer
-    binds to its producer only when it starts)."""
-    handle = plugin.handle
-    if handle is None:
-        if required or name:
-            raise PluginConfigError(f"plugin {plugin.name!r}: needs a prefix-cache-scorer in its configuration")
-        return None
-    if name:
-        found = handle.plugin(name)
-        if isinstance(found, (ApproxPrefixCacheProducer, PrefixCacheScorer)):
-            return found
-        raise PluginConfigError(f"plugin {plugin.name!r}: {name!r} is not a prefix-cache-scorer or "
-                                "approx-prefix-cache-producer")
-    candidates: list[PrefixSource] = list(handle.plugins_of(ApproxPrefixCacheProducer))
-    if not candidates:
-        candidates = list(handle.plugins_of(PrefixCacheScorer))
-    if len(candidates) == 1:
-        return candidates[0]
-    if required or candidates:
-        what = "no" if not candidates else "several"
-        raise PluginConfigError(f"plugin {plugin.name!r}: {what} prefix-cache-scorer / approx-prefix-cache-producer "
-                                "plugins; name one with prefixPluginName")
-    return None
-
-
-PrefixSource = ApproxPrefixCacheProducer | PrefixCacheScorer
