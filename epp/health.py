@@ -40,9 +40,9 @@ _UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 
 
 class HealthServicer(health_pb2_grpc.HealthServicer):
-    def __init__(self, ready: Callable[[], bool] = lambda: False) -> None:
+    def __init__(self, ready: Callable[[], bool] = lambda: False, strict_names: bool = False) -> None:
         self.ready = ready  # e.g. pool synced and (with leader election) leading
-        self.strict_names = False  # unknown service names answer SERVICE_UNKNOWN (GIE with leader election)
+        self.strict_names = strict_names  # unknown service names answer SERVICE_UNKNOWN (GIE with leader election)
         self.named: dict[str, Callable[[], bool]] = {}  # more readiness services, e.g. pool/<name> (epp.pools)
         self._draining = False
         self._closed = False

@@ -7,7 +7,7 @@ import asyncio
 import gc
 import logging
 import signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from epp import tls
 from epp.config import Config
-from epp.datalayer.discovery import make_discovery
+from epp.datalayer.discovery import Discovery, make_discovery
 from epp.datalayer.pool import EndpointPool
 from epp.datalayer.scraper import MetricsScraper
 from epp.datalayer.sources import CoreMetricsExtractor, MetricsDataSource
@@ -30,9 +30,12 @@ from epp.health import HealthServicer
 from epp.logs import setup_logging
 from epp.objectives import Objectives
 from epp.observability.debug import add_debug_routes
+from epp.observability.hooks import RequestHooks
+from epp.observability.instrument import instrument
 from epp.observability.metrics import EppMetrics
-from epp.observability.wiring import Observability
+from epp.observability.wiring import config_reloader, request_hooks
 from epp.pools import PoolSelector, parse_pools
+from epp.reload import ConfigReloader
 from epp.scheduling.config import BUILTIN_CONFIGS, PickerConfig, load_config
 from epp.workers import merge_metrics
 
@@ -45,59 +48,141 @@ log = logging.getLogger("epp")
 FINAL_GRACE = 5.0  # seconds streams still open at the end of the drain get before they are cancelled
 
 
+def _config_text(cfg: Config) -> str | None:
+    """The scheduling configuration's text: --config-file, --config-name or --config-text (else the default)."""
+    if cfg.config_file:
+        return Path(cfg.config_file).read_text()
+    if cfg.config_name:
+        return BUILTIN_CONFIGS[cfg.config_name]
+    return cfg.config_text or None
+
+
+def _make_scraper(cfg: Config, pool: EndpointPool, picker_config: PickerConfig) -> MetricsScraper | None:
+    """GIE's data layer: ``metrics-data-source`` + ``core-metrics-extractor`` parameters when configured;
+    an explicit ``dataLayer: {sources: []}`` turns scraping off."""
+    data_layer = picker_config.raw.get("dataLayer")
+    if isinstance(data_layer, dict) and data_layer.get("sources") == []:
+        log.info("metrics scraping disabled by dataLayer.sources: []")
+        return None
+    source = next(iter(picker_config.plugins_of(MetricsDataSource)), None) or MetricsDataSource()
+    extractor = next(iter(picker_config.plugins_of(CoreMetricsExtractor)), None) or CoreMetricsExtractor()
+    return MetricsScraper(pool, cfg.refresh_metrics_interval, engines=extractor.engines,
+                          path=source.path, scheme=source.scheme)
+
+
 @dataclass
-class EppServer:
-    """Everything one EPP process runs; ``start``/``stop`` so tests can embed it."""
+class PoolRouting:
+    """One pool's routing, without listeners: its metrics, director (scheduling configuration, request hooks),
+    config reloader, discovery, scraping and shared state. Built, wired and started by ``open``."""
 
     cfg: Config
-    pool: EndpointPool = field(default_factory=EndpointPool)
-    health: HealthServicer = field(default_factory=HealthServicer)
-    cert_reloader: tls.CertReloader | None = None  # set with --enable-cert-reload
+    pool: EndpointPool
+    metrics: EppMetrics
+    hooks: RequestHooks  # decision log, explanations, tracing: the director calls them
+    director: Director
+    reloader: ConfigReloader | None  # --config-file, started once the process serves
+    discovery: Discovery
+    scraper: MetricsScraper | None  # None: dataLayer.sources is []
+    state: SharedState | None  # --state-store-url
 
-    async def start(self) -> None:
-        specs = parse_pools(Path(self.cfg.pools_file).read_text(), self.cfg) if self.cfg.pools_file else []
-        if specs:  # --pools-file: this server routes the first pool and serves them all
-            self.cfg, self.pool = specs[0].cfg, EndpointPool(specs[0].name)
-        await self.start_routing()
-        self.units: dict[str, EppServer] = {specs[0].name if specs else self.pool.name: self}  # pool -> its routing
-        for spec in specs[1:]:
-            unit = self.units[spec.name] = EppServer(spec.cfg, pool=EndpointPool(spec.name))
-            await unit.start_routing()
-        selector = None
-        if specs:
-            units = list(self.units.values())
-            selector = PoolSelector({n: u.director for n, u in self.units.items()},
-                                    next((s.name for s in specs if s.default), None))
-            self.health.ready = lambda: all(u.routing_ready() for u in units)
-            self.health.named = {f"pool/{n}": u.routing_ready for n, u in self.units.items()}  # readiness per pool
-        await self.start_serving(selector)
-
-    async def start_routing(self) -> None:
-        """One pool's routing: configuration, director, discovery, scraping, shared state (no listeners)."""
-        cfg = self.cfg
-        picker_config = load_config(self._config_text(), self.pool)
-        self.metrics = EppMetrics(self.pool)
-        self.objectives = Objectives(priorities=dict(cfg.static_objectives))
-        self.director = Director(self.pool, picker_config, cfg.disable_endpoint_subset_filter, metrics=self.metrics,
-                                 objectives=self.objectives)
-        self.observability = Observability.attach(self)  # decision log, tracing, plugin timings, config reload
-        self.discovery = make_discovery(cfg, self.pool, self.objectives)
-        await self.discovery.start()
-        self.health.ready = self.routing_ready
-        self.scraper = self._make_scraper(picker_config)
-        if self.scraper:
-            await self.scraper.start()
-        self.state: SharedState | None = None
+    @classmethod
+    async def open(cls, cfg: Config, pool: EndpointPool, process: EppServer | None = None) -> PoolRouting:
+        """``process``: the server whose open streams and drain state this pool's metrics export (the first
+        pool's: process-wide gauges are exported once)."""
+        text = _config_text(cfg)
+        metrics = EppMetrics(pool)
+        hooks = request_hooks(cfg, pool, metrics)
+        picker_config = instrument(load_config(text, pool), metrics)  # every plugin call timed
+        objectives = Objectives(priorities=dict(cfg.static_objectives))
+        director = Director(pool, picker_config, cfg.disable_endpoint_subset_filter, metrics=metrics,
+                            objectives=objectives, hooks=hooks)
+        state = None
         if cfg.state_store_url:  # active-active replicas / --workers: share picks and load (epp.state)
             from epp.state.store import SharedState, StoreCollector, StoreOptions, prefix_producers
 
-            self.state = SharedState(StoreOptions.from_config(cfg), self.pool,
-                                     lambda: prefix_producers(self.director.config))
-            self.metrics.registry.register(StoreCollector(lambda: [self.state]))
-            await self.state.start()
+            state = SharedState(StoreOptions.from_config(cfg), pool, lambda: prefix_producers(director.config))
+            metrics.registry.register(StoreCollector(lambda: [state]))
+        routing = cls(cfg, pool, metrics, hooks, director, config_reloader(cfg, director, metrics, text),
+                      make_discovery(cfg, pool, objectives), _make_scraper(cfg, pool, picker_config), state)
 
-    def routing_ready(self) -> bool:
+        rt = metrics.runtime  # what the scrape-time collectors read
+        rt.staleness_threshold = cfg.metrics_staleness_threshold
+        if process is not None:
+            rt.streams = process.active_streams
+            rt.draining = lambda: process.health.draining
+        loop = asyncio.get_running_loop()  # scrapes may be collected off the loop: name it explicitly
+        rt.tasks = lambda: len(asyncio.all_tasks(loop))
+        rt.config = lambda: director.config
+        scraper = routing.scraper
+        rt.scrape_stats = (lambda: scraper.all_stats) if scraper is not None else dict
+
+        await routing.discovery.start()
+        if scraper is not None:
+            await scraper.start()
+        if state is not None:
+            await state.start()
+        return routing
+
+    def ready(self) -> bool:
         return self.pool.synced and self.discovery.is_leader()
+
+    async def stop(self) -> None:
+        if self.scraper is not None:
+            await self.scraper.stop()
+        if self.state is not None:
+            await self.state.stop()
+        await self.discovery.stop()
+        await self.director.waker.close()
+        if self.reloader is not None:
+            await self.reloader.stop()
+        if self.hooks.tracing is not None:
+            await self.hooks.tracing.shutdown()
+        for plugin in self.director.config.plugins.values():  # e.g. KV-event ingestion threads, remote clients
+            try:
+                plugin.stop()
+            except Exception:
+                log.exception("plugin %s did not stop cleanly", getattr(plugin, "name", plugin))
+
+
+class EppServer:
+    """Everything one EPP process runs; ``start``/``stop`` so tests can embed it. ``start`` builds and wires it:
+    one ``PoolRouting`` per pool (one unless --pools-file), then the listeners serving them all."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.health = HealthServicer(self.ready, strict_names=cfg.ha_enable_leader_election)  # as GIE
+        self.units: dict[str, PoolRouting] = {}  # pool name -> its routing, the default pool's first
+        self.recorder: TraceRecorder | None = None  # --record-trace
+        self.servicer: ExtProcServicer | None = None
+        self.cert_reloader: tls.CertReloader | None = None  # --enable-cert-reload
+        self.grpc_server: h2grpc.Server | None = None
+        self.health_server: grpc.aio.Server | None = None
+        self._http: web.AppRunner | None = None
+        self.grpc_port = self.health_port = self.metrics_port = 0  # bound once serving (0 in cfg: any free port)
+
+    @property
+    def routing(self) -> PoolRouting:
+        """The first pool's routing (the only one without --pools-file)."""
+        return next(iter(self.units.values()))
+
+    def ready(self) -> bool:
+        return bool(self.units) and all(u.ready() for u in self.units.values())
+
+    def active_streams(self) -> int:
+        return self.servicer.active_streams if self.servicer is not None else 0
+
+    async def start(self) -> None:
+        specs = parse_pools(Path(self.cfg.pools_file).read_text(), self.cfg) if self.cfg.pools_file else []
+        if specs:  # --pools-file: the first pool's configuration also sets the listeners'
+            self.cfg = specs[0].cfg
+        for pool, cfg in [(EndpointPool(s.name), s.cfg) for s in specs] or [(EndpointPool(), self.cfg)]:
+            self.units[pool.name] = await PoolRouting.open(cfg, pool, process=None if self.units else self)
+        selector = None
+        if specs:
+            selector = PoolSelector({n: u.director for n, u in self.units.items()},
+                                    next((s.name for s in specs if s.default), None))
+            self.health.named = {f"pool/{n}": u.ready for n, u in self.units.items()}  # readiness per pool
+        await self.start_serving(selector)
 
     async def start_serving(self, selector: PoolSelector | None) -> None:
         cfg = self.cfg
@@ -108,7 +193,6 @@ class EppServer:
                                budget=BodyBudget(cfg.max_buffered_body_bytes),
                                trust_rewrite_header=cfg.trust_model_rewrite_header,
                                trust_objective_header=cfg.trust_objective_header)
-        self.recorder: TraceRecorder | None = None
         if cfg.record_trace:  # one file per process: workers would interleave their lines
             from epp.trace import TraceRecorder
 
@@ -121,7 +205,7 @@ class EppServer:
             d.waker.configure(cfg.wake_timeout, cfg.sleep_idle_time, cfg.sleep_level, cfg.accelerator_budget)
             d.waker.start()
             d.models.deployments = dict(cfg.model_deployments)
-        self.servicer = ExtProcServicer(self.director, limits, selector)
+        self.servicer = ExtProcServicer(self.routing.director, limits, selector)
         server_tls = None
         if cfg.secure_serving:
             server_tls, self.cert_reloader = tls.server_tls(cfg.cert_path, cfg.enable_cert_reload, cfg.client_ca_path)
@@ -141,38 +225,19 @@ class EppServer:
         await site.start()
         self.metrics_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         for unit in self.units.values():
-            await unit.observability.start()
+            if unit.reloader is not None:
+                await unit.reloader.start()
         log.info("epp serving: ext_proc %s:%d (%s), health %d, metrics %d, %d endpoints",
                  cfg.host, self.grpc_port,
                  ("mutual tls" if cfg.client_ca_path else "tls") if cfg.secure_serving else "plaintext",
-                 self.health_port, self.metrics_port, len(self.pool.endpoints))
-
-    def _make_scraper(self, picker_config: PickerConfig) -> MetricsScraper | None:
-        """GIE's data layer: ``metrics-data-source`` + ``core-metrics-extractor`` parameters when configured;
-        an explicit ``dataLayer: {sources: []}`` turns scraping off."""
-        data_layer = picker_config.raw.get("dataLayer")
-        if isinstance(data_layer, dict) and data_layer.get("sources") == []:
-            log.info("metrics scraping disabled by dataLayer.sources: []")
-            return None
-        source = next(iter(picker_config.plugins_of(MetricsDataSource)), None) or MetricsDataSource()
-        extractor = next(iter(picker_config.plugins_of(CoreMetricsExtractor)), None) or CoreMetricsExtractor()
-        return MetricsScraper(self.pool, self.cfg.refresh_metrics_interval, engines=extractor.engines,
-                              path=source.path, scheme=source.scheme)
-
-    def _config_text(self) -> str | None:
-        if self.cfg.config_file:
-            self.config_file_text = Path(self.cfg.config_file).read_text()  # what the reloader compares with
-            return self.config_file_text
-        if self.cfg.config_name:
-            return BUILTIN_CONFIGS[self.cfg.config_name]
-        return self.cfg.config_text or None
+                 self.health_port, self.metrics_port, len(self.routing.pool.endpoints))
 
     def _metrics_app(self) -> web.Application:
         def render() -> bytes:
             if len(self.units) > 1:  # one page, each pool's series labelled pool="name"
                 pages = [(n, generate_latest(u.metrics.registry).decode()) for n, u in self.units.items()]
                 return merge_metrics(pages, "pool").encode() + generate_latest(REGISTRY)
-            return generate_latest(self.metrics.registry) + generate_latest(REGISTRY)  # ours + process/python
+            return generate_latest(self.routing.metrics.registry) + generate_latest(REGISTRY)  # ours + process/python
 
         async def metrics(_: web.Request) -> web.Response:
             # Rendered on a worker thread: however large the page, a scrape never holds the event loop
@@ -203,7 +268,7 @@ class EppServer:
                 reason = "second signal"
                 break
             if quiet_period > 0:
-                if self.servicer.active_streams == 0 and self.health.not_serving_answers > 0:
+                if self.active_streams() == 0 and self.health.not_serving_answers > 0:
                     idle_since = now if idle_since is None else idle_since
                     if now - idle_since >= quiet_period:
                         reason = f"no stream for {quiet_period:g}s"
@@ -211,7 +276,7 @@ class EppServer:
                 else:
                     idle_since = None
             await asyncio.sleep(min(0.05, max(0.0, deadline - now)))
-        open_streams = self.servicer.active_streams
+        open_streams = self.active_streams()
         log.info("epp drain over (%s): %d stream(s) still open get %.0fs", reason, open_streams,
                  0 if reason == "second signal" else FINAL_GRACE)
         await self.stop(grace=0 if reason == "second signal" else FINAL_GRACE)
@@ -219,27 +284,16 @@ class EppServer:
     async def stop(self, grace: float = 5.0) -> None:
         self.health.draining = True
         self.health.close()  # ends Watch streams, which would hold the grace period up
-        await self.grpc_server.stop(grace)
-        await self.health_server.stop(0)
-        await self._http.cleanup()
+        if self.grpc_server is not None:
+            await self.grpc_server.stop(grace)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
+        if self._http is not None:
+            await self._http.cleanup()
         for unit in self.units.values():
-            await unit.stop_routing()
+            await unit.stop()
         if self.recorder is not None:
             self.recorder.close()
-
-    async def stop_routing(self) -> None:
-        if self.scraper:
-            await self.scraper.stop()
-        if self.state is not None:
-            await self.state.stop()
-        await self.discovery.stop()
-        await self.director.waker.close()
-        await self.observability.stop()
-        for plugin in self.director.config.plugins.values():  # e.g. KV-event ingestion threads, remote clients
-            try:
-                plugin.stop()
-            except Exception:
-                log.exception("plugin %s did not stop cleanly", getattr(plugin, "name", plugin))
 
 
 async def run(cfg: Config) -> int:
@@ -267,8 +321,9 @@ async def run(cfg: Config) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    if server.reloader is not None:  # SIGHUP: look at the config file now
-        loop.add_signal_handler(signal.SIGHUP, server.reloader.check)
+    reloader = server.routing.reloader
+    if reloader is not None:  # SIGHUP: look at the config file now
+        loop.add_signal_handler(signal.SIGHUP, reloader.check)
     await stop.wait()
     stop.clear()  # a second signal hurries the drain
     log.info("epp draining: NOT_SERVING, still serving for up to %gs%s", cfg.drain_timeout,

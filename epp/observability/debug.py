@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from epp.observability.audit import plugin_audits
 from epp.observability.page import PAGE
 from epp.pools import UNKNOWN_POOL
+
+if TYPE_CHECKING:
+    from epp.server import EppServer, PoolRouting
 
 MAX_LIMIT = 256
 
@@ -34,9 +37,9 @@ def _age(a: float) -> float | None:
     return None if math.isinf(a) else round(a, 3)
 
 
-def _units(server: Any, pool: str | None = None) -> dict[str, Any]:
-    """Pool name -> the server routing it (one, unless --pools-file); only ``pool``'s when given."""
-    units = getattr(server, "units", None) or {server.pool.name: server}
+def _units(server: EppServer, pool: str | None = None) -> dict[str, PoolRouting]:
+    """Pool name -> its routing (one, unless --pools-file); only ``pool``'s when given."""
+    units = server.units
     if pool is None:
         return units
     if pool not in units:
@@ -44,7 +47,7 @@ def _units(server: Any, pool: str | None = None) -> dict[str, Any]:
     return {pool: units[pool]}
 
 
-def endpoints_view(server: Any, pool: str | None = None) -> dict[str, Any]:
+def endpoints_view(server: EppServer, pool: str | None = None) -> dict[str, Any]:
     units = _units(server, pool)
     if len(units) == 1:
         (unit,) = units.values()
@@ -60,13 +63,11 @@ def endpoints_view(server: Any, pool: str | None = None) -> dict[str, Any]:
         "pools": views}
 
 
-def _pool_view(server: Any, process: Any) -> dict[str, Any]:
+def _pool_view(unit: PoolRouting, process: EppServer) -> dict[str, Any]:
     """One pool's view; ``process`` is the server holding the listeners (state, streams)."""
-    pool = server.pool
-    hooks = getattr(server, "hooks", None)
-    picks = hooks.decisions.picks if hooks is not None else {}
-    metrics = getattr(server, "metrics", None)
-    threshold = metrics.runtime.staleness_threshold if metrics is not None else 2.0
+    pool = unit.pool
+    decisions = unit.hooks.decisions
+    threshold = unit.metrics.runtime.staleness_threshold
     now = time.monotonic()
     eps = []
     for e in pool.endpoints:
@@ -78,45 +79,33 @@ def _pool_view(server: Any, process: Any) -> dict[str, Any]:
             "inflight": e.inflight_requests, "inflight_tokens": e.inflight_tokens,
             "metrics_age_s": _age(age), "stale": age > threshold, "last_error": m.last_error,
             "unreachable": m.unreachable, "sleeping": e.asleep,
-            "picks": picks.get(e.name, 0)})
-    servicer = getattr(process, "servicer", None)
-    reloader = getattr(server, "reloader", None)
-    director = getattr(server, "director", None)
-    config: dict[str, Any] = {}
-    if director is not None:
-        profiles = director.config.scheduler.profiles
-        config = {"profiles": {name: {"filters": [f.name for f in p.filters],
-                                      "scorers": {s.name: w for s, w in p.scorers},
-                                      "picker": p.picker.name if p.picker else None}
-                               for name, p in profiles.items()}}
-    if reloader is not None:
-        config.update(reloader.describe())
-    health = getattr(process, "health", None)
+            "picks": decisions.picks.get(e.name, 0)})
+    director = unit.director
+    profiles = director.config.scheduler.profiles
+    config: dict[str, Any] = {"profiles": {name: {"filters": [f.name for f in p.filters],
+                                                  "scorers": {s.name: w for s, w in p.scorers},
+                                                  "picker": p.picker.name if p.picker else None}
+                                           for name, p in profiles.items()}}
+    if unit.reloader is not None:
+        config.update(unit.reloader.describe())
     return {
-        "pool": pool.name, "now": round(time.time(), 3),
-        "state": health.state if health is not None else "unknown",
-        "streams": servicer.active_streams if servicer is not None else 0,
-        "decisions": hooks.decisions.total if hooks is not None else 0,
-        "rejected": hooks.decisions.rejected if hooks is not None else 0,
-        "config": config, "endpoints": eps,
-        "flow_control": director.admission.describe() if director is not None else None,
+        "pool": pool.name, "now": round(time.time(), 3), "state": process.health.state,
+        "streams": process.active_streams(), "decisions": decisions.total, "rejected": decisions.rejected,
+        "config": config, "endpoints": eps, "flow_control": director.admission.describe(),
         # predictions against outcomes (epp.observability.audit), and the learned characters per token
-        "predictions": {k: a.summary() for k, a in
-                        plugin_audits(director.config if director is not None else None).items()},
+        "predictions": {k: a.summary() for k, a in plugin_audits(director.config).items()},
         "chars_per_token": pool.tokens.snapshot(),
         # what plugins learned (a plugin offering ``debug_state()``), e.g. predicted-latency-scorer's rates
-        "plugins": {name: plugin.debug_state() for name, plugin in
-                    list(getattr(director.config if director is not None else None, "plugins", {}).items())
+        "plugins": {name: plugin.debug_state() for name, plugin in list(director.config.plugins.items())
                     if callable(getattr(plugin, "debug_state", None))}}
 
 
-def decisions_view(server: Any, limit: int = 50, pool: str | None = None) -> dict[str, Any]:
+def decisions_view(server: EppServer, limit: int = 50, pool: str | None = None) -> dict[str, Any]:
     limit = max(1, min(limit, MAX_LIMIT))
-    units = _units(server, pool)
-    logs = {name: hooks.decisions for name, unit in units.items() if (hooks := getattr(unit, "hooks", None))}
+    logs = {name: unit.hooks.decisions for name, unit in _units(server, pool).items()}
     if not logs:
         return {"total": 0, "rejected": 0, "decisions": []}
-    if len(_units(server)) == 1:
+    if len(server.units) == 1:
         (log,) = logs.values()
         return {"total": log.total, "rejected": log.rejected, "size": log.records.maxlen,
                 "decisions": log.recent(limit)}
@@ -129,7 +118,7 @@ def decisions_view(server: Any, limit: int = 50, pool: str | None = None) -> dic
             "size": sum(log.records.maxlen or 0 for log in logs.values()), "decisions": merged[:limit]}
 
 
-def add_debug_routes(app: web.Application, server: Any) -> None:
+def add_debug_routes(app: web.Application, server: EppServer) -> None:
     async def endpoints(request: web.Request) -> web.Response:
         return web.json_response(endpoints_view(server, request.query.get("pool")),
                                  headers={"Cache-Control": "no-store"})

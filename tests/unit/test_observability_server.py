@@ -17,6 +17,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from epp.cli import parse_args
 from epp.config import Config
+from epp.datalayer.pool import EndpointPool
+from epp.director import Director
 from epp.extproc.stream import StreamOptions
 from epp.health import EXT_PROC_SERVICE, HealthServicer
 from epp.observability.instrument import TimedScorer
@@ -174,6 +176,23 @@ class ExtProc:
         await self.channel.close()
 
 
+async def test_start_builds_and_wires_only_declared_state(epp):
+    """``start`` is the one place that builds and wires: the server and the director gain no attribute their
+    constructors did not declare, and the pieces are connected to each other."""
+    declared = set(vars(EppServer(make_cfg())))
+    server = await epp()
+    assert set(vars(server)) == declared
+    unit = server.routing
+    pool = EndpointPool()
+    assert set(vars(unit.director)) == set(vars(Director(pool, load_config(CONFIG_A, pool))))
+    assert unit.director.hooks is unit.hooks and server.servicer is not None and unit.reloader is None
+    rt = unit.metrics.runtime
+    assert rt.streams() == 0 and rt.draining() is False and rt.config() is unit.director.config
+    assert rt.staleness_threshold == server.cfg.metrics_staleness_threshold
+    assert server.health.ready() and not server.health.strict_names
+    assert EppServer(make_cfg(ha_enable_leader_election=True)).health.strict_names  # GIE, with leader election
+
+
 async def test_drain_serves_old_and_new_streams_then_exits_once_quiet(epp):
     server = await epp()
     client = ExtProc(server.grpc_port)
@@ -292,10 +311,10 @@ async def test_live_reload_swaps_the_config_and_keeps_plugin_timings(epp, tmp_pa
     path = tmp_path / "config.yaml"
     path.write_text(CONFIG_A)
     server = await epp(config_file=str(path), config_text="")
-    before = server.director.config
+    before = server.routing.director.config
     replace(path, CONFIG_B)
-    assert server.reloader.check()
-    after = server.director.config
+    assert server.routing.reloader.check()
+    after = server.routing.director.config
     assert after is not before and after.scheduler.profiles["default"].picker.name == "random-picker"
     assert all(isinstance(s, TimedScorer) for s, _ in after.scheduler.profiles["default"].scorers)
     async with aiohttp.ClientSession() as http:
