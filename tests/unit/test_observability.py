@@ -12,13 +12,23 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from epp.datalayer.pool import EndpointSpec
+from epp import testing
+from epp.datalayer.pool import EndpointPool, EndpointSpec
 from epp.logs import JsonFormatter, TextFormatter, level_for
 from epp.observability.decisions import DecisionLog
 from epp.observability.explain import ExplainPolicy, explain, header_value
 from epp.observability.hooks import RequestHooks, Throttle
-from epp.observability.instrument import TimedScorer, instrument
+from epp.observability.instrument import (
+    TimedFilter,
+    TimedPicker,
+    TimedProfileHandler,
+    TimedScorer,
+    instrument,
+    timed,
+)
 from epp.observability.metrics import EppMetrics, FastHistogram, prefix_index_size
+from epp.scheduling.config import load_config
+from epp.scheduling.plugins import Filter, Picker, ProfileHandler, Scorer
 from tests.extproc_helpers import (
     body_msg,
     drive,
@@ -95,6 +105,46 @@ def test_instrument_is_idempotent_and_keeps_names():
     scorers = director.config.scheduler.profiles["default"].scorers
     assert all(isinstance(s, TimedScorer) and not isinstance(s.inner, TimedScorer) for s, _ in scorers)
     assert [s.name for s, _ in scorers] == ["queue-scorer", "kv-cache-utilization-scorer", "prefix-cache-scorer"]
+
+
+UTILIZATION_CONFIG = """\
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: utilization-filter
+- type: queue-scorer
+- type: max-score-picker
+"""
+
+
+def test_one_timing_mechanism_for_every_role():
+    """Filters, scorers, pickers and the profile handler are timed alike, each under GIE's extension point, and
+    each proxy stands in for its role under the real plugin's name."""
+    config = load_config(UTILIZATION_CONFIG)
+    metrics = EppMetrics(EndpointPool())
+    instrument(config, metrics)
+    profile = config.scheduler.profiles["default"]
+    proxies = [*profile.filters, *(s for s, _ in profile.scorers), profile.picker, config.scheduler.handler]
+    assert [type(p) for p in proxies] == [TimedFilter, TimedScorer, TimedPicker, TimedProfileHandler]
+    for proxy, role in zip(proxies, (Filter, Scorer, Picker, ProfileHandler), strict=True):
+        assert isinstance(proxy, role) and proxy.name == proxy.inner.name and proxy.type_name == proxy.inner.type_name
+    config.scheduler.schedule(testing.request(), [testing.endpoint("e1"), testing.endpoint("e2", waiting=3)])
+    counts = {labels: v for (name, labels), v in samples(metrics).items()
+              if name == "inference_extension_plugin_duration_seconds_count"}
+    point = {dict(k)["extension_point"]: v for k, v in counts.items()}
+    # one pass through the profile; the handler is asked for profiles twice (the second: none left), then results
+    assert point == {"Filter": 1, "Scorer": 1, "Picker": 1, "ProfileHandler": 3}
+
+
+def test_timed_observes_raising_calls_too():
+    hist = FastHistogram((1.0,))
+
+    def fails() -> None:
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError):
+        timed(fails, hist)()
+    assert timed(lambda x: x + 1, hist)(1) == 2 and hist.count == 2
 
 
 async def test_request_and_error_series_and_pool_gauges():
