@@ -14,6 +14,8 @@ import logging
 import sys
 from typing import Any
 
+from epp.config import Config
+
 VERBOSE = 15  # -v 3
 TRACE = 5  # -v 5
 logging.addLevelName(VERBOSE, "VERBOSE")
@@ -76,7 +78,7 @@ class TextFormatter(logging.Formatter):
         return line
 
 
-def setup_logging(verbosity: int = 2, fmt: str = "text") -> None:
+def setup_logging(verbosity: int = Config.verbosity, fmt: str = Config.log_format) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()

@@ -51,7 +51,7 @@ from epp import clock
 from epp.api.errors import EppError
 from epp.api.parsing import parse_request
 from epp.api.types import InferenceRequest, Usage
-from epp.config import parse_duration
+from epp.config import Config, parse_duration
 from epp.datalayer.endpoint import Endpoint
 from epp.datalayer.engines import Extracted
 from epp.datalayer.pool import EndpointPool, EndpointSpec
@@ -70,17 +70,18 @@ _SAMPLE_EVERY = 0.5  # s between samples of the pods' queues (as bench.quality s
 # Objects allocated between collections of the youngest generation while replaying (Python's default: 700): a
 # replay allocates prompt-sized lists by the thousand, which mostly die young, uncollected at this threshold.
 _GC_YOUNG = 20_000
+SIM_PROFILE = "pressure"  # the pods when neither the trace nor the flags describe them: the pressure suite's
 
 
 @dataclass
 class ReplayOptions:
     pods: int = 8
-    sim: SimConfig = field(default_factory=lambda: SimConfig(profile="pressure"))
-    refresh_interval: float = 0.05  # EPP's --refresh-metrics-interval
+    sim: SimConfig = field(default_factory=lambda: SimConfig(profile=SIM_PROFILE))
+    refresh_interval: float = Config.refresh_metrics_interval  # EPP's --refresh-metrics-interval
     warmup: float = 0.0  # s of arrivals left out of the statistics (the pods' counters are read from then)
     drain: float = 60.0  # s after the last arrival before unfinished requests are cancelled (errors)
     seed: int = 1  # scrape phases and pickers' tie-breaks
-    max_json_depth: int = 64
+    max_json_depth: int = Config.max_json_depth
 
 
 @dataclass
@@ -484,13 +485,14 @@ def build_parser() -> argparse.ArgumentParser:
     pods.add_argument("--max-num-seqs", type=int)
     pods.add_argument("--tokenizer", help="the pods' tokenizer (deepseek, a tokenizer.json; none: pseudo)")
     pods.add_argument("--model", help="the pods' served model name")
-    ap.add_argument("--refresh-metrics-interval", type=parse_duration, default=0.05,
+    ap.add_argument("--refresh-metrics-interval", type=parse_duration, default=ReplayOptions.refresh_interval,
                     help="EPP's scrape interval (default 50ms)")
-    ap.add_argument("--warmup", type=float, default=0.0, help="seconds of arrivals left out of the statistics")
-    ap.add_argument("--drain", type=float, default=60.0,
+    ap.add_argument("--warmup", type=float, default=ReplayOptions.warmup,
+                    help="seconds of arrivals left out of the statistics")
+    ap.add_argument("--drain", type=float, default=ReplayOptions.drain,
                     help="virtual seconds after the last arrival before unfinished requests count as errors")
     ap.add_argument("--duration", type=float, help="replay only the first this many seconds of the trace")
-    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=ReplayOptions.seed)
     ap.add_argument("--jobs", type=int, help="configurations replayed at once, each in its own process "
                                              "(default: one per configuration, up to the CPU count)")
     ap.add_argument("--json", type=Path, help="write every configuration's summary and requests here")
@@ -504,13 +506,13 @@ def options_from(ns: argparse.Namespace, meta: dict[str, Any]) -> ReplayOptions:
         return flag if flag is not None else hint.get(key, default)
 
     tokenizer = pick(ns.tokenizer, "tokenizer", None)
-    sim = SimConfig(profile=pick(ns.sim_profile, "profile", "pressure"),
+    sim = SimConfig(profile=pick(ns.sim_profile, "profile", SIM_PROFILE),
                     num_gpu_blocks=pick(ns.num_gpu_blocks, "num_gpu_blocks", None),
                     max_num_seqs=pick(ns.max_num_seqs, "max_num_seqs", None),
                     tokenizer=None if tokenizer in (None, "", "none", "pseudo") else tokenizer,
                     model=pick(ns.model, "model", SimConfig().model), seed=pick(None, "seed", 0))
-    return ReplayOptions(pods=pick(ns.pods, "pods", 8), sim=sim, refresh_interval=ns.refresh_metrics_interval,
-                         warmup=ns.warmup, drain=ns.drain, seed=ns.seed)
+    return ReplayOptions(pods=pick(ns.pods, "pods", ReplayOptions.pods), sim=sim,
+                         refresh_interval=ns.refresh_metrics_interval, warmup=ns.warmup, drain=ns.drain, seed=ns.seed)
 
 
 def _fmt(v: float | None, scale: float = 1.0, digits: int = 0, suffix: str = "") -> str:

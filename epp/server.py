@@ -281,7 +281,7 @@ class EppServer:
                  0 if reason == "second signal" else FINAL_GRACE)
         await self.stop(grace=0 if reason == "second signal" else FINAL_GRACE)
 
-    async def stop(self, grace: float = 5.0) -> None:
+    async def stop(self, grace: float = FINAL_GRACE) -> None:
         self.health.draining = True
         self.health.close()  # ends Watch streams, which would hold the grace period up
         if self.grpc_server is not None:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from epp.api.types import InferenceRequest
+from epp.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def read_trace(paths: Iterable[str | Path]) -> tuple[list[TraceRecord], dict[str
 class TraceRecorder:
     """Appends every routed request to a trace file, up to ``max_bytes`` (then stops, with a warning)."""
 
-    def __init__(self, path: str, max_bytes: int = 1 << 30) -> None:
+    def __init__(self, path: str, max_bytes: int = Config.record_trace_max_bytes) -> None:
         self.path = path
         self.max_bytes = max_bytes
         self.written = 0

@@ -38,6 +38,7 @@ import aiohttp
 
 from epp.admission import accelerator
 from epp.api.errors import EppError
+from epp.config import Config
 from epp.datalayer.endpoint import Endpoint
 
 if TYPE_CHECKING:
@@ -45,18 +46,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_WAKE_TIMEOUT = 60.0
 DRAIN_POLL = 0.02  # seconds between checks that a draining endpoint's requests finished
 SLEEP_RETRIES = 25  # POST /sleep refused while the engine still has requests (not all EPP's): retry this often
 SLEEP_RETRY_DELAY = 0.2
 
 
 class Waker:
-    def __init__(self, director: Director, timeout: float = DEFAULT_WAKE_TIMEOUT, metrics: Any = None) -> None:
+    def __init__(self, director: Director, timeout: float = Config.wake_timeout, metrics: Any = None) -> None:
         self.director = director
         self.timeout = timeout
         self.idle_time = 0.0  # --sleep-idle-time; 0: endpoints sleep only to make room
-        self.sleep_level = 1  # --sleep-level
+        self.sleep_level = Config.sleep_level  # --sleep-level
         self.budget = 0.0  # --accelerator-budget: a group's capacity when no label gives it; 0: no limit
         self.draining: dict[Endpoint, asyncio.Task[None]] = {}  # not candidates: on their way to sleep
         self._activating: dict[Endpoint, asyncio.Task[None]] = {}  # making room, then waking

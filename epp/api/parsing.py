@@ -20,8 +20,9 @@ from epp.api import anthropic, openai, vllm
 from epp.api.errors import EppError, bad_request
 from epp.api.fields import is_model_name
 from epp.api.types import ApiKind, ParsedBody
+from epp.config import Config
 
-DEFAULT_MAX_JSON_DEPTH = 64
+DEFAULT_MAX_JSON_DEPTH = Config.max_json_depth  # --max-json-depth's
 
 # Longest suffix first so "chat/completions" wins over "completions" and
 # "messages/count_tokens" over "messages".

@@ -26,10 +26,12 @@ from dataclasses import dataclass
 import aiohttp
 from yarl import URL
 
+from epp.config import Config
 from epp.datalayer import promtext
 from epp.datalayer.endpoint import Endpoint
 from epp.datalayer.engines import EngineRegistry, ExtractError
 from epp.datalayer.pool import EndpointPool
+from epp.datalayer.sources import METRICS_PATH, METRICS_SCHEME
 from epp.tasks import stop_tasks
 
 log = logging.getLogger(__name__)
@@ -61,11 +63,11 @@ class MetricsScraper:
     def __init__(
         self,
         pool: EndpointPool,
-        interval: float = 0.05,
+        interval: float = Config.refresh_metrics_interval,
         timeout: float = 1.0,
         engines: EngineRegistry | None = None,
-        path: str = "/metrics",
-        scheme: str = "http",
+        path: str = METRICS_PATH,
+        scheme: str = METRICS_SCHEME,
         *,
         parser: Parser | None = None,
     ) -> None:

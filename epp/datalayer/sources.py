@@ -14,10 +14,13 @@ from epp.datalayer.engines import EngineRegistry
 from epp.scheduling.plugins import Plugin
 from epp.scheduling.registry import register_plugin
 
+METRICS_SCHEME, METRICS_PATH = "http", "/metrics"  # where a model server's metrics are, unless configured
+
 
 @register_plugin("metrics-data-source")
 class MetricsDataSource(Plugin):
-    def __init__(self, scheme: str = "http", path: str = "/metrics", insecure_skip_verify: bool = True) -> None:
+    def __init__(self, scheme: str = METRICS_SCHEME, path: str = METRICS_PATH,
+                 insecure_skip_verify: bool = True) -> None:
         if scheme not in ("http", "https"):
             raise ValueError("scheme must be http or https")
         if not path.startswith("/"):

@@ -32,6 +32,7 @@ from epp.api.rewrite import ModelNameRestorer, rewrite_request_model
 from epp.api.types import ApiKind, ErrorStyle, InferenceRequest, ParsedBody
 from epp.api.usage import UsageExtractor
 from epp.clock import monotonic
+from epp.config import Config
 from epp.director import Decision
 from epp.extproc import protocol as p
 from epp.pools import PoolSelector, metadata_pool
@@ -44,18 +45,18 @@ _NONE = ProcessingMode.BodySendMode.NONE
 
 @dataclass(slots=True)
 class StreamOptions:
-    max_body_bytes: int = 32 << 20
-    max_json_depth: int = 64
+    max_body_bytes: int = Config.max_request_body_bytes
+    max_json_depth: int = Config.max_json_depth
     decision_header: bool = False  # tell the client which endpoint EPP picked (x-epp-endpoint)
     # Size limits on what a parsed request carries (0: no limit), refused with 413. Sized for long-context
     # prompts: about 4M tokens either way, four times today's longest contexts, and below what a 32 MiB body
     # can carry, so they bind before the body limit does. A body limit alone does not bound these: a 32 MiB
     # body holds a million one-line messages or 16M token ids.
-    max_messages: int = 100_000  # chat/Anthropic messages, Responses input items
-    max_prompt_chars: int = 16 << 20  # the rendered prompt text
-    max_prompt_tokens: int = 4 << 20  # prompts sent as token ids (completions, embeddings, generate)
+    max_messages: int = Config.max_request_messages  # chat/Anthropic messages, Responses input items
+    max_prompt_chars: int = Config.max_prompt_chars  # the rendered prompt text
+    max_prompt_tokens: int = Config.max_prompt_tokens  # prompts sent as token ids (completions, embeddings, generate)
     # Envoy sends a body in 16-64 KiB pieces; a direct client sending one-byte pieces must not hold the loop.
-    max_body_chunks: int = 16_384
+    max_body_chunks: int = Config.max_request_body_chunks
     budget: BodyBudget | None = None  # request-body bytes buffered across all streams
     trust_rewrite_header: bool = False  # see Config.trust_model_rewrite_header
     trust_objective_header: bool = False

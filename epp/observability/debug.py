@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from epp.observability.audit import plugin_audits
+from epp.observability.decisions import RECENT
 from epp.observability.page import PAGE
 from epp.pools import UNKNOWN_POOL
 
@@ -100,7 +101,7 @@ def _pool_view(unit: PoolRouting, process: EppServer) -> dict[str, Any]:
                     if callable(getattr(plugin, "debug_state", None))}}
 
 
-def decisions_view(server: EppServer, limit: int = 50, pool: str | None = None) -> dict[str, Any]:
+def decisions_view(server: EppServer, limit: int = RECENT, pool: str | None = None) -> dict[str, Any]:
     limit = max(1, min(limit, MAX_LIMIT))
     logs = {name: unit.hooks.decisions for name, unit in _units(server, pool).items()}
     if not logs:
@@ -125,7 +126,7 @@ def add_debug_routes(app: web.Application, server: EppServer) -> None:
 
     async def decisions(request: web.Request) -> web.Response:
         try:
-            limit = int(request.query.get("limit", "50"))
+            limit = int(request.query.get("limit", RECENT))
         except ValueError:
             raise web.HTTPBadRequest(text="limit must be an integer") from None
         return web.json_response(decisions_view(server, limit, request.query.get("pool")),

@@ -15,6 +15,7 @@ from epp.datalayer.endpoint import Endpoint
 from epp.datalayer.pool import EndpointPool
 
 DEFAULT_SIZE = 256
+RECENT = 50  # decisions /debug/decisions returns unless asked for another number
 MAX_RECORDED_PATH = 256
 
 
@@ -51,7 +52,7 @@ class DecisionLog:
         self.rejected += 1
         self.records.append(record)
 
-    def recent(self, limit: int = 50) -> list[dict[str, Any]]:
+    def recent(self, limit: int = RECENT) -> list[dict[str, Any]]:
         """Newest first."""
         out = []
         for rec in reversed(self.records):

@@ -28,6 +28,7 @@ from prometheus_client.registry import Collector
 
 from epp.api.errors import EppError
 from epp.api.types import InferenceRequest
+from epp.config import Config
 from epp.datalayer.endpoint import Endpoint
 from epp.datalayer.pool import EndpointPool
 from epp.observability.audit import PredictionAudit, plugin_audits
@@ -110,7 +111,7 @@ class Runtime:
         self.config: Callable[[], Any] = lambda: None  # the PickerConfig in force
         # Endpoint -> object with ``scrapes`` and ``errors`` counters (the MetricsScraper's stats), if any.
         self.scrape_stats: Callable[[], dict[Any, Any]] = dict
-        self.staleness_threshold = 2.0  # seconds; --metrics-staleness-threshold
+        self.staleness_threshold = Config.metrics_staleness_threshold  # seconds, until the server sets the flag's
 
 
 def prefix_index_size(config: Any) -> int | None:

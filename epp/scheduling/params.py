@@ -11,11 +11,11 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from epp.clock import monotonic
-from epp.config import parse_duration
+from epp.config import Config, parse_duration
 from epp.datalayer.endpoint import Endpoint
 
-# GIE's --metrics-staleness-threshold default: metrics older than this are not trusted by the scorers.
-DEFAULT_SCORER_STALENESS = 2.0
+# --metrics-staleness-threshold's default (GIE's): metrics older than this are not trusted by the scorers.
+DEFAULT_SCORER_STALENESS = Config.metrics_staleness_threshold
 
 
 def check_int(value: Any, name: str, minimum: int | None = None, maximum: int | None = None) -> int:

@@ -124,7 +124,7 @@ def _lb_endpoints(endpoints: list[str]) -> list[dict[str, Any]]:
 
 
 def _hcm(name: str, cluster: str, filters: list[dict[str, Any]], access_log: str | None,
-         route_timeout: float = 300.0, route_headers: dict[str, dict[str, str]] | None = None,
+         route_timeout: float = EnvoySpec.route_timeout, route_headers: dict[str, dict[str, str]] | None = None,
          route_metadata: dict[str, dict[str, dict[str, str]]] | None = None) -> dict[str, Any]:
     route = {"cluster": cluster, "timeout": f"{route_timeout:g}s"}
     routes: list[dict[str, Any]] = []

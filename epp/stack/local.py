@@ -135,9 +135,9 @@ class LocalStack:
     pods: int = 3
     sim_args: list[str] = field(default_factory=lambda: ["--profile", "fast"])
     epp_args: list[str] = field(default_factory=list)
-    upstream: str = "original_dst"
-    response_body_mode: str = "FULL_DUPLEX_STREAMED"
-    envoy_profile: str = "rig"  # "gie": GIE's standard Envoy configuration as it ships (EnvoySpec.profile)
+    upstream: str = EnvoySpec.upstream
+    response_body_mode: str = EnvoySpec.response_body_mode
+    envoy_profile: str = EnvoySpec.profile  # "gie": GIE's standard Envoy configuration as it ships (EnvoySpec.profile)
     failure_mode_allow: bool = False
     tls: bool = True
     baseline: bool = False
@@ -145,11 +145,11 @@ class LocalStack:
     # Model servers already running elsewhere (e.g. pods shared by several stacks in a benchmark):
     # start() then runs only EPP and Envoy in front of them.
     sim_endpoints: list[str] | None = None
-    route_timeout: float = 300.0  # Envoy's route timeout (seconds): bounds a request to a hung model server
+    route_timeout: float = EnvoySpec.route_timeout  # bounds a request to a hung model server
     # Envoy verifies EPP against ca.crt in this directory (and presents its tls.crt / tls.key with
     # envoy_client_cert); see EnvoySpec. EPP's own certificate comes from epp_args (--cert-path).
     extproc_tls_dir: str | None = None
-    extproc_san: str = "epp"
+    extproc_san: str = EnvoySpec.extproc_san
     envoy_client_cert: bool = False
     route_headers: dict[str, dict[str, str]] = field(default_factory=dict)  # gateway policies, see EnvoySpec
     route_metadata: dict[str, dict[str, dict[str, str]]] = field(default_factory=dict)  # see EnvoySpec

@@ -26,11 +26,18 @@ from epp.clock import monotonic
 from epp.datalayer.endpoint import Endpoint
 from epp.scheduling.registry import register_plugin
 
+# GIE's utilization detector defaults, also utilization-filter's (the detector as a filter). Saturation wants metrics
+# fresher than the scorers' --metrics-staleness-threshold: a 2 s old queue says little about room now.
+QUEUE_DEPTH_THRESHOLD = 5
+KV_CACHE_UTIL_THRESHOLD = 0.8
+SATURATION_STALENESS = "200ms"
+
 
 @register_plugin("utilization-detector")
 class UtilizationDetector(SaturationDetector):
-    def __init__(self, queue_depth_threshold: int = 5, kv_cache_util_threshold: float = 0.8,
-                 metrics_staleness_threshold: Any = "200ms", headroom: float = 0.0) -> None:
+    def __init__(self, queue_depth_threshold: int = QUEUE_DEPTH_THRESHOLD,
+                 kv_cache_util_threshold: float = KV_CACHE_UTIL_THRESHOLD,
+                 metrics_staleness_threshold: Any = SATURATION_STALENESS, headroom: float = 0.0) -> None:
         self.queue = check_int(queue_depth_threshold, "queueDepthThreshold", 1)
         self.kv = check_float(kv_cache_util_threshold, "kvCacheUtilThreshold", 0.0, 1.0, exclusive_minimum=True)
         self.staleness = check_duration(metrics_staleness_threshold, "metricsStalenessThreshold")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from epp_plugins.admission.saturation import KV_CACHE_UTIL_THRESHOLD, QUEUE_DEPTH_THRESHOLD, SATURATION_STALENESS
+
 from epp.plugin import (
     Endpoint,
     Filter,
@@ -24,8 +26,9 @@ class UtilizationFilter(Filter):
     that would remove every endpoint, all are returned: the filter sheds load only while somewhere
     better exists."""
 
-    def __init__(self, queue_depth_threshold: int = 5, kv_cache_util_threshold: float = 0.8,
-                 headroom: float = 0.0, metrics_staleness_threshold: Any = "200ms") -> None:
+    def __init__(self, queue_depth_threshold: int = QUEUE_DEPTH_THRESHOLD,
+                 kv_cache_util_threshold: float = KV_CACHE_UTIL_THRESHOLD, headroom: float = 0.0,
+                 metrics_staleness_threshold: Any = SATURATION_STALENESS) -> None:
         self.queue = check_int(queue_depth_threshold, "queueDepthThreshold", 1)
         self.kv = check_float(kv_cache_util_threshold, "kvCacheUtilThreshold", 0.0, 1.0, exclusive_minimum=True)
         self.headroom = check_float(headroom, "headroom", 0.0)
