@@ -35,6 +35,7 @@ from epp.datalayer.endpoint import Endpoint, EndpointMetrics
 from epp.scheduling.datakeys import PREFIX_MATCH, DataKey, PrefixMatch
 from epp.scheduling.params import (
     DEFAULT_SCORER_STALENESS,
+    FollowsStalenessFlag,
     check_bool,
     check_duration,
     check_float,
@@ -66,6 +67,7 @@ __all__ = [
     "Endpoint",
     "EndpointMetrics",
     "Filter",
+    "FollowsStalenessFlag",
     "InferenceRequest",
     "ParsedBody",
     "Picker",

@@ -92,7 +92,8 @@ class PoolRouting:
         text = _config_text(cfg)
         metrics = EppMetrics(pool)
         hooks = request_hooks(cfg, pool, metrics)
-        picker_config = instrument(load_config(text, pool), metrics)  # every plugin call timed
+        picker_config = load_config(text, pool, metrics_staleness_threshold=cfg.metrics_staleness_threshold)
+        instrument(picker_config, metrics)  # every plugin call timed
         objectives = Objectives(priorities=dict(cfg.static_objectives))
         director = Director(pool, picker_config, cfg.disable_endpoint_subset_filter, metrics=metrics,
                             objectives=objectives, hooks=hooks)

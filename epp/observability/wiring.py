@@ -42,7 +42,8 @@ def config_reloader(cfg: Config, director: Director, metrics: EppMetrics,
     if not cfg.config_file:
         return None
     def load(text: str, doc: Any = None) -> PickerConfig:
-        return load_config(text, director.pool, previous=director.config, doc=doc)
+        return load_config(text, director.pool, previous=director.config, doc=doc,
+                           metrics_staleness_threshold=cfg.metrics_staleness_threshold)
 
     def apply(config: PickerConfig) -> None:
         if config.raw.get("dataLayer") != director.config.raw.get("dataLayer"):

@@ -16,6 +16,7 @@ import yaml
 from epp.admission.config import AdmissionConfig, build_admission_config
 from epp.datalayer.pool import EndpointPool
 from epp.scheduling.datakeys import check_data_keys
+from epp.scheduling.params import DEFAULT_SCORER_STALENESS
 from epp.scheduling.plugins import Filter, Picker, Plugin, ProfileHandler, Scorer
 from epp.scheduling.registry import PluginConfigError, PluginHandle, instantiate, registered_types
 from epp.scheduling.scheduler import Scheduler, SchedulerProfile
@@ -130,9 +131,11 @@ def _check_finite(value: Any, where: str) -> None:
 
 
 def load_config(text: str | None, pool: EndpointPool | None = None,
-                previous: PickerConfig | None = None, doc: Any = None) -> PickerConfig:
+                previous: PickerConfig | None = None, doc: Any = None,
+                metrics_staleness_threshold: float = DEFAULT_SCORER_STALENESS) -> PickerConfig:
     """Parse, validate and instantiate. ``None`` or empty text gives the default config; ``doc`` is the text
-    already parsed by ``parse_document``.
+    already parsed by ``parse_document``; ``metrics_staleness_threshold`` (--metrics-staleness-threshold) is what
+    plugins not given their own ``metricsStalenessThreshold`` trust.
 
     With ``previous`` (a live reload), a plugin whose name, type and parameters are unchanged is kept,
     state included (e.g. the prefix-cache index), and previous plugins not kept are stopped."""
@@ -147,7 +150,7 @@ def load_config(text: str | None, pool: EndpointPool | None = None,
     gates = doc.get("featureGates") or []
     _expect(isinstance(gates, list) and all(isinstance(g, str) for g in gates), "featureGates: expected a list")
 
-    handle = PluginHandle(pool)
+    handle = PluginHandle(pool, metrics_staleness_threshold)
     plugins: dict[str, Plugin] = {}
     specs: dict[str, str] = {}
     for i, spec in enumerate(doc.get("plugins") or []):

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from epp.clock import monotonic
 from epp.config import Config, parse_duration
 from epp.datalayer.endpoint import Endpoint
+
+if TYPE_CHECKING:
+    from epp.scheduling.registry import PluginHandle
 
 # --metrics-staleness-threshold's default (GIE's): metrics older than this are not trusted by the scorers.
 DEFAULT_SCORER_STALENESS = Config.metrics_staleness_threshold
@@ -81,6 +84,26 @@ def check_mapping(value: Any, name: str, allowed: Iterable[str]) -> dict[str, An
     if unknown:
         raise ValueError(f"{name}: unknown field(s) {unknown} (allowed: {sorted(allowed)})")
     return value
+
+
+class FollowsStalenessFlag:
+    """Mixed into a plugin whose ``metricsStalenessThreshold`` parameter, when the configuration does not set it,
+    follows --metrics-staleness-threshold: the flag reaches the plugin through its handle, which the framework sets
+    after ``__init__``, so ``staleness`` is resolved when read (and follows a handle replaced by a live reload)."""
+
+    handle: PluginHandle | None
+    own_staleness: float | None = None  # the configured parameter, in seconds; None: the flag's
+
+    def set_staleness(self, value: Any) -> None:
+        """Call from ``__init__`` with the parameter as configured (None when not set)."""
+        self.own_staleness = None if value is None else check_duration(value, "metricsStalenessThreshold")
+
+    @property
+    def staleness(self) -> float:
+        if self.own_staleness is not None:
+            return self.own_staleness
+        handle = self.handle
+        return handle.metrics_staleness_threshold if handle is not None else DEFAULT_SCORER_STALENESS
 
 
 def fresh_mask(endpoints: Sequence[Endpoint], threshold: float, now: float | None = None) -> list[bool]:

@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from epp.scheduling.params import DEFAULT_SCORER_STALENESS
 from epp.scheduling.plugins import CycleState, Filter, Picker, Plugin, ProfileHandler, Scorer
 
 if TYPE_CHECKING:
@@ -89,11 +90,14 @@ def _snake(key: str) -> str:
 
 
 class PluginHandle:
-    """What a plugin may reach beyond its parameters: the endpoint pool and the other plugins."""
+    """What a plugin may reach beyond its parameters: the endpoint pool, the other plugins, and the process's
+    --metrics-staleness-threshold (the default of plugins' own ``metricsStalenessThreshold``)."""
 
-    def __init__(self, pool: EndpointPool | None = None) -> None:
+    def __init__(self, pool: EndpointPool | None = None,
+                 metrics_staleness_threshold: float = DEFAULT_SCORER_STALENESS) -> None:
         self.pool = pool
         self.plugins: dict[str, Plugin] = {}
+        self.metrics_staleness_threshold = metrics_staleness_threshold
 
     def plugin(self, name: str) -> Plugin | None:
         return self.plugins.get(name)

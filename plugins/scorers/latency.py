@@ -64,14 +64,13 @@ from epp_plugins.scorers.prefix import PrefixSource, resolve_prefix_source
 
 from epp.observability.audit import SECONDS_ERROR_BUCKETS, PredictionAudit
 from epp.plugin import (
-    DEFAULT_SCORER_STALENESS,
     Endpoint,
+    FollowsStalenessFlag,
     InferenceRequest,
     RequestObserver,
     ResponseInfo,
     SchedulingResult,
     Scorer,
-    check_duration,
     check_str,
     fresh_mask,
     monotonic,
@@ -253,15 +252,15 @@ class Prediction:
 
 
 @register_plugin("predicted-latency-scorer")
-class PredictedLatencyScorer(Scorer, RequestObserver):
+class PredictedLatencyScorer(FollowsStalenessFlag, Scorer, RequestObserver):
     category = "balance"
     needs_response_body = True  # the first byte is when the prefill ended
 
     def __init__(self, objective: str = "ttft", prefix_plugin_name: str | None = None,
-                 metrics_staleness_threshold: object = DEFAULT_SCORER_STALENESS) -> None:
+                 metrics_staleness_threshold: object = None) -> None:
         self.objective = check_str(objective, "objective", OBJECTIVES)
         self.prefix_name = check_str(prefix_plugin_name, "prefixPluginName") if prefix_plugin_name else None
-        self.staleness = check_duration(metrics_staleness_threshold, "metricsStalenessThreshold")
+        self.set_staleness(metrics_staleness_threshold)
         self._source: PrefixSource | None = None
         self.rates: dict[str, EndpointRates] = {}
         self.prefill = DecayedFit(PRIOR_BASE, PRIOR_PER_TOKEN, 4096, 1e-7, 0.1)  # the pool's, in standard tokens

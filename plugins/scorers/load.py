@@ -2,8 +2,8 @@
 
 From the model servers' scraped metrics (GIE / llm-d formulas): ``queue-scorer``,
 ``running-requests-size-scorer``, ``kv-cache-utilization-scorer``, ``load-aware-scorer``,
-``lora-affinity-scorer``. Each takes ``metricsStalenessThreshold`` (default 2s, GIE's
-``--metrics-staleness-threshold``; 0 trusts any age): an endpoint whose metrics are older, or were never
+``lora-affinity-scorer``. Each takes ``metricsStalenessThreshold`` (default: ``--metrics-staleness-threshold``,
+2s as GIE's; 0 trusts any age): an endpoint whose metrics are older, or were never
 scraped, is scored as the worst possible (0) rather than trusted, and the min-max scorers normalise over
 the fresh endpoints only.
 
@@ -19,8 +19,8 @@ from typing import Any
 from epp_plugins.scorers.prefix import PrefixSource, resolve_prefix_source
 
 from epp.plugin import (
-    DEFAULT_SCORER_STALENESS,
     Endpoint,
+    FollowsStalenessFlag,
     InferenceRequest,
     Scorer,
     check_duration,
@@ -35,9 +35,9 @@ from epp.plugin import (
 __all__ = ["min_max_inverse"]
 
 
-class _MetricsScorer(Scorer):
-    def __init__(self, metrics_staleness_threshold: Any = DEFAULT_SCORER_STALENESS) -> None:
-        self.staleness = check_duration(metrics_staleness_threshold, "metricsStalenessThreshold")
+class _MetricsScorer(FollowsStalenessFlag, Scorer):
+    def __init__(self, metrics_staleness_threshold: Any = None) -> None:
+        self.set_staleness(metrics_staleness_threshold)
 
 
 def _fresh_min_max(endpoints: Sequence[Endpoint], values: Sequence[float], staleness: float) -> list[float]:
@@ -82,7 +82,7 @@ class LoadAwareScorer(_MetricsScorer):
     """llm-d: empty queue -> 0.5; else ``0.5 * (1 - min(q, threshold) / threshold)``. Its maximum is 0.5, so its
     effective weight is half the configured one."""
 
-    def __init__(self, threshold: int = 128, metrics_staleness_threshold: Any = DEFAULT_SCORER_STALENESS) -> None:
+    def __init__(self, threshold: int = 128, metrics_staleness_threshold: Any = None) -> None:
         super().__init__(metrics_staleness_threshold)
         self.threshold = check_int(threshold, "threshold", 1)
 

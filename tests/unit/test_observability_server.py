@@ -193,6 +193,22 @@ async def test_start_builds_and_wires_only_declared_state(epp):
     assert EppServer(make_cfg(ha_enable_leader_election=True)).health.strict_names  # GIE, with leader election
 
 
+async def test_metrics_staleness_flag_reaches_the_scorers_and_the_metrics(epp, tmp_path):
+    """--metrics-staleness-threshold is the threshold of a scorer configured without its own, at start and after a
+    live reload, and the one epp_endpoint_metrics_stale uses."""
+    path = tmp_path / "config.yaml"
+    path.write_text(CONFIG_A)
+    flag = parse_args(["--static-endpoints=127.0.0.1:9", "--metrics-staleness-threshold=500ms"])
+    server = await epp(config_file=str(path), config_text="",
+                       metrics_staleness_threshold=flag.metrics_staleness_threshold)
+    unit = server.routing
+    assert unit.director.config.plugins["queue-scorer"].staleness == 0.5
+    assert unit.metrics.runtime.staleness_threshold == 0.5
+    replace(path, CONFIG_B)
+    assert unit.reloader is not None and unit.reloader.check()
+    assert unit.director.config.plugins["kv-cache-utilization-scorer"].staleness == 0.5
+
+
 async def test_drain_serves_old_and_new_streams_then_exits_once_quiet(epp):
     server = await epp()
     client = ExtProc(server.grpc_port)

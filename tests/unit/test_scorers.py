@@ -5,10 +5,13 @@ from __future__ import annotations
 import base64
 
 import pytest
+from epp_plugins.scorers.load import QueueScorer
 
+from epp.plugin import DEFAULT_SCORER_STALENESS
+from epp.scheduling.config import load_config
 from epp.scheduling.plugins import ProfileResult, SchedulingResult
 from epp.scheduling.registry import PluginConfigError
-from tests.unit.test_scorers_helpers import config, ep, eps, plugin, req, score
+from tests.unit.test_scorers_helpers import HEAD, config, ep, eps, plugin, req, score
 
 
 def result(endpoint, profile="default", **others):
@@ -45,6 +48,31 @@ def test_staleness_threshold_parameter():
     assert score(plugin("queue-scorer", "{metricsStalenessThreshold: 2s}"), endpoints) == [1.0, 0.0]
     assert score(plugin("queue-scorer", "{metricsStalenessThreshold: 0}"),  # 0: trust any age
                  eps({"waiting": 4, "fresh": False}, {"waiting": 8})) == [1.0, 0.0]
+
+
+def test_staleness_threshold_follows_the_flag_unless_set():
+    """--metrics-staleness-threshold reaches the configuration loader: a staleness-aware plugin not given its own
+    ``metricsStalenessThreshold`` trusts metrics up to the flag's age; one given its own keeps it."""
+    text = HEAD + """plugins:
+- type: queue-scorer
+- {type: load-aware-scorer, parameters: {metricsStalenessThreshold: 2s}}
+- type: predicted-latency-scorer
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins: [{pluginRef: queue-scorer}, {pluginRef: load-aware-scorer}, {pluginRef: predicted-latency-scorer}]
+"""
+    loaded = load_config(text, metrics_staleness_threshold=0.5)
+    queue, load_aware, latency = (loaded.plugins[n] for n in ("queue-scorer", "load-aware-scorer",
+                                                              "predicted-latency-scorer"))
+    assert (queue.staleness, load_aware.staleness, latency.staleness) == (0.5, 2.0, 0.5)
+    endpoints = eps({"waiting": 4, "age": 1.0}, {"waiting": 8})  # the first scraped 1 s ago
+    assert score(queue, endpoints) == [0.0, 1.0]  # stale under the flag's 0.5 s
+    assert score(load_aware, endpoints) == [0.484375, 0.46875]  # its own 2 s: fresh
+    assert load_config(text).plugins["queue-scorer"].staleness == DEFAULT_SCORER_STALENESS  # the flag's default
+    assert QueueScorer().staleness == DEFAULT_SCORER_STALENESS  # no handle (built outside a configuration)
+    reloaded = load_config(text, previous=loaded, metrics_staleness_threshold=0.5)
+    assert reloaded.plugins["queue-scorer"] is queue and queue.staleness == 0.5  # kept across a reload
 
 
 def test_running_requests_scorer():
