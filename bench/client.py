@@ -56,6 +56,7 @@ class Result:
     error: str = ""
     shed: bool = False
     decision: str = ""  # EPP's x-epp-decision header, when EPP runs with --explain-decisions
+    sent_at: float = 0.0  # time.monotonic() at send: the clock the pods time requests on (sim Pod.timings)
     text: str = field(default="", repr=False)
 
     @property
@@ -172,12 +173,15 @@ async def _read_stream(resp: aiohttp.ClientResponse, p: Planned, res: Result, t0
         res.text = "".join(parts)
 
 
+BENCH_ID_HEADER = "x-bench-id"  # the simulated pods time requests that carry it (GET /sim/timings)
+
+
 async def send(http: aiohttp.ClientSession, base_url: str, p: Planned, run_start: float,
                timeout: float = 300.0) -> Result:
     """Send one request and read the whole answer. Never raises (failures are in ``error``)."""
     t0 = time.perf_counter()
-    res = Result(p.i, p.api, p.tag, p.t, t0 - run_start)
-    headers = _ANTHROPIC_HEADERS if p.api == "messages" else _HEADERS
+    res = Result(p.i, p.api, p.tag, p.t, t0 - run_start, sent_at=time.monotonic())
+    headers = {**(_ANTHROPIC_HEADERS if p.api == "messages" else _HEADERS), BENCH_ID_HEADER: str(p.i)}
     try:
         async with http.post(base_url + API_PATHS[p.api], data=p.body, headers=headers,
                              timeout=aiohttp.ClientTimeout(total=timeout)) as resp:

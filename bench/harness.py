@@ -126,6 +126,15 @@ class SimPods:
                 return await r.json()
         return list(await asyncio.gather(*(one(ep) for ep in self.endpoints)))
 
+    async def timings(self, http: aiohttp.ClientSession) -> dict[str, tuple[float, float | None]]:
+        """Arrival and first-token times (monotonic) of the requests the pods timed since the last call, by
+        ``x-bench-id`` (bench/client.py sends it; the pods hand each record over once)."""
+        async def one(ep: str) -> list[list[Any]]:
+            async with http.get(f"http://{ep}/sim/timings") as r:
+                return (await r.json())["timings"]
+        return {bid: (arrival, first) for rows in await asyncio.gather(*(one(ep) for ep in self.endpoints))
+                for bid, arrival, first in rows}
+
     async def busy(self, http: aiohttp.ClientSession) -> float:
         """Seconds the pods' engines have spent in steps (the simulated GPUs' busy time), summed."""
         return sum(s["busy_s"] for s in await self.state(http))

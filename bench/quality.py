@@ -206,6 +206,7 @@ async def run_one(target: Target, workload_name: str, pods: SimPods, http: Any, 
         snap["cpu"] = meter.stop()
         snap["util"] = (await pods.busy(http) - snap["busy0"]) / (time.monotonic() - snap["t_busy0"]) / pods.n
 
+    await pods.timings(http)  # drop what earlier runs left
     samples: list[dict[str, float]] = []
     stop = asyncio.Event()
     sampler = asyncio.create_task(_sample_pods(pods, http, samples, stop))
@@ -217,12 +218,29 @@ async def run_one(target: Target, workload_name: str, pods: SimPods, http: Any, 
     c1 = await pods.counters(http)
     summary, rows = summarize(out, cfg, snap.get("c0"), c1, snap.get("cpu", {}), samples)
     summary["pod_stepping_pct"] = 100 * snap["util"] if "util" in snap else None
+    summary["ttft_parts"] = ttft_parts(out.results, await pods.timings(http), cfg.warmup)
     summary["wall_s"] = round(time.monotonic() - t0, 1)
     audit = await target.audit(http)
     if audit is not None:
         summary["audit"] = audit
     return {"workload": workload_name, "target": target.name, "seed": seed, "params": workload.params,
             "summary": summary, "requests": rows}
+
+
+def ttft_parts(results: list[Any], timings: dict[str, tuple[float, float | None]], warmup: float
+               ) -> dict[str, float | None]:
+    """A client's TTFT split by the pods' own clock: the path to the pod (client, router, proxy), the pod's
+    time to its first token, and the path back; p50/p90/p99 of each over measured streamed requests."""
+    parts: dict[str, list[float]] = {"to_pod": [], "pod": [], "back": []}
+    for r in results:
+        seen = timings.get(str(r.i))
+        if r.t_sched < warmup or not r.ok or r.ttft is None or seen is None or seen[1] is None:
+            continue
+        arrival, first = seen
+        parts["to_pod"].append(arrival - r.sent_at)
+        parts["pod"].append(first - arrival)
+        parts["back"].append(r.ttft - (first - r.sent_at))
+    return {f"{k}_p{q}": pct(v, q) for k, v in parts.items() for q in (50, 90, 99)} | {"timed": len(parts["pod"])}
 
 
 HEADER = ["workload", "target", "reqs", "TTFT p50", "p90", "p99", "e2e p50", "p99", "out tok/s", "hit %",
@@ -348,7 +366,7 @@ async def run_quality(cfg: QualityConfig) -> dict[str, Any]:
 
 # -- suite tables: one per workload, pooled over seeds ----------------------------------------------------
 SUITE_HEADER = ["target", "runs", "reqs", "TTFT p50", "p90", "p99", "p90 by seed", "hit %", "err %", "shed %",
-                "pod TTFT", "queue", "CPU ours/others", "send lag"]
+                "pod TTFT", "queue", "CPU ours/others", "send lag", "p90 to pod/pod/back"]
 
 
 def pooled(runs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
@@ -379,8 +397,15 @@ def pooled(runs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
             # how late the load generator itself sent requests (p99, worst seed): above ~0.1 s the box was
             # short of CPU for the client too, and every latency of that run is suspect
             "send_lag": max(r["summary"]["send_lag_p99"] for r in rs),
+            # p90 of each part of TTFT (see ttft_parts), averaged over seeds
+            "parts_p90": [mean_part(rs, k) for k in ("to_pod_p90", "pod_p90", "back_p90")],
         }
     return out
+
+
+def mean_part(rs: list[dict[str, Any]], key: str) -> float | None:
+    v = [r["summary"]["ttft_parts"][key] for r in rs if (r["summary"].get("ttft_parts") or {}).get(key) is not None]
+    return sum(v) / len(v) if v else None
 
 
 def suite_tables(runs: list[dict[str, Any]], targets: list[str], markdown: bool = False) -> str:
@@ -394,7 +419,8 @@ def suite_tables(runs: list[dict[str, Any]], targets: list[str], markdown: bool 
                          fmt(p["ttft_p90"], 0, 1000, " ms"), fmt(p["ttft_p99"], 0, 1000, " ms"),
                          "/".join(fmt(v, 0, 1000) for v in p["p90_by_seed"]), fmt(p["hit_rate"], 1, 100),
                          fmt(p["error_pct"], 1), fmt(p["shed_pct"], 1), fmt(p["server_ttft_mean"], 0, 1000, " ms"),
-                         fmt(p["waiting_mean"], 1), _cpu(p["cpu"]), fmt(p["send_lag"], 0, 1000, " ms")])
+                         fmt(p["waiting_mean"], 1), _cpu(p["cpu"]), fmt(p["send_lag"], 0, 1000, " ms"),
+                         "/".join(fmt(v, 1, 1000) for v in p["parts_p90"])])
         params = next(r["params"] for r in runs if r["workload"] == w)
         title = f"{w}: " + ", ".join(f"{k}={v}" for k, v in params.items() if k not in ("duration",))
         body = markdown_table(rows, SUITE_HEADER) if markdown else table(rows, SUITE_HEADER, align_left=1)

@@ -16,6 +16,7 @@ import json
 import logging
 import random
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,7 @@ log = logging.getLogger("sim")
 POD_KEY = web.AppKey("sim_pod", Pod)
 EVENTS_KEY = web.AppKey("sim_kv_events", KVEventLog)
 MAX_BODY = 256 * 1024 * 1024
+BENCH_ID_HEADER = "x-bench-id"  # a request carrying it is timed in Pod.timings
 ECHO_HEADER = "x-sim-echo-request"  # a request carrying it gets what the pod received back in headers
 
 
@@ -116,6 +118,13 @@ async def _kv_events(pod: Pod, request: web.Request, doc: Any) -> web.StreamResp
     return json_response({"last_seq": events.seq, "batches": events.since(after)})
 
 
+async def _timings(pod: Pod, request: web.Request, doc: Any) -> web.StreamResponse:
+    """What ``Pod.timings`` holds, handed over once: the list is emptied."""
+    out = list(pod.timings)
+    pod.timings.clear()
+    return json_response({"timings": out})
+
+
 async def _reset_prefix_cache(pod: Pod, request: web.Request, doc: Any) -> web.StreamResponse:
     pod.engine.reset_prefix_cache()
     return web.Response(status=200)
@@ -147,6 +156,7 @@ ROUTES: tuple[Route, ...] = (
     Route("/metrics", _GET, _metrics, inference=False, json=False),
     Route("/sim/control", ("GET", "POST"), _control, inference=False, json=False),
     Route("/sim/state", _GET, _state, inference=False, json=False),
+    Route("/sim/timings", _GET, _timings, inference=False, json=False),
     Route("/sim/kv_events", (*_GET, "POST"), _kv_events, inference=False, json=False),
     Route("/reset_prefix_cache", _POST, _reset_prefix_cache, inference=False, json=False),
     Route("/sleep", _POST, sleep.sleep, inference=False, json=False),
@@ -165,6 +175,7 @@ def match_route(path: str) -> Route | None:
 # -- the one aiohttp handler -----------------------------------------------------------------------------
 async def dispatch(request: web.Request) -> web.StreamResponse:
     pod = request.app[POD_KEY]
+    received = time.monotonic()
     route = match_route(request.path)
     anthropic_style = route is not None and route.anthropic
     try:
@@ -212,9 +223,13 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         return web.Response(body=error_bytes(err, anthropic_style), status=500,
                             content_type="application/json")
     finally:
-        for req in request.get(REQS_KEY, ()):
+        reqs = request.get(REQS_KEY, ())
+        for req in reqs:
             if not req.finished:
                 pod.engine.abort(req)
+        bench_id = request.headers.get(BENCH_ID_HEADER)
+        if bench_id is not None and reqs:
+            pod.timings.append((bench_id[:64], received, reqs[0].first_token_time))
 
 
 async def _in_band_error(stream: web.StreamResponse, err: ApiError, anthropic_style: bool) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import json
 import random
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +55,10 @@ class Pod:
     rng: random.Random = field(default_factory=random.Random)
     role: str = "both"  # llm-d.ai/role: prefill | decode | both (sim/pd.py)
     client: Any = None  # aiohttp.ClientSession of the P/D sidecar, opened on first use
+    # (x-bench-id, request received, first token) on the monotonic clock of every process on the host, for requests
+    # that carry the header: the benchmarks split a client's TTFT into the path to the pod, the pod's own
+    # time and the path back (GET /sim/timings)
+    timings: deque[tuple[str, float, float | None]] = field(default_factory=lambda: deque(maxlen=1 << 17))
 
     @property
     def address(self) -> str:

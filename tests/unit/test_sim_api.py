@@ -471,3 +471,21 @@ async def test_bad_input_never_breaks_the_server(cluster, http) -> None:
             assert status < 500, (path, body, text)
     async with http.get(cluster.urls[0] + "/health") as r:
         assert r.status == 200
+
+
+async def test_timings_split_a_clients_ttft_by_the_pods_clock(cluster, http) -> None:
+    """A request carrying x-bench-id is timed on the host's monotonic clock (bench.quality.ttft_parts); the
+    records are handed over once."""
+    url = cluster.urls[0]
+    sent = time.monotonic()
+    status, _, _ = await post(http, url + "/v1/chat/completions", chat_body(LONG), headers={"x-bench-id": "7"})
+    done = time.monotonic()
+    await post(http, url + "/v1/chat/completions", chat_body("untimed"))
+    assert status == 200
+    async with http.get(url + "/sim/timings") as r:
+        rows = (await r.json())["timings"]
+    assert [row[0] for row in rows] == ["7"]
+    _, received, first = rows[0]
+    assert sent <= received <= first <= done
+    async with http.get(url + "/sim/timings") as r:
+        assert (await r.json())["timings"] == []
