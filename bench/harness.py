@@ -282,6 +282,7 @@ class EnvoyEppPrecise(EnvoyEpp):
     def __init__(self, endpoints: list[str], kv_event_endpoints: list[str], tokenizer: str | None = None,
                  name: str = "epp-precise") -> None:
         import yaml
+
         from epp_sim.model_files import write_model_dir
 
         self.dir = Path(tempfile.mkdtemp(prefix="epp-precise-"))

@@ -25,15 +25,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.report import fmt, table
+from bench.workloads import NaturalText
+from epp.api.types import ApiKind, InferenceRequest, ParsedBody
 from epp_plugins.scorers.precise.events import decode_batch
 from epp_plugins.scorers.precise.index import BlockIndex, BlockKeys
 from epp_plugins.scorers.precise.tokenize import LocalTokenizer
 from epp_sim.kv_events import msgpack_encode, to_wire
 from epp_sim.model_files import write_model_dir
-
-from bench.report import fmt, table
-from bench.workloads import NaturalText
-from epp.api.types import ApiKind, InferenceRequest, ParsedBody
 
 BLOCK = 16
 
@@ -82,6 +81,7 @@ def ingest_zmq(payloads: list[bytes], n_events: int, timeout: float = 120.0) -> 
     """Events/s through EPP's ingestion thread (PUB on loopback -> SUB -> decode -> index): wall time from the
     first frame to the last event applied."""
     import zmq
+
     from epp_plugins.scorers.precise.subscriber import EventIngestor
 
     index = BlockIndex(BlockKeys(BLOCK), 0.0)

@@ -28,13 +28,12 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from epp_plugins.scorers.prefix import ApproxPrefixCacheProducer, PrefixCacheScorer
-
 from epp.api.types import ApiKind, InferenceRequest, ParsedBody, Usage
 from epp.datalayer.endpoint import Endpoint
 from epp.datalayer.pool import EndpointPool, EndpointSpec
 from epp.scheduling.config import DEFAULT_CONFIG, load_config
 from epp.scheduling.plugins import RequestObserver, ResponseInfo
+from epp_plugins.scorers.prefix import ApproxPrefixCacheProducer, PrefixCacheScorer
 
 FULL_COVERAGE = DEFAULT_CONFIG.replace("- type: prefix-cache-scorer\n",
                                        "- type: prefix-cache-scorer\n  parameters: {maxPrefixBlocksToMatch: 512}\n")

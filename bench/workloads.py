@@ -27,9 +27,8 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from epp_sim.tokenizer import PseudoTokenizer, Tokenizer, load_tokenizer
-
 from bench.client import Planned, Result
+from epp_sim.tokenizer import PseudoTokenizer, Tokenizer, load_tokenizer
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 APIS = ("chat", "completions", "responses", "messages", "generate", "embeddings")

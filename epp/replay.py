@@ -40,13 +40,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from epp_sim.apis.base import Pod
-from epp_sim.config import SimConfig
-from epp_sim.engine import SimRequest
-from epp_sim.errors import ApiError
-from epp_sim.offline import VirtualTimeLoop, offline_pod, render
-from epp_sim.tokenizer import Tokenizer, load_tokenizer
-
 from epp import clock
 from epp.api.errors import EppError
 from epp.api.parsing import parse_request
@@ -61,6 +54,12 @@ from epp.observability.audit import plugin_audits
 from epp.scheduling.config import BUILTIN_CONFIGS, load_config
 from epp.scheduling.plugins import ResponseInfo
 from epp.trace import TraceRecord, read_trace
+from epp_sim.apis.base import Pod
+from epp_sim.config import SimConfig
+from epp_sim.engine import SimRequest
+from epp_sim.errors import ApiError
+from epp_sim.offline import VirtualTimeLoop, offline_pod, render
+from epp_sim.tokenizer import Tokenizer, load_tokenizer
 
 # What body observers see: a chunk when the first token is out and one at the end. EPP gets the usage parsed
 # (``ResponseInfo.usage``), so the bytes are not the API's.

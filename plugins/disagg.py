@@ -25,14 +25,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from epp_plugins.scorers.common import check_float, check_int, check_mapping, check_str
-from epp_plugins.scorers.prefix import resolve_prefix_source
-
 from epp.api.types import InferenceRequest
 from epp.datalayer.endpoint import Endpoint
 from epp.extproc.protocol import PREFILLER_HEADER
 from epp.scheduling.plugins import Plugin, ProfileHandler, ProfileResult, SchedulingResult
 from epp.scheduling.registry import PluginConfigError, register_plugin
+from epp_plugins.scorers.common import check_float, check_int, check_mapping, check_str
+from epp_plugins.scorers.prefix import resolve_prefix_source
 
 DECODE_ONLY = "decode-only"
 PREFILL_DECODE = "prefill-decode"  # llm-d's decision_type values

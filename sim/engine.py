@@ -27,6 +27,7 @@ from operator import itemgetter
 from typing import Any
 
 import xxhash
+
 from epp_sim.config import ResolvedConfig
 from epp_sim.kv_cache import KVCacheManager, chain_hashes, hash_root
 from epp_sim.stats import EngineStats

@@ -17,12 +17,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from epp_sim.engine import Engine
-from epp_sim.sleep import SLEEP_STATES
-from epp_sim.stats import Histogram
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from epp_sim.engine import Engine
+from epp_sim.sleep import SLEEP_STATES
+from epp_sim.stats import Histogram
 
 _LORA_SERIES_LIMIT = 64
 

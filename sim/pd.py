@@ -22,6 +22,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+
 from epp_sim.apis.base import Pod
 from epp_sim.engine import SimRequest
 

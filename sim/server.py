@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
 from epp_sim import sleep
 from epp_sim.apis import anthropic, misc, openai, pooling, responses
 from epp_sim.apis.base import BODY_KEY, REQS_KEY, STREAM_KEY, Handler, Parser, Pod, StreamCut, json_response, parse_json
@@ -31,7 +33,6 @@ from epp_sim.kv_events import KVEventLog
 from epp_sim.metrics import PodMetrics
 from epp_sim.pd import ROLES
 from epp_sim.tokenizer import Tokenizer, load_tokenizer
-from prometheus_client import CONTENT_TYPE_LATEST
 
 log = logging.getLogger("sim")
 

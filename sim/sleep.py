@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+
 from epp_sim.errors import ApiError
 
 if TYPE_CHECKING:

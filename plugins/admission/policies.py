@@ -26,12 +26,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from epp_plugins.scorers.common import check_duration, check_float, check_str
-
 from epp.admission.demand import Demand
 from epp.admission.interfaces import FairnessPolicy, OrderingPolicy, UsageLimitPolicy
 from epp.admission.queue import BandQueue, QueueItem
 from epp.scheduling.registry import register_plugin
+from epp_plugins.scorers.common import check_duration, check_float, check_str
 
 SLO_TTFT_HEADER = "x-llm-d-slo-ttft-ms"
 _INF = math.inf

@@ -19,12 +19,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from epp_plugins.scorers.common import check_duration, check_float, check_int, check_str
-
 from epp.admission.interfaces import SaturationDetector
 from epp.clock import monotonic
 from epp.datalayer.endpoint import Endpoint
 from epp.scheduling.registry import register_plugin
+from epp_plugins.scorers.common import check_duration, check_float, check_int, check_str
 
 # GIE's utilization detector defaults, also utilization-filter's (the detector as a filter). Saturation wants metrics
 # fresher than the scorers' --metrics-staleness-threshold: a 2 s old queue says little about room now.

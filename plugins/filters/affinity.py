@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import random
 
-from epp_plugins.scorers.prefix import PrefixSource, resolve_prefix_source
-
 from epp.plugin import (
     Endpoint,
     Filter,
@@ -15,6 +13,7 @@ from epp.plugin import (
     check_str,
     register_plugin,
 )
+from epp_plugins.scorers.prefix import PrefixSource, resolve_prefix_source
 
 
 @register_plugin("prefix-cache-affinity-filter")

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from epp_plugins.scorers.session import SessionAffinity
-
 from epp.plugin import Endpoint, Filter, InferenceRequest, register_plugin
+from epp_plugins.scorers.session import SessionAffinity
 
 
 @register_plugin("session-affinity-filter")

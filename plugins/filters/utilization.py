@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from epp_plugins.admission.saturation import KV_CACHE_UTIL_THRESHOLD, QUEUE_DEPTH_THRESHOLD, SATURATION_STALENESS
-
 from epp.plugin import (
     Endpoint,
     Filter,
@@ -16,6 +14,7 @@ from epp.plugin import (
     fresh_mask,
     register_plugin,
 )
+from epp_plugins.admission.saturation import KV_CACHE_UTIL_THRESHOLD, QUEUE_DEPTH_THRESHOLD, SATURATION_STALENESS
 
 
 @register_plugin("utilization-filter")

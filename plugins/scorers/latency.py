@@ -60,8 +60,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from epp_plugins.scorers.prefix import PrefixSource, resolve_prefix_source
-
 from epp.observability.audit import SECONDS_ERROR_BUCKETS, PredictionAudit
 from epp.plugin import (
     Endpoint,
@@ -76,6 +74,7 @@ from epp.plugin import (
     monotonic,
     register_plugin,
 )
+from epp_plugins.scorers.prefix import PrefixSource, resolve_prefix_source
 
 SLO_TTFT_HEADER = "x-llm-d-slo-ttft-ms"
 SLO_TPOT_HEADER = "x-llm-d-slo-tpot-ms"

@@ -16,8 +16,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from epp_plugins.scorers.prefix import PrefixSource, resolve_prefix_source
-
 from epp.plugin import (
     Endpoint,
     FollowsStalenessFlag,
@@ -31,6 +29,7 @@ from epp.plugin import (
     min_max_inverse,
     register_plugin,
 )
+from epp_plugins.scorers.prefix import PrefixSource, resolve_prefix_source
 
 __all__ = ["min_max_inverse"]
 

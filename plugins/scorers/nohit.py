@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from epp_plugins.scorers.prefix import PrefixSource, resolve_prefix_source
-
 from epp.plugin import (
     Endpoint,
     InferenceRequest,
@@ -17,6 +15,7 @@ from epp.plugin import (
     check_str,
     register_plugin,
 )
+from epp_plugins.scorers.prefix import PrefixSource, resolve_prefix_source
 
 
 @register_plugin("no-hit-lru-scorer")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+
 from epp_sim.config import ResolvedConfig
 from epp_sim.engine import Engine, SimRequest
 from epp_sim.errors import ApiError, model_not_found

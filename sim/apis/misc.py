@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from aiohttp import web
+
 from epp_sim.apis import openai, pooling
 from epp_sim.apis.base import (
     BODY_KEY,

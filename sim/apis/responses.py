@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from aiohttp import web
+
 from epp_sim.apis.base import (
     Pod,
     SseWriter,

@@ -9,12 +9,12 @@ from typing import Any
 
 import httpx
 import pytest
-from epp_plugins.conformance import SELECTION_HEADER, SERVED_HEADER
 
 import epp.stack.envoy as envoy
 from epp.extproc.protocol import DECISION_HEADER, DESTINATION_HEADER, LB_NAMESPACE, SERVED_KEY
 from epp.stack.local import LocalStack
 from epp.stack.tour import MODEL
+from epp_plugins.conformance import SELECTION_HEADER, SERVED_HEADER
 from tests.e2e.conftest import SIM_ARGS
 
 CONFIG = """\

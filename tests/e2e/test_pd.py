@@ -14,12 +14,12 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from epp_sim.testing import parse_sse
 
 from epp.extproc.protocol import DECISION_HEADER, PREFILLER_HEADER
 from epp.stack.local import LocalStack, free_port
 from epp.stack.pd import PdPods
 from epp.stack.tour import MODEL
+from epp_sim.testing import parse_sse
 from tests.e2e.conftest import SIM_ARGS
 
 WORDS = ("alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu", "nu",

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from epp_sim.model_files import write_model_dir
 
 from epp.stack.local import HOST, LocalStack, free_port_range
 from epp.stack.tour import MODEL
+from epp_sim.model_files import write_model_dir
 from tests.e2e.test_operability import eventually, scrape, total
 
 PODS = 3

@@ -4,10 +4,11 @@ never anything else, and whatever it returns can be applied to the index."""
 from __future__ import annotations
 
 import msgpack
-from epp_plugins.scorers.precise.events import BadEvent, decode_batch
-from epp_plugins.scorers.precise.index import BlockIndex, BlockKeys
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from epp_plugins.scorers.precise.events import BadEvent, decode_batch
+from epp_plugins.scorers.precise.index import BlockIndex, BlockKeys
 
 _leaf = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.floats(allow_nan=True),
                   st.text(max_size=12), st.binary(max_size=40),

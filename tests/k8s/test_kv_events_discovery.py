@@ -13,12 +13,12 @@ from typing import Any
 
 import msgpack
 import zmq
-from epp_plugins.scorers.precise.producer import PrecisePrefixCacheProducer
 
 from epp.datalayer.k8s import model
 from epp.datalayer.k8s.model import PoolSpec, pod_endpoints
 from epp.scheduling.config import load_config
 from epp.stack.local import free_port_range
+from epp_plugins.scorers.precise.producer import PrecisePrefixCacheProducer
 from tests.k8s.conftest import eventually
 from tests.k8s.fakeapi import inference_pool, pod
 

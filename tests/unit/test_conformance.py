@@ -1,9 +1,8 @@
 """GIE conformance plugins (plugins/conformance.py), through the harness."""
 
-from epp_plugins.conformance import SELECTION_HEADER, SERVED_HEADER
-
 from epp.plugin import ResponseInfo
 from epp.testing import Harness, endpoint, request
+from epp_plugins.conformance import SELECTION_HEADER, SERVED_HEADER
 
 CONFIG = """\
 apiVersion: inference.networking.x-k8s.io/v1alpha1

@@ -6,9 +6,6 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from epp_plugins.admission.saturation import UtilizationDetector
-from epp_plugins.filters.utilization import UtilizationFilter
-
 from epp.admission.wake import Waker
 from epp.api.parsing import decode_json_object, parse_request
 from epp.config import Config
@@ -23,6 +20,8 @@ from epp.server import FINAL_GRACE, EppServer
 from epp.stack.envoy import EnvoySpec
 from epp.stack.local import LocalStack
 from epp.trace import TraceRecorder
+from epp_plugins.admission.saturation import UtilizationDetector
+from epp_plugins.filters.utilization import UtilizationFilter
 
 
 def default(function: Any, name: str) -> Any:

@@ -6,6 +6,11 @@ import math
 import time
 
 import pytest
+
+from epp.api.types import Usage
+from epp.datalayer.pool import EndpointPool
+from epp.scheduling.config import EPP_DEFAULT_CONFIG, load_config
+from epp.scheduling.plugins import ProfileResult, ResponseInfo, SchedulingResult
 from epp_plugins.scorers.latency import (
     PRIOR_BASE,
     PRIOR_PER_TOKEN,
@@ -14,11 +19,6 @@ from epp_plugins.scorers.latency import (
     PredictedLatencyScorer,
     _Pending,
 )
-
-from epp.api.types import Usage
-from epp.datalayer.pool import EndpointPool
-from epp.scheduling.config import EPP_DEFAULT_CONFIG, load_config
-from epp.scheduling.plugins import ProfileResult, ResponseInfo, SchedulingResult
 from tests.unit.test_prefix import words
 from tests.unit.test_scorers_helpers import ep, req
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from epp_plugins.pickers import MaxScorePicker, RandomPicker, WeightedRandomPicker
-from epp_plugins.profile_handlers import SingleProfileHandler
 
 from epp.api.types import ApiKind, InferenceRequest, ParsedBody
 from epp.datalayer.endpoint import Endpoint
 from epp.scheduling.config import load_config
 from epp.scheduling.plugins import ScoredEndpoint, Scorer
 from epp.scheduling.registry import PluginConfigError, register_plugin
+from epp_plugins.pickers import MaxScorePicker, RandomPicker, WeightedRandomPicker
+from epp_plugins.profile_handlers import SingleProfileHandler
 
 HEAD = "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\n"
 

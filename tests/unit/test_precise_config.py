@@ -13,15 +13,15 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
-from epp_plugins.scorers.precise.events import BlockStored, decode_batch
-from epp_plugins.scorers.precise.producer import PrecisePrefixCacheProducer
-from epp_plugins.scorers.precise.selector import parse_label_selector
-from epp_sim.model_files import write_model_dir
 
 from epp.datalayer.endpoint import Endpoint
 from epp.datalayer.pool import EndpointPool, EndpointSpec
 from epp.scheduling.config import PickerConfig, load_config
 from epp.scheduling.registry import PluginConfigError
+from epp_plugins.scorers.precise.events import BlockStored, decode_batch
+from epp_plugins.scorers.precise.producer import PrecisePrefixCacheProducer
+from epp_plugins.scorers.precise.selector import parse_label_selector
+from epp_sim.model_files import write_model_dir
 
 HEAD = "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\n"
 TOKENS = list(range(100, 164))  # 4 blocks of 16

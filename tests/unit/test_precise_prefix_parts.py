@@ -8,6 +8,8 @@ from pathlib import Path
 
 import msgpack
 import pytest
+
+from epp.api.types import ApiKind, InferenceRequest, ParsedBody
 from epp_plugins.scorers.precise.events import BadEvent, BlockStored, decode_batch
 from epp_plugins.scorers.precise.index import BlockIndex, BlockKeys
 from epp_plugins.scorers.precise.tokenize import LocalTokenizer
@@ -15,8 +17,6 @@ from epp_sim.kv_events import msgpack_encode, to_map, to_wire
 from epp_sim.model_files import write_model_dir
 from epp_sim.prompts import chat_segments
 from epp_sim.tokenizer import load_tokenizer
-
-from epp.api.types import ApiKind, InferenceRequest, ParsedBody
 
 TOKENS = list(range(100, 164))  # 4 blocks of 16
 
@@ -102,11 +102,10 @@ async def test_pods_render_when_no_tokenizer_is_configured(tmp_path: Path):
     """Without ``tokenizer`` the producer asks a pod (render, else ``/tokenize`` with messages), in the request's
     prepare step: every chat API gets the ids the pod's engine uses; an unreachable pod leaves the request to the
     approximate index."""
+    from epp.datalayer.endpoint import Endpoint
     from epp_plugins.scorers.precise.producer import PrecisePrefixCacheProducer
     from epp_sim.config import DEFAULT_MODEL, SimConfig
     from epp_sim.server import SimCluster
-
-    from epp.datalayer.endpoint import Endpoint
 
     local = LocalTokenizer(str(write_model_dir(tmp_path / "model")))
     system = "You answer questions about the ledger.\nBe brief. " * 40
@@ -149,12 +148,11 @@ async def test_director_renders_on_a_pod_with_the_shipped_config():
     before scheduling, so the request is keyed by the pod's own token ids."""
     import json
 
-    from epp_sim.config import DEFAULT_MODEL, SimConfig
-    from epp_sim.server import SimCluster
-
     from epp.datalayer.pool import EndpointPool, EndpointSpec
     from epp.director import Director
     from epp.scheduling.config import load_config
+    from epp_sim.config import DEFAULT_MODEL, SimConfig
+    from epp_sim.server import SimCluster
 
     shipped = Path(__file__).parents[2] / "manifests/examples/precise-prefix.yaml"
     async with SimCluster(SimConfig(tokenizer="deepseek"), n=1) as c:

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import xxhash
-from epp_plugins.scorers.prefix import ApproxPrefixCacheProducer, ChunkedTokenizer, PrefixCacheScorer
 
 from epp.api.types import Usage
 from epp.scheduling.plugins import ProfileResult, ResponseInfo, SchedulingResult
 from epp.scheduling.registry import PluginConfigError
+from epp_plugins.scorers.prefix import ApproxPrefixCacheProducer, ChunkedTokenizer, PrefixCacheScorer
 from tests.unit.test_scorers_helpers import config, ep, eps, plugin, req, score
 
 

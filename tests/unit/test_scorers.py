@@ -5,12 +5,12 @@ from __future__ import annotations
 import base64
 
 import pytest
-from epp_plugins.scorers.load import QueueScorer
 
 from epp.plugin import DEFAULT_SCORER_STALENESS
 from epp.scheduling.config import load_config
 from epp.scheduling.plugins import ProfileResult, SchedulingResult
 from epp.scheduling.registry import PluginConfigError
+from epp_plugins.scorers.load import QueueScorer
 from tests.unit.test_scorers_helpers import HEAD, config, ep, eps, plugin, req, score
 
 

@@ -12,6 +12,7 @@ import time
 
 import aiohttp
 import pytest
+
 from epp_sim.config import SimConfig
 from epp_sim.server import SimCluster
 from epp_sim.testing import chat_body, parse_sse

@@ -9,6 +9,7 @@ import sys
 
 import aiohttp
 import pytest
+
 from epp_sim.config import SimConfig
 from epp_sim.server import SimCluster
 

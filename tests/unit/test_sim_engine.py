@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from epp_sim.config import SimConfig
 from epp_sim.engine import Engine, SimRequest
 from epp_sim.kv_cache import KVCacheManager
 from epp_sim.tokenizer import PseudoTokenizer
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 TOK = PseudoTokenizer()
 

@@ -7,6 +7,7 @@ import json
 
 import aiohttp
 import pytest
+
 from epp_sim.config import SimConfig
 from epp_sim.server import SimCluster
 from epp_sim.testing import chat_body

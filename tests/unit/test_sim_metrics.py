@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
 from epp_sim.config import SimConfig
 from epp_sim.engine import Engine
 from epp_sim.metrics import PodMetrics
 from epp_sim.tokenizer import PseudoTokenizer
-from prometheus_client import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

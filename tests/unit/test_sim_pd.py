@@ -7,12 +7,12 @@ import json
 
 import aiohttp
 import pytest
+
+from epp.stack.local import free_port
 from epp_sim.config import SimConfig
 from epp_sim.pd import PREFILLER_HEADER
 from epp_sim.server import SimCluster
 from epp_sim.testing import chat_body, parse_sse
-
-from epp.stack.local import free_port
 
 LONG = "tell me about the history of the printing press in detail " * 60
 

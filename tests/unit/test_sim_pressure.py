@@ -9,14 +9,14 @@ import random
 
 import aiohttp
 import pytest
+
+from bench import workloads as wl
 from epp_sim.config import SimConfig
 from epp_sim.kv_events import KVEventLog, msgpack_encode, to_map
 from epp_sim.profiles import PROFILES
 from epp_sim.prompts import anthropic_segments, chat_segments, responses_segments
 from epp_sim.server import SimCluster
 from epp_sim.tokenizer import HFTokenizer, load_tokenizer, tokenizer_path
-
-from bench import workloads as wl
 
 SYSTEM = "You are a careful assistant who answers briefly. " * 80
 

@@ -10,8 +10,6 @@ import time
 
 import aiohttp
 import pytest
-from epp_sim.config import SimConfig
-from epp_sim.server import SimCluster
 
 from epp.admission.accelerator import BUDGET_LABEL, GROUP_LABEL, MEMORY_LABEL, budget, group, memory
 from epp.admission.models import ModelPaths, is_status
@@ -19,6 +17,8 @@ from epp.api.errors import EppError
 from epp.datalayer.pool import EndpointPool, EndpointSpec
 from epp.director import Director
 from epp.scheduling.plugins import ResponseInfo
+from epp_sim.config import SimConfig
+from epp_sim.server import SimCluster
 from tests.unit.test_admission import Flow, director_for, fc_config, req, settle
 from tests.unit.test_wake import director_on, wakes
 

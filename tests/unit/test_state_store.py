@@ -7,11 +7,11 @@ import asyncio
 import time
 
 import pytest
-from epp_plugins.scorers.prefix import ApproxPrefixCacheProducer
 
 from epp.datalayer.pool import EndpointPool, EndpointSpec
 from epp.stack.redis import RedisProcess
 from epp.state.store import SharedState, StoreOptions, read_password
+from epp_plugins.scorers.prefix import ApproxPrefixCacheProducer
 from tests.state_helpers import redis_server_fixture, start_redis  # noqa: F401 - the fixture
 from tests.unit.test_prefix import result
 from tests.unit.test_scorers_helpers import req

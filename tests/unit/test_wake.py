@@ -9,14 +9,14 @@ import time
 
 import aiohttp
 import pytest
-from epp_sim.config import SimConfig
-from epp_sim.server import SimCluster
 
 from epp.api.errors import EppError
 from epp.datalayer.pool import EndpointPool, EndpointSpec
 from epp.director import Director
 from epp.observability.metrics import EppMetrics
 from epp.scheduling.config import load_config
+from epp_sim.config import SimConfig
+from epp_sim.server import SimCluster
 from tests.unit.test_admission import req
 
 

@@ -29,6 +29,7 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 
 import xxhash
+
 from epp_plugins.scorers.precise.events import AllBlocksCleared, BlockRemoved, BlockStored, Event
 
 _h64 = xxhash.xxh64_intdigest

@@ -48,12 +48,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from epp_plugins.scorers.common import check_bool, check_duration, check_float, check_int, check_mapping, check_str
-from epp_plugins.scorers.precise.events import ENGINES, BlockStored, Event
-from epp_plugins.scorers.precise.index import BlockIndex, BlockKeys
-from epp_plugins.scorers.precise.selector import parse_label_selector
-from epp_plugins.scorers.precise.tokenize import LocalTokenizer, PodRenderer
-from epp_plugins.scorers.prefix import ApproxPrefixCacheProducer, PrefixState
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from epp.api.types import InferenceRequest
@@ -61,6 +55,12 @@ from epp.datalayer.endpoint import Endpoint
 from epp.datalayer.pool import EndpointPool
 from epp.scheduling.plugins import RequestPreparer, SchedulingResult
 from epp.scheduling.registry import PluginConfigError, register_plugin
+from epp_plugins.scorers.common import check_bool, check_duration, check_float, check_int, check_mapping, check_str
+from epp_plugins.scorers.precise.events import ENGINES, BlockStored, Event
+from epp_plugins.scorers.precise.index import BlockIndex, BlockKeys
+from epp_plugins.scorers.precise.selector import parse_label_selector
+from epp_plugins.scorers.precise.tokenize import LocalTokenizer, PodRenderer
+from epp_plugins.scorers.prefix import ApproxPrefixCacheProducer, PrefixState
 
 log = logging.getLogger(__name__)
 

@@ -6,13 +6,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from epp_plugins.scorers.precise.producer import PrecisePrefixCacheProducer
-from epp_plugins.scorers.prefix import PrefixCacheScorer
-
 from epp.api.types import InferenceRequest
 from epp.datalayer.endpoint import Endpoint
 from epp.scheduling.plugins import RequestPreparer
 from epp.scheduling.registry import register_plugin
+from epp_plugins.scorers.precise.producer import PrecisePrefixCacheProducer
+from epp_plugins.scorers.prefix import PrefixCacheScorer
 
 
 @register_plugin("precise-prefix-cache-scorer")

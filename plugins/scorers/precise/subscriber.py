@@ -32,8 +32,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
-from epp_plugins.scorers.precise.events import BadEvent, Event, decode_batch, parse_topic
 from zmq.utils.monitor import recv_monitor_message
+
+from epp_plugins.scorers.precise.events import BadEvent, Event, decode_batch, parse_topic
 
 log = logging.getLogger(__name__)
 

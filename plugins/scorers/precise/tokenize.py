@@ -24,9 +24,8 @@ import re
 from collections import OrderedDict
 from typing import Any
 
-from epp_plugins.scorers.precise.chat import NotRenderable, chat_messages, render
-
 from epp.api.types import ApiKind, InferenceRequest
+from epp_plugins.scorers.precise.chat import NotRenderable, chat_messages, render
 
 log = logging.getLogger(__name__)
 

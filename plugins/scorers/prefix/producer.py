@@ -29,8 +29,6 @@ from array import array
 from collections.abc import Callable, Sequence
 
 import xxhash
-from epp_plugins.scorers.prefix.index import _NO_HORIZON, PrefixState, _Credit, _Server
-from epp_plugins.scorers.prefix.tokenizer import CHARS_PER_TOKEN, ChunkedTokenizer
 
 from epp.observability.audit import TOKEN_ERROR_BUCKETS, PredictionAudit
 from epp.plugin import (
@@ -44,6 +42,8 @@ from epp.plugin import (
     check_str,
     register_plugin,
 )
+from epp_plugins.scorers.prefix.index import _NO_HORIZON, PrefixState, _Credit, _Server
+from epp_plugins.scorers.prefix.tokenizer import CHARS_PER_TOKEN, ChunkedTokenizer
 
 PREFILL_PROFILE = "prefill"
 # How far a reported cached-token count may be off from our block count, per kind of block ("chars" once the

@@ -3,10 +3,9 @@ disaggregation): one place that checks the configuration names a producer or pre
 
 from __future__ import annotations
 
+from epp.plugin import Plugin, PluginConfigError
 from epp_plugins.scorers.prefix.producer import ApproxPrefixCacheProducer
 from epp_plugins.scorers.prefix.scorer import PrefixCacheScorer
-
-from epp.plugin import Plugin, PluginConfigError
 
 
 def resolve_prefix_source(plugin: Plugin, name: str | None, required: bool) -> PrefixSource | None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from epp_plugins.scorers.prefix.producer import ApproxPrefixCacheProducer
-
 from epp.observability.audit import PredictionAudit
 from epp.plugin import (
     PREFIX_MATCH,
@@ -23,6 +21,7 @@ from epp.plugin import (
     check_str,
     register_plugin,
 )
+from epp_plugins.scorers.prefix.producer import ApproxPrefixCacheProducer
 
 SCORE_MODES = ("tokens", "ratio")
 
