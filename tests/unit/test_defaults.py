@@ -4,6 +4,7 @@ defaults from the one module that owns them, so that changing a default changes 
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 from typing import Any
 
 from epp.admission.wake import Waker
@@ -22,6 +23,16 @@ from epp.stack.local import LocalStack
 from epp.trace import TraceRecorder
 from epp_plugins.admission.saturation import UtilizationDetector
 from epp_plugins.filters.utilization import UtilizationFilter
+from epp_plugins.scorers.precise.index import BlockKeys
+from epp_plugins.scorers.precise.producer import PrecisePrefixCacheProducer
+from epp_plugins.scorers.prefix import ApproxPrefixCacheProducer, PrefixCacheScorer
+from epp_plugins.scorers.prefix.producer import (
+    DEFAULT_BLOCK_SIZE_TOKENS,
+    DEFAULT_LRU_CAPACITY_PER_SERVER,
+    DEFAULT_MAX_PREFIX_BLOCKS,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def default(function: Any, name: str) -> Any:
@@ -60,3 +71,19 @@ def test_shared_defaults_agree():
     replay = ReplayOptions()
     assert (ns.refresh_metrics_interval, ns.warmup, ns.drain, ns.seed) == (
         replay.refresh_interval, replay.warmup, replay.drain, replay.seed)
+
+
+def test_prefix_producer_defaults_agree():
+    """approx-prefix-cache-producer owns the block size, blocks matched and LRU capacity; prefix-cache-scorer's own
+    producer, precise-prefix-cache-producer (its approximate fallback and its block keys) and the docs follow."""
+    approx, own, precise = ApproxPrefixCacheProducer(), PrefixCacheScorer().producer, PrecisePrefixCacheProducer()
+    expected = (DEFAULT_BLOCK_SIZE_TOKENS, DEFAULT_MAX_PREFIX_BLOCKS, DEFAULT_LRU_CAPACITY_PER_SERVER, True)
+    for producer in (approx, own, precise):
+        assert (producer.block_tokens, producer.max_blocks, producer.capacity, producer.feedback) == expected
+    assert precise.keys.block_size == default(BlockKeys, "block_size") == DEFAULT_BLOCK_SIZE_TOKENS
+    readme = (ROOT / "plugins/scorers/README.md").read_text()
+    assert (f"`blockSizeTokens` ({DEFAULT_BLOCK_SIZE_TOKENS}), `maxPrefixBlocksToMatch` ({DEFAULT_MAX_PREFIX_BLOCKS}"
+            in readme and f"`lruCapacityPerServer` ({DEFAULT_LRU_CAPACITY_PER_SERVER})" in readme)
+    assert f"| `tokenProcessorConfig.blockSizeTokens` (`blockSize`) | {DEFAULT_BLOCK_SIZE_TOKENS} |" in readme
+    assert (f"| `maxPrefixBlocksToMatch`, `lruCapacityPerServer`, `cachedTokensFeedback` | "
+            f"{DEFAULT_MAX_PREFIX_BLOCKS}, {DEFAULT_LRU_CAPACITY_PER_SERVER}, true |") in readme

@@ -31,6 +31,7 @@ from collections.abc import Iterable, Sequence
 import xxhash
 
 from epp_plugins.scorers.precise.events import AllBlocksCleared, BlockRemoved, BlockStored, Event
+from epp_plugins.scorers.prefix.producer import DEFAULT_BLOCK_SIZE_TOKENS
 
 _h64 = xxhash.xxh64_intdigest
 
@@ -38,7 +39,7 @@ _h64 = xxhash.xxh64_intdigest
 class BlockKeys:
     """Our block keys: chained XXH64 over ``block_size`` tokens."""
 
-    def __init__(self, block_size: int = 16, seed: str = "") -> None:
+    def __init__(self, block_size: int = DEFAULT_BLOCK_SIZE_TOKENS, seed: str = "") -> None:
         self.block_size = block_size
         self.seed = _h64(seed.encode())
 

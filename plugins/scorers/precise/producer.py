@@ -61,6 +61,11 @@ from epp_plugins.scorers.precise.index import BlockIndex, BlockKeys
 from epp_plugins.scorers.precise.selector import parse_label_selector
 from epp_plugins.scorers.precise.tokenize import LocalTokenizer, PodRenderer
 from epp_plugins.scorers.prefix import ApproxPrefixCacheProducer, PrefixState
+from epp_plugins.scorers.prefix.producer import (
+    DEFAULT_BLOCK_SIZE_TOKENS,
+    DEFAULT_LRU_CAPACITY_PER_SERVER,
+    DEFAULT_MAX_PREFIX_BLOCKS,
+)
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +135,9 @@ class PrecisePrefixCacheProducer(ApproxPrefixCacheProducer, RequestPreparer):
     def __init__(self, token_processor_config: Any = None, kv_events_config: Any = None,
                  speculative_indexing: bool = False, speculative_t_t_l: Any = "2s", indexer_config: Any = None,
                  tokenizer: str | None = None, chat_template: str | None = None, render_timeout: Any = "2s",
-                 render_cache_size: int = 4096, max_prefix_blocks_to_match: int = 2048,
-                 lru_capacity_per_server: int = 31250, cached_tokens_feedback: bool = True) -> None:
+                 render_cache_size: int = 4096, max_prefix_blocks_to_match: int = DEFAULT_MAX_PREFIX_BLOCKS,
+                 lru_capacity_per_server: int = DEFAULT_LRU_CAPACITY_PER_SERVER,
+                 cached_tokens_feedback: bool = True) -> None:
         ix = check_mapping(indexer_config or {}, "indexerConfig", _INDEXER_KEYS)
         if ix.get("tokenizersPoolConfig") is not None:
             raise _refuse("indexerConfig.tokenizersPoolConfig")
@@ -141,7 +147,8 @@ class PrecisePrefixCacheProducer(ApproxPrefixCacheProducer, RequestPreparer):
                            _TOKEN_KEYS)
         if "hashAlgorithm" in tp:
             raise _refuse("tokenProcessorConfig.hashAlgorithm")
-        block = check_int(tp.get("blockSizeTokens", tp.get("blockSize", 16)), "blockSizeTokens", 1, 4096)
+        block = check_int(tp.get("blockSizeTokens", tp.get("blockSize", DEFAULT_BLOCK_SIZE_TOKENS)), "blockSizeTokens",
+                          1, 4096)
         super().__init__(block_size_tokens=block, max_prefix_blocks_to_match=max_prefix_blocks_to_match,
                          lru_capacity_per_server=lru_capacity_per_server, auto_tune=False,
                          cached_tokens_feedback=cached_tokens_feedback)

@@ -46,6 +46,10 @@ from epp_plugins.scorers.prefix.index import _NO_HORIZON, PrefixState, _Credit, 
 from epp_plugins.scorers.prefix.tokenizer import CHARS_PER_TOKEN, ChunkedTokenizer
 
 PREFILL_PROFILE = "prefill"
+# Parameter defaults, also precise-prefix-cache-producer's (plugins/scorers/README.md quotes them).
+DEFAULT_BLOCK_SIZE_TOKENS = 16  # blockSizeTokens (GIE's)
+DEFAULT_MAX_PREFIX_BLOCKS = 2048  # maxPrefixBlocksToMatch (llm-d's; GIE's 256 stops at 4096 tokens)
+DEFAULT_LRU_CAPACITY_PER_SERVER = 31250  # lruCapacityPerServer (GIE's)
 # How far a reported cached-token count may be off from our block count, per kind of block ("chars" once the
 # model's characters per token is learned; before that "chars-prior").
 _SLACK = {"ids": 1.0, "tokenizer": 1.25, "chars": 1.25, "chars-prior": 1.5}
@@ -57,8 +61,9 @@ MISSES_TO_FORGET = 2  # consistent misses before an endpoint's horizon drops (on
 class ApproxPrefixCacheProducer(RequestObserver):
     """Hashes prompts, keeps the per-endpoint block index, matches requests against it."""
 
-    def __init__(self, block_size_tokens: int = 16, max_prefix_blocks_to_match: int = 2048,
-                 max_prefix_tokens_to_match: int = 0, lru_capacity_per_server: int = 31250,
+    def __init__(self, block_size_tokens: int = DEFAULT_BLOCK_SIZE_TOKENS,
+                 max_prefix_blocks_to_match: int = DEFAULT_MAX_PREFIX_BLOCKS, max_prefix_tokens_to_match: int = 0,
+                 lru_capacity_per_server: int = DEFAULT_LRU_CAPACITY_PER_SERVER,
                  auto_tune: bool = True, tokenizer: str | None = None, cached_tokens_feedback: bool = True) -> None:
         self.block_tokens = check_int(block_size_tokens, "blockSizeTokens", 1, 1 << 20)
         self.max_blocks = check_int(max_prefix_blocks_to_match, "maxPrefixBlocksToMatch", 1, 1 << 20)
