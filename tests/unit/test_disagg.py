@@ -16,8 +16,8 @@ from epp.observability.metrics import EppMetrics
 from epp.scheduling.config import load_config
 from epp.scheduling.registry import PluginConfigError
 from tests.extproc_helpers import body_msg, drive, headers_msg, new_stream, response_headers_msg, set_headers
+from tests.scorers_helpers import HEAD, eps, plugin, req
 from tests.unit.test_filters import LABELLED, run
-from tests.unit.test_scorers_helpers import HEAD, eps, plugin, req
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "manifests/examples/pd-disaggregation.yaml"
 LONG = "the quick brown fox jumps over the lazy dog " * 400  # ~17k characters, ~4k tokens

@@ -9,7 +9,7 @@ import pytest
 from epp.api.errors import EppError
 from epp.scheduling.plugins import ProfileResult, SchedulingResult
 from epp.scheduling.registry import PluginConfigError
-from tests.unit.test_scorers_helpers import config, eps, plugin, req
+from tests.scorers_helpers import config, eps, plugin, req
 
 
 def names(endpoints):

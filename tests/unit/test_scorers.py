@@ -11,7 +11,7 @@ from epp.scheduling.config import load_config
 from epp.scheduling.plugins import ProfileResult, SchedulingResult
 from epp.scheduling.registry import PluginConfigError
 from epp_plugins.scorers.load import QueueScorer
-from tests.unit.test_scorers_helpers import HEAD, config, ep, eps, plugin, req, score
+from tests.scorers_helpers import HEAD, config, ep, eps, plugin, req, score
 
 
 def result(endpoint, profile="default", **others):

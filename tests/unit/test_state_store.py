@@ -12,9 +12,9 @@ from epp.datalayer.pool import EndpointPool, EndpointSpec
 from epp.stack.redis import RedisProcess
 from epp.state.store import SharedState, StoreOptions, read_password
 from epp_plugins.scorers.prefix import ApproxPrefixCacheProducer
+from tests.scorers_helpers import req
 from tests.state_helpers import redis_server_fixture, start_redis  # noqa: F401 - the fixture
-from tests.unit.test_prefix import result
-from tests.unit.test_scorers_helpers import req
+from tests.unit.test_scorers_prefix import result
 
 TEXT = "the quick brown fox jumps over the lazy dog " * 20
 

@@ -19,8 +19,8 @@ from epp_plugins.scorers.latency import (
     PredictedLatencyScorer,
     _Pending,
 )
-from tests.unit.test_prefix import words
-from tests.unit.test_scorers_helpers import ep, req
+from tests.scorers_helpers import ep, req
+from tests.unit.test_scorers_prefix import words
 
 
 def setup(pool: EndpointPool | None = None):

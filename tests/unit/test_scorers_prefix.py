@@ -15,7 +15,7 @@ from epp.api.types import Usage
 from epp.scheduling.plugins import ProfileResult, ResponseInfo, SchedulingResult
 from epp.scheduling.registry import PluginConfigError
 from epp_plugins.scorers.prefix import ApproxPrefixCacheProducer, ChunkedTokenizer, PrefixCacheScorer
-from tests.unit.test_scorers_helpers import config, ep, eps, plugin, req, score
+from tests.scorers_helpers import config, ep, eps, plugin, req, score
 
 
 def result(endpoint, prefill=None):
@@ -246,7 +246,7 @@ def test_removed_endpoints_are_forgotten():
     pool = EndpointPool()
     pool.sync([EndpointSpec("a", "10.0.0.1", 8000), EndpointSpec("b", "10.0.0.2", 8000)])
     from epp.scheduling.config import load_config
-    from tests.unit.test_scorers_helpers import HEAD
+    from tests.scorers_helpers import HEAD
     cfg = load_config(HEAD + "plugins:\n- type: prefix-cache-scorer\n", pool)
     s = cfg.plugins["prefix-cache-scorer"]
     a, b = pool.endpoints
