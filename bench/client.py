@@ -181,7 +181,9 @@ async def send(http: aiohttp.ClientSession, base_url: str, p: Planned, run_start
     """Send one request and read the whole answer. Never raises (failures are in ``error``)."""
     t0 = time.perf_counter()
     res = Result(p.i, p.api, p.tag, p.t, t0 - run_start, sent_at=time.monotonic())
-    headers = {**(_ANTHROPIC_HEADERS if p.api == "messages" else _HEADERS), BENCH_ID_HEADER: str(p.i)}
+    # x-request-id too: sglang-router forwards only that one of the two
+    headers = {**(_ANTHROPIC_HEADERS if p.api == "messages" else _HEADERS), BENCH_ID_HEADER: str(p.i),
+               "x-request-id": f"bench-{p.i}"}
     try:
         async with http.post(base_url + API_PATHS[p.api], data=p.body, headers=headers,
                              timeout=aiohttp.ClientTimeout(total=timeout)) as resp:

@@ -228,9 +228,14 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         for req in reqs:
             if not req.finished:
                 pod.engine.abort(req)
-        bench_id = request.headers.get(BENCH_ID_HEADER)
+        bench_id = request.headers.get(BENCH_ID_HEADER) or _bench_request_id(request.headers.get("x-request-id"))
         if bench_id is not None and reqs:
             pod.timings.append((bench_id[:64], received, reqs[0].first_token_time))
+
+
+def _bench_request_id(request_id: str | None) -> str | None:
+    """The benchmark client's id from its ``x-request-id`` (``bench-<id>``), for routers that forward only that."""
+    return request_id[6:] if request_id is not None and request_id.startswith("bench-") else None
 
 
 async def _in_band_error(stream: web.StreamResponse, err: ApiError, anthropic_style: bool) -> None:
