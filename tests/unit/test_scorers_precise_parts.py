@@ -3,6 +3,8 @@ removals, clears, LoRA roots, speculative entries) and tokenization matching the
 
 from __future__ import annotations
 
+import random
+import re
 import time
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import pytest
 from epp.api.types import ApiKind, InferenceRequest, ParsedBody
 from epp_plugins.scorers.precise.events import BadEvent, BlockStored, decode_batch
 from epp_plugins.scorers.precise.index import BlockIndex, BlockKeys
-from epp_plugins.scorers.precise.tokenize import LocalTokenizer
+from epp_plugins.scorers.precise.tokenize import LocalTokenizer, special_splitter
 from epp_sim.kv_events import msgpack_encode, to_map, to_wire
 from epp_sim.model_files import write_model_dir
 from epp_sim.prompts import chat_segments
@@ -178,3 +180,46 @@ async def test_director_renders_on_a_pod_with_the_shipped_config():
                 for p in config.plugins.values():
                     p.stop()  # joins the ingestion thread (bounded)
                 await config.plugins["precise-prefix-cache-producer"].renderer.close()
+
+
+@pytest.mark.parametrize("specials", [
+    ["<|end|>", "<|user|>", "<|u", "<|user|><|end|>", "[INST]", "[/INST]", "<s>", "</s>"],  # scanned
+    ["<|end|>", "<s>", "Assistant:", " <pad>"],  # a token starts with a letter or a space: the regex
+])
+def test_special_splitter_cuts_as_the_regex_does(specials: list[str]) -> None:
+    regex = re.compile("(" + "|".join(map(re.escape, sorted(specials, key=len, reverse=True))) + ")")
+    split = special_splitter(specials)
+    assert split is not None
+    rng = random.Random(7)
+    alphabet = ["a", "b", " ", "\n", "<", "|", "[", "/", ">", "u", "s", *specials]
+    for _ in range(3000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        assert split(text) == regex.split(text), text
+    assert special_splitter([]) is None
+
+
+async def test_much_new_prompt_text_is_tokenized_on_a_worker_thread(tmp_path: Path, monkeypatch) -> None:
+    """A new long system prompt is encoded off the event loop (prepare_request); a new question alone is not
+    worth the hop. Either way the ids are the ones the engine computes."""
+    from epp_plugins.scorers.precise import producer as module
+    from epp_plugins.scorers.precise.producer import PrecisePrefixCacheProducer
+
+    p = PrecisePrefixCacheProducer(tokenizer=str(write_model_dir(tmp_path / "model")))
+    assert p.prepares and p.local is not None
+    hops: list[int] = []
+    real = module.asyncio.to_thread
+
+    async def counting(fn, *args):
+        hops.append(sum(map(len, args[0])))
+        return await real(fn, *args)
+
+    monkeypatch.setattr(module.asyncio, "to_thread", counting)
+    system = "The ledger lists every transfer of the quarter, line by line.\n" * 300  # ~19k characters
+    sim = load_tokenizer("deepseek", 128256)
+    for question, offloaded in (("What is due?", True), ("And what was paid?", False)):
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+        r = _request(ApiKind.CHAT_COMPLETIONS, {"messages": messages})
+        await p.prepare_request(r, [])
+        assert bool(hops) is offloaded and (not hops or hops[0] >= module.OFFLOAD_CHARS)
+        hops.clear()
+        assert p._tokens(r) == sim.encode_segments(chat_segments(messages, None))
