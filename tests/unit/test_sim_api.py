@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import itertools
 import json
 import os
 import time
@@ -146,8 +145,11 @@ async def test_tokens_are_written_as_they_are_produced(http) -> None:
             async for line in r.content:
                 if line.startswith(b"data:"):
                     arrivals.append(time.monotonic() - t0)
-    gaps = [b - a for a, b in itertools.pairwise(arrivals[1:6])]  # token 1..5; [0] is the role chunk
-    assert len(arrivals) == 7 and all(g > 0.012 for g in gaps), arrivals
+    # Tokens 1..5 ([0] is the role chunk) come out over the four 20 ms steps between them, not all at the end;
+    # under load two may reach the client in one read, so count the spread, not each gap.
+    tokens = arrivals[1:6]
+    assert len(arrivals) == 7 and tokens[-1] - tokens[0] >= 0.06 and len({round(a, 3) for a in tokens}) >= 3, \
+        arrivals
 
 
 # -- completions and generate ----------------------------------------------------------------------------
