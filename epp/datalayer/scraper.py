@@ -1,7 +1,7 @@
 """Polls every endpoint's Prometheus page and keeps ``Endpoint.metrics`` current.
 
-One aiohttp session (keep-alive connection per endpoint) and one task per endpoint, started and
-stopped by the pool listener. A scrape that fails for any reason (connect error, timeout, non-200,
+One keep-alive HTTP/1.1 connection per endpoint (``epp.datalayer.http1``) and one task per endpoint,
+started and stopped by the pool listener. A scrape that fails for any reason (connect error, timeout, non-200,
 unreadable page, missing load metric) leaves the previous values in place, sets
 ``metrics.last_error`` and does not stamp ``metrics.updated_at``, so ``metrics.age()`` keeps growing
 and staleness-aware plugins can tell.
@@ -18,18 +18,18 @@ import asyncio
 import logging
 import math
 import random
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-
-import aiohttp
-from yarl import URL
+from urllib.parse import urlsplit
 
 from epp.config import Config
 from epp.datalayer import promtext
 from epp.datalayer.endpoint import Endpoint
 from epp.datalayer.engines import EngineRegistry, ExtractError
+from epp.datalayer.http1 import Http1Client, HttpError, Unanswered
 from epp.datalayer.pool import EndpointPool
 from epp.datalayer.sources import METRICS_PATH, METRICS_SCHEME
 from epp.tasks import stop_tasks
@@ -40,8 +40,6 @@ log = logging.getLogger(__name__)
 Parser = Callable[[str, Iterable[str]], promtext.ParseResult]
 
 UNREACHABLE_AFTER = 3  # unanswered scrapes in a row (150 ms at the default interval)
-# Client errors that mean the server never answered (timeouts and refused connections have their own branch).
-_UNANSWERED = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
 
 _ACCEPT = "text/plain;version=0.0.4;q=1,*/*;q=0.1"  # never OpenMetrics: we parse the classic format
 
@@ -82,12 +80,12 @@ class MetricsScraper:
         self.path = path if path.startswith("/") else "/" + path
         self.scheme = scheme
         self._parse: Parser = parser or promtext.parse
-        self._session: aiohttp.ClientSession | None = None
+        self._client: Http1Client | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
         self._tasks: dict[Endpoint, asyncio.Task[None]] = {}
         self._stats: dict[Endpoint, ScrapeStats] = {}
-        self._urls: dict[Endpoint, tuple[str, URL]] = {}
+        self._urls: dict[Endpoint, tuple[str, str, int, str]] = {}  # url -> host, port, path and query
         self._dying: set[asyncio.Task[None]] = set()  # cancelled on removal, not yet finished
         self._listening = False
         self._running = False
@@ -99,18 +97,13 @@ class MetricsScraper:
             return
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
-        # limit=0: one connection per endpoint, whatever the pool size; each task has at most one
-        # request in flight, so connections never exceed endpoints. insecureSkipVerify=true as GIE.
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=10.0,
-                                         ssl=False if self.scheme == "https" else None)
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            # Bounded by asyncio.timeout in _scrape instead: one timer per scrape, not two.
-            timeout=aiohttp.ClientTimeout(total=None, connect=None, sock_read=None, sock_connect=None),
-            headers={"Accept": _ACCEPT},
-            auto_decompress=False,  # we do not ask for gzip; skip the decoder machinery
-            skip_auto_headers=("User-Agent",),
-        )
+        # One connection per endpoint, one request at a time on it. insecureSkipVerify=true as GIE.
+        context = None
+        if self.scheme == "https":
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        self._client = Http1Client(_ACCEPT, context)
         self._running = True
         if not self._listening:  # the pool has no remove_listener: register once, gate on _running
             self.pool.add_listener(self._on_pool_change)
@@ -123,9 +116,9 @@ class MetricsScraper:
         tasks = [*self._tasks.values(), *self._dying]
         self._tasks.clear()
         await stop_tasks(tasks)
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._client is not None:
+            self._client.close()
+            self._client = None
 
     # -- introspection --------------------------------------------------------------------------
 
@@ -147,13 +140,16 @@ class MetricsScraper:
             base = f"{self.scheme}://{base[len('http://'):]}"
         return base + self.path
 
-    def _url(self, ep: Endpoint) -> URL:
-        # Parsing the URL string costs more than the rest of building the request: cache it per endpoint.
+    def _target(self, ep: Endpoint) -> tuple[str, int, str]:
+        """Host, port and request target of the endpoint's metrics URL, parsed once per URL."""
         text = self.url_for(ep)
         cached = self._urls.get(ep)
         if cached is None or cached[0] != text:
-            cached = self._urls[ep] = (text, URL(text, encoded=True))
-        return cached[1]
+            u = urlsplit(text)
+            port = u.port or (443 if u.scheme == "https" else 80)
+            cached = self._urls[ep] = (text, u.hostname or "", port, (u.path or "/") + (f"?{u.query}" if u.query
+                                                                                           else ""))
+        return cached[1], cached[2], cached[3]
 
     # -- pool membership ------------------------------------------------------------------------
 
@@ -176,6 +172,8 @@ class MetricsScraper:
                 task.add_done_callback(self._dying.discard)
             self._stats.pop(ep, None)
             self._urls.pop(ep, None)
+            if self._client is not None:
+                self._client.drop(ep)
         for ep in added:
             self._spawn(ep)
 
@@ -206,24 +204,25 @@ class MetricsScraper:
     async def scrape_once(self, ep: Endpoint) -> bool:
         """One scrape of ``ep``; returns True on success. Never raises (except cancellation)."""
         stats = self._stats.setdefault(ep, ScrapeStats())
-        session = self._session
-        if session is None:
+        client = self._client
+        if client is None:
             raise RuntimeError("MetricsScraper not started")
         t0 = time.perf_counter()
         stats.scrapes += 1
         error: str | None
         answered = True  # the server spoke HTTP, whatever it said
         try:
-            error = await self._scrape(session, ep, stats)
+            error = await self._scrape(client, ep, stats)
         except asyncio.CancelledError:
             raise
         except TimeoutError:
             error, answered = f"timeout after {self.timeout:g}s", False
-        except aiohttp.ClientConnectorError as e:
-            error, answered = f"connect: {e.os_error.strerror or e.os_error}"[:160], False
-        except aiohttp.ClientError as e:
-            answered = not isinstance(e, _UNANSWERED)
-            error = f"{type(e).__name__}: {e}"[:160]
+        except Unanswered as e:
+            error, answered = f"no answer: {e}"[:160], False
+        except OSError as e:  # connecting (refused, unreachable, TLS)
+            error, answered = f"connect: {e.strerror or e}"[:160], False
+        except HttpError as e:
+            error = f"HttpError: {e}"[:160]
         except Exception as e:  # never let one bad page kill the polling task
             log.exception("scraping %s failed unexpectedly", ep.name)
             error = f"{type(e).__name__}: {e}"[:160]
@@ -261,13 +260,13 @@ class MetricsScraper:
                         ep.name, stats.consecutive_unanswered)
             ep.metrics.unreachable = True
 
-    async def _scrape(self, session: aiohttp.ClientSession, ep: Endpoint, stats: ScrapeStats) -> str | None:
+    async def _scrape(self, client: Http1Client, ep: Endpoint, stats: ScrapeStats) -> str | None:
         engine = self.engines.for_endpoint(ep)
         # asyncio.timeout bounds the whole exchange, including a server that trickles the body.
-        async with asyncio.timeout(self.timeout), session.get(self._url(ep)) as resp:
-            if resp.status != 200:
-                return f"HTTP {resp.status}"
-            body = await resp.read()
+        async with asyncio.timeout(self.timeout):
+            status, body = await client.get(ep, *self._target(ep))
+        if status != 200:
+            return f"HTTP {status}"
         text = body.decode("utf-8", "replace")
         parsed = self._parse(text, engine.families)
         try:
