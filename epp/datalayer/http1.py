@@ -152,7 +152,8 @@ class _Connection(asyncio.Protocol):
     def _dechunk(self) -> tuple[int, bytes] | None:
         buf = self._buf
         pos = self._body_at
-        pieces = []
+        pieces: list[bytes] = []
+        total = 0
         while True:
             eol = buf.find(b"\r\n", pos)
             if eol < 0:
@@ -171,7 +172,8 @@ class _Connection(asyncio.Protocol):
                 return None
             pieces.append(bytes(buf[eol + 2:eol + 2 + size]))
             pos = eol + 2 + size + 2
-            if sum(map(len, pieces)) > MAX_BODY:
+            total += size
+            if total > MAX_BODY:
                 raise HttpError("response body too large")
 
     def _done(self, body: bytes) -> tuple[int, bytes]:
@@ -190,6 +192,7 @@ class Http1Client:
         self._connections: dict[object, _Connection] = {}
 
     async def get(self, key: object, host: str, port: int, path: str) -> tuple[int, bytes]:
+        """``host`` as a name or a bare IP address (an IPv6 one without brackets)."""
         conn = self._connections.get(key)
         reused = conn is not None and not conn.closed
         if not reused:
@@ -213,7 +216,7 @@ class Http1Client:
         if old is not None:
             old.close()
         loop = asyncio.get_running_loop()
-        _, conn = await loop.create_connection(_Connection, host.strip("[]"), port, ssl=self.ssl,
+        _, conn = await loop.create_connection(_Connection, host, port, ssl=self.ssl,
                                                server_hostname="" if self.ssl is not None else None)
         self._connections[key] = conn
         return conn

@@ -146,9 +146,8 @@ class MetricsScraper:
         cached = self._urls.get(ep)
         if cached is None or cached[0] != text:
             u = urlsplit(text)
-            port = u.port or (443 if u.scheme == "https" else 80)
-            cached = self._urls[ep] = (text, u.hostname or "", port, (u.path or "/") + (f"?{u.query}" if u.query
-                                                                                           else ""))
+            target = (u.path or "/") + (f"?{u.query}" if u.query else "")
+            cached = self._urls[ep] = (text, u.hostname or "", u.port or (443 if u.scheme == "https" else 80), target)
         return cached[1], cached[2], cached[3]
 
     # -- pool membership ------------------------------------------------------------------------

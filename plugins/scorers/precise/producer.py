@@ -336,8 +336,8 @@ class PrecisePrefixCacheProducer(ApproxPrefixCacheProducer, RequestPreparer):
 
     def _tokens(self, request: InferenceRequest) -> list[int] | None:
         if self.local is not None:
-            prepared = request.attributes.get((self._key, "tokens"))
-            return prepared if prepared is not None else self.local.request_tokens(request)
+            key = (self._key, "tokens")  # prepare_request's, when it ran
+            return request.attributes[key] if key in request.attributes else self.local.request_tokens(request)
         if request.body.prompt_token_ids is not None:
             return request.body.prompt_token_ids
         return request.attributes.get((self._key, "rendered"))
@@ -369,13 +369,14 @@ class PrecisePrefixCacheProducer(ApproxPrefixCacheProducer, RequestPreparer):
 
     async def _tokenize(self, local: LocalTokenizer, request: InferenceRequest) -> None:
         found = local.prompt(request)
-        if found is None:
-            return
-        pieces = local.pieces(found[0])
-        missing = local.missing(pieces)
-        if sum(map(len, missing)) >= OFFLOAD_CHARS:
-            local.remember(missing, await asyncio.to_thread(local.encode_texts, missing))
-        request.attributes[(self._key, "tokens")] = local.assemble(pieces, found[1])
+        ids = request.body.prompt_token_ids  # the request's own ids, or None when it cannot be rendered here
+        if found is not None:
+            pieces = local.pieces(found[0])
+            missing = local.missing(pieces)
+            if sum(map(len, missing)) >= OFFLOAD_CHARS:
+                local.remember(missing, await asyncio.to_thread(local.encode_texts, missing))
+            ids = local.assemble(pieces, found[1])
+        request.attributes[(self._key, "tokens")] = ids  # what request_tokens would give, rendered once
 
     def state(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> PrefixState:
         st = request.attributes.get(self._key)
