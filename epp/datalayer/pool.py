@@ -30,6 +30,8 @@ class EndpointSpec:
 
 Listener = Callable[[list[Endpoint], list[Endpoint]], None]  # (added, removed)
 UpdateListener = Callable[[list[Endpoint]], None]  # endpoints kept whose labels, annotations or ports changed
+# (endpoint, last_seen): its server restarted after last_seen, the monotonic time the old process was last scraped
+RestartListener = Callable[[Endpoint, float], None]
 
 
 class EndpointPool:
@@ -42,6 +44,7 @@ class EndpointPool:
         self._snapshot: tuple[Endpoint, ...] = ()
         self._listeners: list[Listener] = []
         self._update_listeners: list[UpdateListener] = []
+        self._restart_listeners: list[RestartListener] = []
         self.synced = False  # set once discovery has delivered a first full view
         self.tokens = TokenRatios()  # characters per token, learned per model from the servers' usage
 
@@ -69,6 +72,24 @@ class EndpointPool:
     def remove_update_listener(self, listener: UpdateListener) -> None:
         if listener in self._update_listeners:
             self._update_listeners.remove(listener)
+
+    def add_restart_listener(self, listener: RestartListener) -> None:
+        """Called when an endpoint's server restarted at the same address (``epp.datalayer.restarts``: seen in its
+        metrics), so that what EPP believed it cached can be forgotten. The endpoint stays in the pool."""
+        if listener not in self._restart_listeners:
+            self._restart_listeners.append(listener)
+
+    def remove_restart_listener(self, listener: RestartListener) -> None:
+        if listener in self._restart_listeners:
+            self._restart_listeners.remove(listener)
+
+    def restarted(self, endpoint: Endpoint, last_seen: float) -> None:
+        """Tell the restart listeners (the scraper calls this on the event loop)."""
+        for listener in list(self._restart_listeners):
+            try:
+                listener(endpoint, last_seen)
+            except Exception:  # one plugin's failure must not keep the others believing a dead cache
+                log.exception("restart listener %r failed for %s", listener, endpoint.name)
 
     def sync(self, specs: Iterable[EndpointSpec]) -> None:
         """Make the pool equal to ``specs``. Unchanged endpoints keep their object (and so their

@@ -10,6 +10,11 @@ A scrape the server did not answer at all (connection refused or reset, timeout)
 page: after ``UNREACHABLE_AFTER`` of them in a row the endpoint is marked ``metrics.unreachable`` and the
 director stops offering it as a candidate (unless nothing else is left) until it answers HTTP again.
 Static endpoints have no other health signal, and a Kubernetes pod can die long before its watch says so.
+
+A pod that restarted at the same address answers again with an empty KV cache: a counter on its page went
+backwards, or its process start time moved (``epp.datalayer.restarts``). The scrape that first sees it logs it,
+counts it (``ScrapeStats.restarts``: ``epp_endpoint_restarts_total``) and tells the pool's restart listeners, so
+that the prefix indexes forget the endpoint at once rather than after misses.
 """
 
 from __future__ import annotations
@@ -22,15 +27,16 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from epp.config import Config
 from epp.datalayer import promtext
 from epp.datalayer.endpoint import Endpoint
-from epp.datalayer.engines import EngineRegistry, ExtractError
+from epp.datalayer.engines import EngineRegistry, EngineSpec, ExtractError
 from epp.datalayer.http1 import Http1Client, HttpError, Unanswered
 from epp.datalayer.pool import EndpointPool
+from epp.datalayer.restarts import RestartDetector, read_signals, restart_families
 from epp.datalayer.sources import METRICS_PATH, METRICS_SCHEME
 from epp.tasks import stop_tasks
 
@@ -55,6 +61,8 @@ class ScrapeStats:
     last_duration: float = 0.0  # seconds, request + parse + extract
     last_error: str | None = None
     last_missing: tuple[str, ...] = ()  # optional families (LoRA, cache info) absent last time
+    restarts: int = 0  # server restarts seen in the metrics
+    signals: RestartDetector = field(default_factory=RestartDetector)
 
 
 class MetricsScraper:
@@ -86,6 +94,7 @@ class MetricsScraper:
         self._tasks: dict[Endpoint, asyncio.Task[None]] = {}
         self._stats: dict[Endpoint, ScrapeStats] = {}
         self._urls: dict[Endpoint, tuple[str, str, int, str]] = {}  # url -> host, port, path and query
+        self._families: dict[str, tuple[EngineSpec, frozenset[str]]] = {}  # engine name -> families read
         self._dying: set[asyncio.Task[None]] = set()  # cancelled on removal, not yet finished
         self._listening = False
         self._running = False
@@ -259,6 +268,13 @@ class MetricsScraper:
                         ep.name, stats.consecutive_unanswered)
             ep.metrics.unreachable = True
 
+    def _families_of(self, engine: EngineSpec) -> frozenset[str]:
+        """The engine's families plus its restart signals, computed once per engine."""
+        cached = self._families.get(engine.name)
+        if cached is None or cached[0] is not engine:
+            cached = self._families[engine.name] = (engine, engine.families | set(restart_families(engine.name)))
+        return cached[1]
+
     async def _scrape(self, client: Http1Client, ep: Endpoint, stats: ScrapeStats) -> str | None:
         engine = self.engines.for_endpoint(ep)
         # asyncio.timeout bounds the whole exchange, including a server that trickles the body.
@@ -267,7 +283,7 @@ class MetricsScraper:
         if status != 200:
             return f"HTTP {status}"
         text = body.decode("utf-8", "replace")
-        parsed = self._parse(text, engine.families)
+        parsed = self._parse(text, self._families_of(engine))
         try:
             values = engine.extract(parsed.families)
         except ExtractError as e:
@@ -275,6 +291,11 @@ class MetricsScraper:
                 return f"{e} ({parsed.error})"[:200]
             return str(e)
         values.apply(ep.metrics)
+        reason = stats.signals.observe(*read_signals(parsed.families, engine.name))
+        if reason is not None:
+            stats.restarts += 1
+            log.warning("%s restarted (%s): forgetting what EPP believed its cache held", ep.name, reason)
+            self.pool.restarted(ep, ep.metrics.updated_at)  # not stamped yet: the old process's last scrape
         ep.metrics.inflight_tokens_at_scrape = ep.inflight_tokens
         ep.metrics.inflight_requests_at_scrape = ep.inflight_requests
         missing = tuple(values.missing)

@@ -109,7 +109,7 @@ class Runtime:
         self.draining: Callable[[], bool] = lambda: False
         self.tasks: Callable[[], int] = lambda: 0  # asyncio tasks alive on EPP's event loop
         self.config: Callable[[], Any] = lambda: None  # the PickerConfig in force
-        # Endpoint -> object with ``scrapes`` and ``errors`` counters (the MetricsScraper's stats), if any.
+        # Endpoint -> object with ``scrapes``, ``errors`` and ``restarts`` counters (the MetricsScraper's stats).
         self.scrape_stats: Callable[[], dict[Any, Any]] = dict
         self.staleness_threshold = Config.metrics_staleness_threshold  # seconds, until the server sets the flag's
 
@@ -212,13 +212,18 @@ class _PoolCollector(Collector):
                                       labels=["endpoint"])
         errors = CounterMetricFamily("epp_endpoint_scrape_errors", "Metrics scrapes that failed, per endpoint.",
                                      labels=["endpoint"])
+        restarts = CounterMetricFamily("epp_endpoint_restarts", "Model-server restarts seen in the endpoint's "
+                                       "metrics (a counter going backwards, a new process start time); each one "
+                                       "clears what EPP believed the endpoint cached.", labels=["endpoint"])
         for e in eps:
             st = stats.get(e)
             if st is not None:
                 scrapes.add_metric([e.name], st.scrapes)
                 errors.add_metric([e.name], st.errors)
+                restarts.add_metric([e.name], st.restarts)
         yield scrapes
         yield errors
+        yield restarts
         yield GaugeMetricFamily("epp_extproc_streams", "ext_proc streams open (requests in flight through EPP).",
                                 value=rt.streams())
         yield GaugeMetricFamily("epp_asyncio_tasks", "asyncio tasks alive on EPP's event loop (a leak shows here).",

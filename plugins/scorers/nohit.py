@@ -25,7 +25,8 @@ class NoHitLruScorer(Scorer, RequestObserver):
     endpoints that never took a cold request first, the i-th (candidate order) scoring ``1 - i/(N-1)``;
     then the others by how long ago they took one, the one at position p of the LRU (oldest first) scoring
     ``1 - (neverUsed + p)/(N-1)``, floored at 0. After the pick, a cold request's endpoint (and the
-    ``prefillProfile`` profile's) becomes the most recently used. Reads the prefix match of
+    ``prefillProfile`` profile's) becomes the most recently used; an endpoint whose server restarted (its cache
+    emptied) counts as never used again. Reads the prefix match of
     ``prefixPluginName`` (a prefix-cache-scorer or approx-prefix-cache-producer; default: the only one)."""
 
     def __init__(self, prefix_plugin_name: str | None = None, lru_size: int = 1024,
@@ -38,6 +39,16 @@ class NoHitLruScorer(Scorer, RequestObserver):
 
     def start(self) -> None:
         self._source = resolve_prefix_source(self, self.prefix_name, required=True)
+        if self.handle is not None and self.handle.pool is not None:
+            self.handle.pool.add_restart_listener(self._forget_restarted)
+
+    def stop(self) -> None:
+        if self.handle is not None and self.handle.pool is not None:
+            self.handle.pool.remove_restart_listener(self._forget_restarted)
+
+    def _forget_restarted(self, endpoint: Endpoint, last_seen: float) -> None:
+        # the cold prompts it took are gone with its cache: it counts as never used, first for the next cold one
+        self._lru.pop(endpoint.name, None)
 
     def _is_cold(self, request: InferenceRequest, endpoints: list[Endpoint]) -> bool:
         if self._source is None:

@@ -189,7 +189,7 @@ def test_scrape_stats_and_staleness_from_runtime():
     p1.metrics.last_error = "connect: refused"
 
     class Stats:
-        scrapes, errors = 7, 2
+        scrapes, errors, restarts = 7, 2, 1
 
     metrics.runtime.scrape_stats = lambda: {p1: Stats()}
     s = samples(metrics)
@@ -197,6 +197,7 @@ def test_scrape_stats_and_staleness_from_runtime():
     assert s[("epp_endpoint_metrics_stale", ep)] == 0
     assert s[("epp_endpoint_scrape_error", ep)] == 1
     assert s[("epp_endpoint_scrapes_total", ep)] == 7 and s[("epp_endpoint_scrape_errors_total", ep)] == 2
+    assert s[("epp_endpoint_restarts_total", ep)] == 1
 
 
 # -- explanations ---------------------------------------------------------------------------------

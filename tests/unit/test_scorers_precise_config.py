@@ -1,5 +1,6 @@
 """llm-d's precise-prefix parameters: each one either changes what EPP does or is refused at load with the reason;
-the ingestion thread is stopped by ``stop`` (bounded) and never duplicated by a restart."""
+the ingestion thread is stopped by ``stop`` (bounded) and never duplicated by a restart; a model server's restart
+seen in its metrics clears its blocks."""
 
 from __future__ import annotations
 
@@ -311,3 +312,39 @@ def test_stop_ends_the_thread_and_a_restart_keeps_one(load: Load) -> None:
     p.stop()  # idempotent
     pool.sync([])  # no longer followed
     assert p.ingestor is None
+
+
+def test_a_server_restart_seen_in_its_metrics_clears_what_its_stream_did_not_show(
+        load: Load, pubs: Callable[[], tuple[Any, int]]) -> None:
+    """A restarted publisher whose first frame EPP gets is numbered past the old stream's last (a short-lived
+    process, a late reconnect) reads as a gap: the old process's blocks would stay indexed beside the new one's.
+    Told by the scraper (the pool's restart listeners), the ingestor clears the endpoint and takes the next frame as
+    a new stream. A restart the stream showed itself (``seq == 0``) after the old process was last scraped is not
+    cleared again."""
+    pub, port = pubs()
+    pool = EndpointPool()
+    pool.sync([EndpointSpec("a", "127.0.0.1", 8001, kv_events=f"tcp://127.0.0.1:{port}")])
+    p = producer_of(load("{}", pool))
+    ing = p.ingestor
+    assert publish_until(pub, lambda: ing.stats.frames["a"], [stored()])
+    last = ing._streams["a"].last
+
+    def send(seq: int, first: int) -> None:  # the SUB is connected now: one send arrives
+        tokens = list(range(first, first + 64))
+        pub.send_multipart([b"", struct.pack(">Q", seq), msgpack.packb([time.time(), [stored(tokens, first)], 0])])
+
+    send(last + 5, 1000)  # the new process, past the old numbering: taken as a gap
+    assert eventually(lambda: p.index.size() == 8) and ing.stats.restarts["a"] == 0
+    pool.restarted(pool.get("a"), time.monotonic())
+    assert eventually(lambda: p.index.size() == 0 and ing.stats.restarts["a"] == 1)
+    send(2, 2000)  # numbered below the old stream's last, yet the start of the new one
+    assert eventually(lambda: p.index.size() == 4)
+
+    last_seen = time.monotonic()
+    send(0, 3000)  # the next restart, which the stream shows: cleared there, the new frame kept
+    assert eventually(lambda: ing.stats.restarts["a"] == 2 and p.index.size() == 4)
+    pool.restarted(pool.get("a"), last_seen)  # the scraper's word for the same restart
+    frames = ing.stats.frames["a"]
+    send(1, 4000)  # applied after the command (commands are read before each poll)
+    assert eventually(lambda: ing.stats.frames["a"] > frames)
+    assert p.index.size() == 8 and ing.stats.restarts["a"] == 2

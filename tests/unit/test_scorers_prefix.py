@@ -256,6 +256,51 @@ def test_removed_endpoints_are_forgotten():
     assert s.indexer_size() == 0
 
 
+def test_a_restarted_endpoint_is_forgotten_at_once_and_its_old_credits_teach_nothing():
+    """The scraper saw a's server restart (epp.datalayer.restarts): the pool tells the producer, and a's entries go
+    before any request misses there; b's stay. A request credited against a's old cache and answered after the
+    restart (nothing cached) is no evidence of eviction in the new process; the new process's own is."""
+    from epp.datalayer.pool import EndpointPool, EndpointSpec
+    from epp.scheduling.config import load_config
+    from tests.scorers_helpers import HEAD
+    pool = EndpointPool()
+    pool.sync([EndpointSpec("a", "10.0.0.1", 8000), EndpointSpec("b", "10.0.0.2", 8000)])
+    cfg = load_config(HEAD + "plugins:\n- type: no-hit-lru-scorer\n- type: prefix-cache-scorer\n"
+                      "  parameters: {scoreMode: ratio}\n", pool)
+    s, nohit = cfg.plugins["prefix-cache-scorer"], cfg.plugins["no-hit-lru-scorer"]
+    prod = s.prefix_producer()
+    a, b = pool.endpoints
+    shared, other = words(640, 21), words(640, 22)
+    warm = req(shared, rid="warm")
+    nohit.score(warm, [a, b])
+    route(s, warm, [a, b], a)
+    nohit.pre_request(warm, result(a))  # a took a cold prompt: no-hit-lru sends the next cold one to b
+    complete(s, warm, a, cached=0)
+    route(s, req(other, rid="o"), [a, b], b)
+    in_flight = req(shared, rid="in-flight")  # credited with a's 10 blocks, answered by the new process
+    route(s, in_flight, [a, b], a)
+    assert score(s, [a, b], req(shared)) == [1.0, 0.0] and nohit._lru and next(iter(nohit._lru)) == "a"
+
+    pool.restarted(a, time.monotonic())
+    assert score(s, [a, b], req(shared)) == [0.0, 0.0]  # forgotten before any miss
+    assert score(s, [a, b], req(other)) == [0.0, 1.0]
+    assert "a" not in nohit._lru  # empty again: first choice for the next cold prompt
+    complete(s, in_flight, a, cached=0)
+    late = req(words(640, 23), rid="late")  # a second miss would have confirmed the first one
+    route(s, late, [a], a)
+    complete(s, late, a, cached=0)
+    assert prod.horizon("a") is None and prod._servers["a"].suspect == []
+    fresh = req(shared, rid="fresh")  # the new process's own misses still count
+    route(s, fresh, [a], a)
+    complete(s, fresh, a, cached=0)
+    fill(s, a, 20, seed=30)
+    for i, text in enumerate((shared, words(640, 23))):
+        again = req(text, rid=f"again{i}")
+        route(s, again, [a], a)
+        complete(s, again, a, cached=0)
+    assert prod.horizon("a") is not None
+
+
 def _linear(lru, hashes):
     n = 0
     for h in hashes:

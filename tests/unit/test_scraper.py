@@ -434,3 +434,52 @@ def test_the_served_model_comes_from_the_model_name_label():
     m = _extract(BUILTIN_ENGINES["vllm"], 'vllm:num_requests_waiting{model_name="org/m"} 0\n'
                  'vllm:num_requests_running{model_name="org/m"} 1\nvllm:kv_cache_usage_perc{model_name="org/m"} 0\n')
     assert m.served_model == "org/m"
+
+
+def _counter_page(prompt_tokens: float, waiting: int = 0) -> str:
+    return (f'vllm:num_requests_waiting{{model_name="m"}} {waiting}\nvllm:num_requests_running{{model_name="m"}} 0\n'
+            f'vllm:kv_cache_usage_perc{{model_name="m"}} 0\n'
+            f'vllm:prompt_tokens_total{{model_name="m"}} {prompt_tokens}\n')
+
+
+async def test_a_restart_is_told_at_the_first_scrape_that_shows_it(servers, caplog):
+    """Counters that grow, then an outage (failed scrapes), then a page whose counter went back: the pool's restart
+    listeners hear it in that very scrape, once, with the time the old process was last scraped; a failing listener
+    neither stops the others nor fails the scrape."""
+    (srv,) = await servers(_counter_page(100))
+    pool = EndpointPool()
+    pool.sync(_specs([srv]))
+    (ep,) = pool.endpoints
+    heard: list[tuple[int, float, float]] = []  # (server hits, last_seen, updated_at) when told
+
+    def broken(_ep, _last_seen):
+        raise RuntimeError("a plugin's bug")
+
+    pool.add_restart_listener(broken)
+    pool.add_restart_listener(lambda e, last_seen: heard.append((srv.hits, last_seen, e.metrics.updated_at)))
+    scraper = MetricsScraper(pool, interval=0.02, timeout=0.5)
+    await scraper.start()
+    try:
+        for tokens in (200, 300, 300):
+            srv.page = _counter_page(tokens)
+            hits = srv.hits
+            await _until(lambda h=hits: srv.hits >= h + 2 and ep.metrics.updated_at > 0, 5.0)
+        srv.mode = "500"  # a scrape gap: the old process's last page was 300 tokens
+        await _until(lambda: scraper.stats(ep).consecutive_errors >= 2, 5.0)
+        last_ok = ep.metrics.updated_at
+        assert not heard and scraper.stats(ep).restarts == 0
+        srv.page, srv.mode = _counter_page(12, waiting=4), "ok"  # the new process
+        hits = srv.hits
+        await _until(lambda: ep.metrics.updated_at > last_ok, 5.0)
+        assert len(heard) == 1
+        told_at_hit, last_seen, stamp_when_told = heard[0]
+        assert told_at_hit == hits + 1  # the first scrape of the new page
+        assert last_seen == stamp_when_told == last_ok  # told before that scrape is stamped
+        assert ep.metrics.waiting_requests == 4 and ep.metrics.last_error is None
+        srv.page = _counter_page(15)
+        hits = srv.hits
+        await _until(lambda: srv.hits >= hits + 3, 5.0)
+        assert len(heard) == 1 and scraper.stats(ep).restarts == 1  # compared with the new process from then on
+    finally:
+        await scraper.stop()
+    assert any("restarted (vllm:prompt_tokens_total 300 -> 12)" in r.getMessage() for r in caplog.records)

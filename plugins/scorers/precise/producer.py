@@ -293,6 +293,13 @@ class PrecisePrefixCacheProducer(ApproxPrefixCacheProducer, RequestPreparer):
         for e in changed:
             self._follow(e)
 
+    def _forget_restarted(self, endpoint: Endpoint, last_seen: float) -> None:
+        """The approximate fallback forgets it; so does the event index, unless its stream showed the restart
+        (``EventIngestor.restarted``)."""
+        super()._forget_restarted(endpoint, last_seen)
+        if self.ingestor is not None:
+            self.ingestor.restarted(endpoint.name, last_seen)
+
     def _follow(self, e: Endpoint) -> None:
         """Subscribe (or re-point the subscriber) when the endpoint qualifies; an endpoint that stopped qualifying
         (relabelled) is unsubscribed and its blocks forgotten, as llm-d tears it down: its matches fall back."""

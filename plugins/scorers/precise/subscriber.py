@@ -10,6 +10,9 @@ resends from a number; ``vllm/distributed/kv_events.py`` in vLLM):
 * ``seq <= last``: a duplicate or a frame going backwards -- dropped and counted; several in a row mean the
   publisher restarted (its numbering starts again at 0): the endpoint's blocks are cleared and the new stream
   taken from there. ``seq == 0`` after a stream means the same at once.
+* A restart the scraper saw in the server's metrics (``restarted``) that the stream did not show (the new
+  publisher's first frame EPP got was numbered past the old stream's last: a short-lived process, or a late
+  reconnect) means the same: without it the old process's blocks would stay indexed beside the new one's.
 * After ZMQ reconnects (a socket monitor sees it), missed frames are replayed when possible.
 
 Malformed frames and events are dropped and counted by reason (``stats.dropped``); a frame rate above
@@ -78,6 +81,7 @@ class _Stream:
     window_frames: int = 0
     flooded: bool = False  # frames were dropped in the current rate window
     connected_once: bool = False
+    reset_at: float = 0.0  # monotonic time the stream was last taken as a new publisher's
 
 
 class EventIngestor:
@@ -125,6 +129,10 @@ class EventIngestor:
 
     def remove(self, name: str) -> None:
         self._commands.put(("remove", name))
+
+    def restarted(self, name: str, last_seen: float) -> None:
+        """The endpoint's server restarted after ``last_seen`` (monotonic), as its metrics showed."""
+        self._commands.put(("restarted", (name, last_seen)))
 
     # -- the thread ------------------------------------------------------------------------------
 
@@ -222,6 +230,14 @@ class EventIngestor:
                 poller.register(st.monitor, zmq.POLLIN)
                 owner[st.sub] = ("sub", st)
                 owner[st.monitor] = ("monitor", st)
+            elif cmd == "restarted":
+                name, last_seen = arg
+                st = self._streams.get(name) or self._central.get(name)
+                if st is not None and st.reset_at < last_seen:  # else the stream showed this restart itself
+                    now = time.monotonic()
+                    self._restart(st, now)
+                    if not st.replaying:
+                        self._replay(st, 0, now)  # what the new publisher sent before this
             elif cmd == "remove":
                 st = self._streams.pop(arg, None)
                 if st is not None:
@@ -298,10 +314,7 @@ class EventIngestor:
             return
         if st.last >= 0 and seq <= st.last:
             if seq == 0 or st.backwards + 1 >= RESTART_AFTER_BACKWARDS:
-                # The publisher started again: what EPP indexed for it is gone with it.
-                self.stats.restarts[st.name] += 1
-                self._clear(st.name)
-                st.last, st.backwards = -1, 0
+                self._restart(st, now)
                 if seq > 0 and self._replay(st, 0, now):
                     st.held.append((seq, payload))
                     return
@@ -316,6 +329,12 @@ class EventIngestor:
                 st.held.append((seq, payload))
                 return
         self._deliver(st, seq, payload, now)
+
+    def _restart(self, st: _Stream, now: float) -> None:
+        """The publisher started again: what EPP indexed for it is gone with it; its next frame starts a stream."""
+        self.stats.restarts[st.name] += 1
+        self._clear(st.name)
+        st.last, st.backwards, st.reset_at = -1, 0, now
 
     def _deliver(self, st: _Stream, seq: int, payload: bytes, now: float) -> None:
         st.last = seq

@@ -6,7 +6,8 @@ order, so that, like vLLM (which frees a request's blocks tail first), an endpoi
 its head. Every insertion carries all earlier blocks of the chain, so an endpoint holding block ``i`` holds
 blocks ``0..i-1``: the match length is found by binary search (O(log n) lookups per endpoint instead of GIE's
 walk). Entries are stamped for the ``cached_tokens`` feedback (plugins/scorers/prefix/producer.py): an entry
-older than the endpoint's *horizon* no longer matches.
+older than the endpoint's *horizon* no longer matches. An endpoint whose server restarted (seen in its metrics,
+``epp.datalayer.restarts``) is emptied at once.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class PrefixState:
 class _Server:
     """One endpoint's index: block hash -> stamp, least recently inserted first."""
 
-    __slots__ = ("horizon", "inflight", "lru", "seq", "suspect")
+    __slots__ = ("born", "horizon", "inflight", "lru", "seq", "suspect")
 
     def __init__(self) -> None:
         self.lru: OrderedDict[int, int] = OrderedDict()
@@ -64,6 +65,16 @@ class _Server:
         self.inflight: set[int] = set()  # stamps of insertions whose request has not completed
         self.horizon = _NO_HORIZON  # entries this old (in blocks inserted since) or older no longer match
         self.suspect: list[int] = []  # ages of recent misses not yet confirmed by another (MISSES_TO_FORGET)
+        self.born = 0  # seq when the endpoint's server (last) started: stamps up to it belong to a dead process
+
+    def forget(self) -> None:
+        """The server restarted: it holds nothing. ``seq`` goes on, so that a stamp taken before stays told apart
+        (``born``): the feedback of a request credited against the old cache says nothing about the new one."""
+        self.lru.clear()
+        self.inflight.clear()
+        self.horizon = _NO_HORIZON
+        self.suspect.clear()
+        self.born = self.seq
 
     def match(self, hashes: list[int]) -> int:
         lru = self.lru

@@ -20,6 +20,11 @@ match. A response reporting *more* cached tokens than credited raises the horizo
 the oldest block it proved present. Credit only counts entries whose inserting request had completed
 (two identical prompts sent together both miss, and that says nothing about eviction). The request's
 own blocks stay indexed: the model server has just computed and cached them.
+
+Restarts. Misses find an endpoint that restarted with an empty cache only after ``MISSES_TO_FORGET`` of them,
+each a cold prefill. The scraper sees the restart itself (a counter going backwards, a new process start time:
+``epp.datalayer.restarts``) and the endpoint's entries are dropped at that scrape; a response to a request
+credited before then teaches nothing.
 """
 
 from __future__ import annotations
@@ -82,14 +87,22 @@ class ApproxPrefixCacheProducer(RequestObserver):
     def start(self) -> None:
         if self.handle and self.handle.pool:
             self.handle.pool.add_listener(self._forget_removed)
+            self.handle.pool.add_restart_listener(self._forget_restarted)
 
     def stop(self) -> None:
         if self.handle and self.handle.pool:
             self.handle.pool.remove_listener(self._forget_removed)
+            self.handle.pool.remove_restart_listener(self._forget_restarted)
 
     def _forget_removed(self, added: list[Endpoint], removed: list[Endpoint]) -> None:
         for e in removed:
             self._servers.pop(e.name, None)
+
+    def _forget_restarted(self, endpoint: Endpoint, last_seen: float) -> None:
+        """Its server restarted (``epp.datalayer.restarts``): its cache is empty now, not after misses."""
+        srv = self._servers.get(endpoint.name)
+        if srv is not None:
+            srv.forget()
 
     # -- sizes ---------------------------------------------------------------------------------
 
@@ -286,7 +299,7 @@ class ApproxPrefixCacheProducer(RequestObserver):
         if usage is None or usage.cached_tokens is None:
             return
         srv = self._servers.get(credit.endpoint)
-        if srv is not None:
+        if srv is not None and credit.stamp > srv.born:  # credited against a cache that a restart has since emptied
             self.apply_feedback(srv, credit, usage.cached_tokens, st.unit or st.block_tokens, self._slack(st, request))
 
     def _audit(self, st: PrefixState, endpoint: Endpoint, response: ResponseInfo) -> None:
