@@ -7,7 +7,7 @@ import asyncio
 import sys
 from collections.abc import Sequence
 
-from epp.config import Config, parse_bool, parse_duration
+from epp.config import WORKER_MAX_CONCURRENT_STREAMS, WORKER_MAX_CONNECTION_AGE, Config, parse_bool, parse_duration
 from epp.scheduling.config import BUILTIN_CONFIGS
 
 
@@ -82,10 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
               "NOT_SERVING (0: serve the whole --drain-timeout, as GIE)")
 
     flag("--workers", type=int, default=d.workers,
-         help="processes serving the ext_proc port (SO_REUSEPORT) under one supervisor, which aggregates health, "
-              "/metrics (a worker label) and /debug and passes drain and reload on; share routing state between "
-              "them with --state-store-url")
+         help="processes serving the ext_proc port under one supervisor, which accepts its connections and hands "
+              "each to the least loaded worker, aggregates health, /metrics (a worker label) and /debug and passes "
+              "drain and reload on; share routing state between them with --state-store-url")
     flag("--worker-index", type=int, default=d.worker_index, help=argparse.SUPPRESS)
+    flag("--grpc-max-concurrent-streams", type=int, default=d.grpc_max_concurrent_streams,
+         help="ext_proc streams per HTTP/2 connection (SETTINGS_MAX_CONCURRENT_STREAMS; Envoy opens another "
+              f"connection past it); 0: no limit; default: {WORKER_MAX_CONCURRENT_STREAMS} with --workers, else none")
+    flag("--grpc-max-connection-age", type=_duration, default=d.grpc_max_connection_age,
+         help="tell an ext_proc connection to go away (graceful GOAWAY: streams in flight finish) after this long, "
+              f"+-10%%; 0: never; default: {WORKER_MAX_CONNECTION_AGE:g}s with --workers, else never")
 
     flag("--pool-name", default=d.pool_name, help="InferencePool to watch")
     flag("--pool-namespace", default=d.pool_namespace)

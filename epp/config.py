@@ -39,6 +39,13 @@ def parse_bool(text: str | bool) -> bool:
     raise ValueError(f"invalid boolean {text!r}")
 
 
+# Under --workers, Envoy's few multiplexed connections must become many for the supervisor to spread them: at most
+# this many streams per connection (Envoy's pool opens another when all are full; smaller is a finer spread, more
+# connections), and connections renewed this often (+-10%), so a restarted worker gets its share back.
+WORKER_MAX_CONCURRENT_STREAMS = 4
+WORKER_MAX_CONNECTION_AGE = 300.0
+
+
 @dataclass
 class Config:
     # serving
@@ -53,8 +60,12 @@ class Config:
     grpc_max_recv_msg_size: int = 64 << 20
     drain_timeout: float = 30.0
     drain_quiet_period: float = 0.0  # > 0: end the drain early once no stream was open for this long
-    workers: int = 1  # processes serving the ext_proc port (SO_REUSEPORT) under a supervisor (epp.workers)
+    workers: int = 1  # processes serving the ext_proc port under a supervisor that places connections (epp.workers)
     worker_index: int = -1  # set by the supervisor on its workers' command lines
+    # Per ext_proc connection (epp.extproc.h2grpc): streams at once, advertised in SETTINGS, and seconds until a
+    # graceful GOAWAY; 0 is no limit, -1 the default: none with one process, WORKER_* under --workers.
+    grpc_max_concurrent_streams: int = -1
+    grpc_max_connection_age: float = -1.0
     # discovery
     pool_name: str = ""
     pool_namespace: str = ""
@@ -111,6 +122,17 @@ class Config:
     record_trace: str = ""  # append every routed request (prompts included) to this file, for epp replay
     record_trace_max_bytes: int = 1 << 30  # then stop recording
 
+    @property
+    def extproc_connection_limits(self) -> tuple[int, float]:
+        """(streams per connection, connection age in seconds) in force, 0 for none: the flags, or their defaults."""
+        workers = self.workers > 1 or self.worker_index >= 0
+        streams, age = self.grpc_max_concurrent_streams, self.grpc_max_connection_age
+        if streams < 0:
+            streams = WORKER_MAX_CONCURRENT_STREAMS if workers else 0
+        if age < 0:
+            age = WORKER_MAX_CONNECTION_AGE if workers else 0.0
+        return streams, age
+
     def validate(self) -> None:
         sources = [bool(self.pool_name), bool(self.endpoint_selector), bool(self.static_endpoints),
                    bool(self.static_endpoints_file), bool(self.pools_file)]
@@ -139,6 +161,9 @@ class Config:
             raise ValueError("--static-objectives is for static endpoints; on Kubernetes use InferenceObjectives")
         if not 1 <= self.workers <= 256:
             raise ValueError("--workers must be between 1 and 256")
+        if self.grpc_max_concurrent_streams < -1 or self.grpc_max_connection_age < -1:
+            raise ValueError("--grpc-max-concurrent-streams and --grpc-max-connection-age must be 0 (none), "
+                             "positive, or -1 (the default)")
         if self.state_store_sync_interval < 0.005 or self.state_store_timeout <= 0:
             raise ValueError("--state-store-sync-interval must be at least 5ms and --state-store-timeout positive")
         if self.state_store_max_staleness < self.state_store_sync_interval:

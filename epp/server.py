@@ -37,7 +37,7 @@ from epp.observability.wiring import config_reloader, request_hooks
 from epp.pools import PoolSelector, parse_pools
 from epp.reload import ConfigReloader
 from epp.scheduling.config import BUILTIN_CONFIGS, PickerConfig, load_config
-from epp.workers import merge_metrics
+from epp.workers import WorkerLink, merge_metrics
 
 if TYPE_CHECKING:
     from epp.state.store import SharedState
@@ -110,6 +110,7 @@ class PoolRouting:
         rt.staleness_threshold = cfg.metrics_staleness_threshold
         if process is not None:
             rt.streams = process.active_streams
+            rt.transport = lambda: process.grpc_server
             rt.draining = lambda: process.health.draining
         loop = asyncio.get_running_loop()  # scrapes may be collected off the loop: name it explicitly
         rt.tasks = lambda: len(asyncio.all_tasks(loop))
@@ -211,14 +212,20 @@ class EppServer:
         if cfg.secure_serving:
             server_tls, self.cert_reloader = tls.server_tls(cfg.cert_path, cfg.enable_cert_reload, cfg.client_ca_path)
         # Envoy health-checks the ext_proc cluster on the ext_proc port itself (GIE's Envoy config does).
+        max_streams, max_age = cfg.extproc_connection_limits
         self.grpc_server = h2grpc.Server(self.servicer.methods(self.health), cfg.grpc_max_recv_msg_size, server_tls,
-                                         reuse_port=cfg.worker_index >= 0)  # workers share the port
+                                         max_concurrent_streams=max_streams, max_connection_age=max_age)
 
         self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
         self.health_port = self.health_server.add_insecure_port(f"{cfg.host}:{cfg.grpc_health_port}")
 
-        self.grpc_port = await self.grpc_server.start(cfg.host, cfg.grpc_port)
+        link = WorkerLink.from_env(self.grpc_server, cfg.worker_index) if cfg.worker_index >= 0 else None
+        if link is not None:  # a worker: the supervisor owns the port and hands connections over (epp.workers)
+            link.start()
+            self.grpc_port = cfg.grpc_port
+        else:
+            self.grpc_port = await self.grpc_server.start(cfg.host, cfg.grpc_port)
         await self.health_server.start()
         self._http = web.AppRunner(self._metrics_app(), access_log=None)
         await self._http.setup()

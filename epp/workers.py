@@ -1,9 +1,18 @@
 """``--workers N``: N EPP processes serving one ext_proc port, under a supervisor that speaks for them.
 
-Each worker is a whole EPP (``python -m epp`` with the same flags) that binds the ext_proc port with SO_REUSEPORT,
-so the kernel spreads Envoy's connections across them, and its health and metrics ports on ephemeral loopback ports
-that it reports to the supervisor through a pipe. Routing state stays coherent across workers through the shared
-store (``--state-store-url``, epp.state), as across replicas; without one each worker routes on what it sees.
+Each worker is a whole EPP (``python -m epp`` with the same flags) with its health and metrics ports on ephemeral
+loopback ports that it reports to the supervisor through a pipe. Routing state stays coherent across workers through
+the shared store (``--state-store-url``, epp.state), as across replicas; without one each worker routes on what it
+sees.
+
+The ext_proc port is the supervisor's: it accepts each connection and hands it (``socket.send_fds`` over a Unix
+socket per worker) to the worker with the least load, read from a small shared file in which every worker publishes
+its load (``connection_load``) every ``PUBLISH_INTERVAL``. Why not SO_REUSEPORT: Envoy multiplexes every ext_proc
+stream on about one HTTP/2 connection per Envoy worker thread, and the kernel's hash of so few connections put all of
+them on one worker in most starts (issue 13). Placement alone cannot split one connection, so under ``--workers`` each
+connection also carries at most ``--grpc-max-concurrent-streams`` streams (Envoy opens more connections as
+concurrency grows) and lives ``--grpc-max-connection-age`` (a graceful GOAWAY: Envoy opens a new one, placed anew,
+while the streams in flight finish), epp.extproc.h2grpc.
 
 The supervisor serves what a deployment probes and scrapes, aggregated:
 
@@ -11,8 +20,9 @@ The supervisor serves what a deployment probes and scrapes, aggregated:
   ext_proc port's own health is answered by whichever worker Envoy's connection landed on.
 * ``/metrics`` on ``--metrics-port``: every worker's page, each sample labelled ``worker="i"`` (sum by pool,
   endpoint, ... in PromQL); ``/debug/...``: each worker's answer under its index.
-* SIGTERM drains every worker (each runs its own drain) and waits for them; SIGHUP reaches every worker (config
-  reload); a worker that dies unexpectedly is started again.
+* SIGTERM drains every worker (each runs its own drain; the supervisor keeps handing them connections until they
+  exit) and waits for them; SIGHUP reaches every worker (config reload); a worker that dies unexpectedly is started
+  again (meanwhile the others take the new connections; connection ages bring it its share back).
 """
 
 from __future__ import annotations
@@ -21,10 +31,14 @@ import asyncio
 import contextlib
 import json
 import logging
+import mmap
 import os
 import signal
+import socket
+import struct
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -35,12 +49,19 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
 from epp.config import Config
+from epp.extproc import h2grpc
 from epp.health import HealthServicer
 from epp.logs import setup_logging
 
 log = logging.getLogger("epp.workers")
 
 FD_ENV = "EPP_WORKER_FD"  # a worker writes its ports, as one JSON line, to this file descriptor
+LINK_FD_ENV = "EPP_WORKER_LINK_FD"  # a Unix socket over which the supervisor hands the worker ext_proc connections
+LOAD_FD_ENV = "EPP_WORKER_LOAD_FD"  # the shared file where each worker publishes its load, in its slot
+SLOT = struct.Struct("<QQQ")  # a worker's slot: connections received, load (see connection_load), streams open
+PUBLISH_INTERVAL = 0.05  # seconds between a worker's load updates
+YOUNG = 1.0  # seconds a new connection counts as full: Envoy opened it for streams it is about to send
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
 POLL = 0.5  # seconds between readiness polls of each worker
 RESTART_DELAY = 1.0  # seconds before a worker that died is started again
 _SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -54,6 +75,77 @@ def announce(health_port: int, metrics_port: int) -> None:
             f.write(json.dumps({"pid": os.getpid(), "health": health_port, "metrics": metrics_port}) + "\n")
 
 
+class WorkerLink:
+    """In a worker: serve the ext_proc connections the supervisor hands over, and publish the load it places by."""
+
+    def __init__(self, server: h2grpc.Server, index: int, link_fd: int, load_fd: int) -> None:
+        self.server = server
+        self.offset = index * SLOT.size
+        self.sock = socket.socket(fileno=link_fd)
+        self.sock.setblocking(False)
+        self.load = mmap.mmap(load_fd, 0)
+        os.close(load_fd)  # the mapping stays
+        self.received = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    @classmethod
+    def from_env(cls, server: h2grpc.Server, index: int) -> WorkerLink | None:
+        link, load = os.environ.pop(LINK_FD_ENV, None), os.environ.pop(LOAD_FD_ENV, None)
+        return None if link is None or load is None else cls(server, index, int(link), int(load))
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self.sock.fileno(), self._receive)
+        self._publish()
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                msg, fds, _, _ = socket.recv_fds(self.sock, 16, 4)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                log.error("connection hand-over failed: %s", e)
+                return
+            if not msg and not fds:  # the supervisor is gone (the worker follows it: epp.lifetime)
+                self._loop.remove_reader(self.sock.fileno())
+                return
+            if not fds:
+                log.error("a handed connection was lost (out of file descriptors?)")
+            for fd in fds:
+                self._loop.create_task(self._adopt(socket.socket(fileno=fd)))
+
+    async def _adopt(self, sock: socket.socket) -> None:
+        try:
+            await self.server.adopt(sock)
+        except Exception as e:  # the peer may be gone already
+            log.debug("handed connection not served: %r", e)
+            sock.close()
+        self.received += 1  # only now: until it is in server.connections, the supervisor counts it as in transit
+        self._publish()
+
+    def _publish(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        server = self.server
+        now = self._loop.time()
+        limit = server.max_concurrent_streams
+        load = sum(connection_load(len(c.calls), now - c.opened_at, limit, c.paths) for c in list(server.connections))
+        SLOT.pack_into(self.load, self.offset, self.received, load, server.active_calls)
+        self._timer = self._loop.call_later(PUBLISH_INTERVAL, self._publish)
+
+
+def connection_load(streams: int, age: float, limit: int, paths: Collection[str] = ()) -> int:
+    """What a connection weighs when placing the next one: its streams, up to the per-connection limit (a client may
+    open more before it learns the limit, briefly), and the whole limit while it is young (Envoy's pool opens a
+    connection when the others are full and fills the newest first), unless all it carried is health checks (Envoy's
+    health checker keeps a connection of its own). An idle one (Envoy keeps them) weighs nothing."""
+    streams = min(streams, limit) if limit else streams
+    if age >= YOUNG or (paths and all(p.startswith(HEALTH_PREFIX) for p in paths)):
+        return streams
+    return max(streams, limit or 1)
+
+
 @dataclass
 class Worker:
     index: int
@@ -62,6 +154,9 @@ class Worker:
     metrics_port: int = 0
     ready: bool = False
     restarts: int = 0
+    link: socket.socket | None = field(default=None, repr=False)  # the supervisor's end; None: takes no connection
+    handed: int = 0  # connections handed to this process (its slot counts those it received)
+    handed_total: int = 0  # across restarts
     stub: health_pb2_grpc.HealthStub | None = field(default=None, repr=False)
     channel: grpc.aio.Channel | None = field(default=None, repr=False)
 
@@ -80,6 +175,14 @@ class Supervisor:
         self.health = HealthServicer(ready=lambda: all(w.ready for w in self.workers))
         self.stopping = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._load_file = tempfile.TemporaryFile()  # noqa: SIM115  # open as long as the supervisor
+        self._load_file.truncate(SLOT.size * len(self.workers))
+        self.load = mmap.mmap(self._load_file.fileno(), 0)
+        self.listeners: list[socket.socket] = []
+        self.accepting = False
+        self.grpc_port = cfg.grpc_port
+        self._turn = 0  # breaks ties between equally loaded workers in turn
+        self.stream_limit = cfg.extproc_connection_limits[0]  # the workers' --grpc-max-concurrent-streams
 
     @property
     def local_host(self) -> str:
@@ -89,18 +192,33 @@ class Supervisor:
 
     async def _spawn(self, w: Worker) -> None:
         rfd, wfd = os.pipe()
-        env = {**os.environ, FD_ENV: str(wfd)}
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        SLOT.pack_into(self.load, w.index * SLOT.size, 0, 0, 0)
+        load_fd = self._load_file.fileno()
+        env = {**os.environ, FD_ENV: str(wfd), LINK_FD_ENV: str(theirs.fileno()), LOAD_FD_ENV: str(load_fd)}
         # a session of its own: a terminal's Ctrl-C reaches the supervisor, which passes it on once
-        w.proc = await asyncio.create_subprocess_exec(*worker_argv(self.argv, w.index), env=env, pass_fds=(wfd,),
-                                                      start_new_session=True)
-        os.close(wfd)
+        try:
+            w.proc = await asyncio.create_subprocess_exec(*worker_argv(self.argv, w.index), env=env,
+                                                          pass_fds=(wfd, theirs.fileno(), load_fd),
+                                                          start_new_session=True)
+        except BaseException:
+            ours.close()
+            os.close(rfd)
+            raise
+        finally:
+            os.close(wfd)
+            theirs.close()
         loop = asyncio.get_running_loop()
         try:
             line = await loop.run_in_executor(None, _read_line, rfd)
         finally:
             os.close(rfd)
         if not line:
+            ours.close()
             raise RuntimeError(f"worker {w.index} exited before serving")
+        ours.setblocking(False)
+        w.link, w.handed = ours, 0
+        self._accept(True)  # resumes accepting if it waited for a worker
         ports = json.loads(line)
         w.health_port, w.metrics_port = ports["health"], ports["metrics"]
         if w.channel is not None:
@@ -116,6 +234,7 @@ class Supervisor:
             assert w.proc is not None
             if w.proc.returncode is not None:
                 w.ready = False
+                self._unlink(w)
                 if self.stopping:
                     return
                 log.error("worker %d exited with %s; starting it again", w.index, w.proc.returncode)
@@ -134,6 +253,86 @@ class Supervisor:
                 w.ready = False
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(w.proc.wait(), POLL)
+
+    # -- connections -------------------------------------------------------------------------------------
+
+    def listen(self) -> None:
+        """Bind the ext_proc port (every address of --host, as asyncio's servers do)."""
+        cfg = self.cfg
+        infos = socket.getaddrinfo(cfg.host or None, cfg.grpc_port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, kind, proto, _, addr in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(addr)
+                sock.listen(1024)
+                sock.setblocking(False)
+            except OSError:
+                sock.close()
+                raise
+            self.listeners.append(sock)
+        self.grpc_port = self.listeners[0].getsockname()[1]
+
+    def _accept(self, on: bool) -> None:
+        """Watch the listeners or not. Off while no worker can take a connection: connections wait in the backlog."""
+        if on == self.accepting or not self.listeners:
+            return
+        self.accepting = on
+        loop = asyncio.get_running_loop()
+        for sock in self.listeners:
+            if on:
+                loop.add_reader(sock.fileno(), self._on_connections, sock)
+            else:
+                loop.remove_reader(sock.fileno())
+
+    def load_of(self, w: Worker) -> tuple[int, int]:
+        """The worker's connections weighed (connection_load), those handed to it not taken yet as full ones; then its
+        streams."""
+        received, load, streams = SLOT.unpack_from(self.load, w.index * SLOT.size)
+        return load + max(0, w.handed - received) * (self.stream_limit or 1), streams
+
+    def _on_connections(self, listener: socket.socket) -> None:
+        while True:
+            takers = [w for w in self.workers if w.link is not None]
+            if not takers:
+                self._accept(False)
+                return
+            try:
+                conn, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # out of descriptors, say: wait a little instead of spinning
+                log.error("ext_proc accept failed: %s", e)
+                self._accept(False)
+                asyncio.get_running_loop().call_later(1.0, self._accept, True)
+                return
+            with conn:
+                self.hand(conn, takers)
+
+    def hand(self, conn: socket.socket, takers: list[Worker]) -> Worker | None:
+        """Hand ``conn`` to the ready worker with the least load (ties in turn); the next one if that one fails."""
+        self._turn += 1
+        n = len(self.workers)
+        order = sorted(takers, key=lambda w: (not w.ready, self.load_of(w), (w.index - self._turn) % n))
+        for w in order:
+            assert w.link is not None
+            try:
+                socket.send_fds(w.link, [b"c"], [conn.fileno()])
+            except OSError as e:  # exited, or not reading: the next one
+                log.warning("worker %d did not take a connection: %s", w.index, e)
+                continue
+            w.handed += 1
+            w.handed_total += 1
+            return w
+        log.error("no worker took an ext_proc connection; closed")
+        return None
+
+    def _unlink(self, w: Worker) -> None:
+        if w.link is not None:
+            w.link.close()  # connections handed but not taken are closed with it
+            w.link = None
 
     def signal_all(self, sig: int) -> None:
         for w in self.workers:
@@ -159,6 +358,10 @@ class Supervisor:
     async def metrics(self, _: web.Request) -> web.Response:
         pages = [(w.index, text) for w, status, text in await self._gather("/metrics") if status == 200]
         body = await asyncio.to_thread(merge_metrics, pages)
+        body += "# HELP epp_worker_connections_handed_total ext_proc connections the supervisor handed to the worker.\n"
+        body += "# TYPE epp_worker_connections_handed_total counter\n"
+        body += "".join(f'epp_worker_connections_handed_total{{worker="{w.index}"}} {w.handed_total}\n'
+                        for w in self.workers)
         return web.Response(body=body.encode(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def debug(self, request: web.Request) -> web.Response:
@@ -175,11 +378,13 @@ class Supervisor:
     async def run(self) -> int:
         cfg = self.cfg
         try:
+            self.listen()
             await asyncio.gather(*(self._spawn(w) for w in self.workers))
         except Exception as e:
             log.error("epp workers failed to start: %s", e)
             self.stopping = True
             self.signal_all(signal.SIGKILL)
+            self._close_listeners()
             return 1
         self._tasks = [asyncio.create_task(self._watch(w)) for w in self.workers]
         health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
@@ -194,7 +399,7 @@ class Supervisor:
         await runner.setup()
         await web.TCPSite(runner, cfg.host, cfg.metrics_port).start()
         log.info("epp supervisor: %d workers on ext_proc %s:%d, health %d, metrics %d", len(self.workers),
-                 cfg.host, cfg.grpc_port, cfg.grpc_health_port, cfg.metrics_port)
+                 cfg.host, self.grpc_port, cfg.grpc_health_port, cfg.metrics_port)
 
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -219,6 +424,9 @@ class Supervisor:
             hurry.cancel()
         for t in self._tasks:
             t.cancel()
+        self._close_listeners()  # kept open until the workers exit: draining, they still take connections
+        for w in self.workers:
+            self._unlink(w)
         self.health.close()
         await health_server.stop(0)
         await runner.cleanup()
@@ -227,6 +435,13 @@ class Supervisor:
                 await w.channel.close()
         log.info("epp supervisor stopped")
         return 0
+
+    def _close_listeners(self) -> None:
+        with contextlib.suppress(RuntimeError):
+            self._accept(False)
+        for sock in self.listeners:
+            sock.close()
+        self.listeners = []
 
 
 def _read_line(fd: int) -> str:

@@ -11,8 +11,10 @@ Scope: what a gRPC server must do for the clients of this port (Envoy's ext_proc
 checker; grpcio clients in tests), per RFC 9113 and the gRPC HTTP/2 protocol: the connection preface,
 SETTINGS, PING, WINDOW_UPDATE flow control both ways, HEADERS + CONTINUATION (HPACK decoded by the ``hpack``
 library), padded frames, RST_STREAM, GOAWAY (graceful drain), length-prefixed messages up to a size limit,
-trailers-only error answers. Not supported, and refused in the protocol's terms: compressed messages
-(``grpc-encoding``), server push. TLS (and mutual TLS) comes from ``ssl.SSLContext`` with ALPN ``h2``.
+trailers-only error answers; optionally SETTINGS_MAX_CONCURRENT_STREAMS and a maximum connection age, which
+make a client such as Envoy spread its streams over more connections and open new ones over time (``--workers``
+places each connection on a worker: epp.workers). Not supported, and refused in the protocol's terms: compressed
+messages (``grpc-encoding``), server push. TLS (and mutual TLS) comes from ``ssl.SSLContext`` with ALPN ``h2``.
 
 An RPC is an object the server feeds: ``message(bytes)`` per request message, ``half_close()`` when the
 client has sent its last, ``cancel()`` when the stream is reset or the connection lost. It answers through
@@ -24,6 +26,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
+import socket
 import ssl
 import struct
 from collections.abc import Callable
@@ -50,6 +54,14 @@ DEFAULT_WINDOW = 65_535
 MAX_FRAME_SIZE = 1 << 20  # what we accept (advertised): big request bodies arrive in few frames
 RECV_WINDOW = 16 << 20  # advertised per stream and for the connection; replenished at half
 MAX_HEADER_BLOCK = 256 << 10  # a header block (with CONTINUATIONs) larger than this ends the connection
+MAX_STREAM_ID = 0x7FFFFFFF
+# A graceful GOAWAY is two (RFC 9113 §6.8, as gRPC servers do): the first, naming the largest stream id, tells the
+# client to open no more streams here, and a PING follows it; streams the client opened before it read that GOAWAY
+# arrive before the PING's ACK and are served. The second GOAWAY, on the ACK (or after this many seconds without
+# one), names the last stream really received; later ones are refused.
+GOAWAY_PING = b"goaway\x00\x00"
+GOAWAY_ACK_TIMEOUT = 5.0
+AGE_JITTER = 0.1  # connection ages vary by +-10%, so connections opened together do not all go away together
 _FRAME_HEAD = struct.Struct(">BHBBL")  # 24-bit length as 8 + 16 bits, type, flags, stream id
 _U32 = struct.Struct(">L")
 _GRPC_PREFIX = struct.Struct(">BL")
@@ -182,27 +194,40 @@ class Server:
     """Serves ``methods`` (path -> RPC factory) on one port; ``start`` returns the bound port."""
 
     def __init__(self, methods: dict[str, RpcFactory], max_message_bytes: int = 4 << 20,
-                 tls: Callable[[], ssl.SSLContext] | None = None, reuse_port: bool = False,
-                 handshake_timeout: float = 10.0) -> None:
+                 tls: Callable[[], ssl.SSLContext] | None = None, handshake_timeout: float = 10.0,
+                 max_concurrent_streams: int = 0, max_connection_age: float = 0.0) -> None:
         self.methods = methods
         self.max_message_bytes = max_message_bytes
         self.tls = tls  # asked for the context at each new connection: certificates reload without a restart
-        self.reuse_port = reuse_port
         self.handshake_timeout = handshake_timeout
+        # Advertised in SETTINGS (0: no limit, not advertised). Envoy's connection pool honours it: past it, its
+        # streams go to another connection, opened when all are full.
+        self.max_concurrent_streams = max_concurrent_streams
+        # Seconds (+-AGE_JITTER) after which a connection is told to go away gracefully (0: never): the client
+        # opens a new one, which --workers places anew; streams in flight finish on the old one.
+        self.max_connection_age = max_connection_age
         self.connections: set[_Connection] = set()
         self._server: asyncio.base_events.Server | None = None
         self.draining = False
+        self.connections_total = 0  # accepted or adopted, since start
+        self.connections_aged = 0  # told to go away for their age
+        self.streams_refused = 0  # over max_concurrent_streams
 
     @property
     def active_calls(self) -> int:
         return sum(len(c.calls) for c in self.connections)
 
+    def _protocol(self) -> asyncio.Protocol:
+        return _Connection(self) if self.tls is None else _TlsConnection(self)
+
     async def start(self, host: str, port: int) -> int:
         loop = asyncio.get_running_loop()
-        factory = (lambda: _Connection(self)) if self.tls is None else (lambda: _TlsConnection(self))
-        self._server = await loop.create_server(factory, host, port, reuse_port=self.reuse_port or None,
-                                                backlog=1024)
+        self._server = await loop.create_server(self._protocol, host, port, backlog=1024)
         return self._server.sockets[0].getsockname()[1]
+
+    async def adopt(self, sock: socket.socket) -> None:
+        """Serve a connection accepted elsewhere (``--workers``: by the supervisor, handed over a Unix socket)."""
+        await asyncio.get_running_loop().connect_accepted_socket(self._protocol, sock)
 
     async def stop(self, grace: float | None) -> None:
         """Stop accepting, tell every connection to go away (streams in flight continue), wait up to ``grace``
@@ -349,20 +374,40 @@ class _Connection(asyncio.Protocol):
         self.last_stream = 0
         self.continuation: tuple[int, int, list[bytes], int] | None = None  # stream, flags, fragments, size
         self.blocked: dict[int, Call] = {}  # calls with data waiting for window
-        self.going_away = False
+        self.going_away = False  # the last GOAWAY is out (or the peer's came): new streams are refused
+        self.goaway_announced = False  # the first of a graceful pair is out: new streams still served
+        self.goaway_timer: asyncio.TimerHandle | None = None
+        self.age_timer: asyncio.TimerHandle | None = None
+        self.settings_acked = False  # the peer has our SETTINGS: past this, max_concurrent_streams is enforced
+        self.opened_at = 0.0  # loop time of connection_made
+        self.paths: set[str] = set()  # methods called on this connection (epp.workers tells health checks apart)
         self.paused = False
 
     # -- asyncio.Protocol --------------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.server.connections.add(self)
+        self.opened_at = asyncio.get_running_loop().time()
+        server = self.server
+        server.connections.add(self)
+        server.connections_total += 1
         settings = struct.pack(">HLHLHL", 0x4, RECV_WINDOW, 0x5, MAX_FRAME_SIZE, 0x2, 0)  # window, frame, no push
+        if server.max_concurrent_streams > 0:
+            settings += struct.pack(">HL", 0x3, server.max_concurrent_streams)
         self.out.append(_frame(SETTINGS, 0, 0, settings))
         self.out.append(_frame(WINDOW_UPDATE, 0, 0, _U32.pack(RECV_WINDOW - DEFAULT_WINDOW)))
-        if self.server.draining:
+        if server.draining:
             self.go_away(NO_ERROR)
+        elif server.max_connection_age > 0:
+            age = server.max_connection_age * random.uniform(1 - AGE_JITTER, 1 + AGE_JITTER)
+            self.age_timer = asyncio.get_running_loop().call_later(age, self._aged)
         self.flush()
+
+    def _aged(self) -> None:
+        self.age_timer = None
+        if not self.goaway_announced and not self.going_away:
+            self.server.connections_aged += 1
+            self.go_away(NO_ERROR)
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
@@ -379,6 +424,9 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
+        for timer in (self.age_timer, self.goaway_timer):
+            if timer is not None:
+                timer.cancel()
         calls, self.calls = self.calls, {}
         for call in calls.values():
             call.finished = True
@@ -447,8 +495,24 @@ class _Connection(asyncio.Protocol):
             self.close_when_written()
 
     def go_away(self, code: int, reason: str = "") -> None:
-        if self.transport is None:
+        """Close the connection: at once on an error; gracefully (NO_ERROR) in two steps, see GOAWAY_PING."""
+        if self.transport is None or self.going_away:
             return
+        if code == NO_ERROR and not self.goaway_announced:
+            self.goaway_announced = True
+            self.out.append(_frame(GOAWAY, 0, 0, _U32.pack(MAX_STREAM_ID) + _U32.pack(NO_ERROR)))
+            self.out.append(_frame(PING, 0, 0, GOAWAY_PING))
+            self.flush()
+            self.goaway_timer = asyncio.get_running_loop().call_later(GOAWAY_ACK_TIMEOUT, self._final_goaway)
+            return
+        self._final_goaway(code, reason)
+
+    def _final_goaway(self, code: int = NO_ERROR, reason: str = "") -> None:
+        if self.transport is None or self.going_away:
+            return
+        if self.goaway_timer is not None:
+            self.goaway_timer.cancel()
+            self.goaway_timer = None
         self.going_away = True
         self.out.append(_frame(GOAWAY, 0, 0, _U32.pack(self.last_stream) + _U32.pack(code) + reason.encode()[:256]))
         self.flush()
@@ -510,12 +574,17 @@ class _Connection(asyncio.Protocol):
                 raise ConnectionError_(PROTOCOL_ERROR, "bad PING")
             if not flags & ACK:
                 self.out.append(_frame(PING, ACK, 0, payload))
+            elif payload == GOAWAY_PING and self.goaway_announced:
+                self._final_goaway()
         elif ftype == RST_STREAM:
             call = self.calls.pop(stream_id, None)
             if call is not None:
                 call.finished = True
                 self.blocked.pop(stream_id, None)
                 self._cancel(call)
+                if self.going_away and not self.calls:  # its last stream, reset by the client
+                    self.flush()
+                    self.close_when_written()
         elif ftype == GOAWAY:
             self.going_away = True
             if not self.calls:
@@ -617,17 +686,24 @@ class _Connection(asyncio.Protocol):
         if stream_id % 2 == 0 or stream_id <= self.last_stream:
             raise ConnectionError_(PROTOCOL_ERROR, f"stream {stream_id} is not a new client stream")
         self.last_stream = stream_id
-        if self.going_away:
+        limit = self.server.max_concurrent_streams
+        # Over the limit only once the peer has it: before our SETTINGS reach it, a client may open more, and Envoy
+        # does not retry a refused ext_proc stream (its request fails), so those are served.
+        if self.going_away or (limit and self.settings_acked and len(self.calls) >= limit):
+            if not self.going_away:
+                self.server.streams_refused += 1
             self.out.append(_frame(RST_STREAM, 0, stream_id, _U32.pack(REFUSED_STREAM)))
             return
         metadata = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in fields}
         call = Call(self, stream_id, self.peer_initial_window, metadata)
         call.remote_closed = bool(flags & END_STREAM)
         self.calls[stream_id] = call
-        factory = self.server.methods.get(metadata.get(":path", ""))
+        path = metadata.get(":path", "")
+        factory = self.server.methods.get(path)
         if factory is None:
-            call.finish(UNIMPLEMENTED, f"unknown method {metadata.get(':path', '')}")
+            call.finish(UNIMPLEMENTED, f"unknown method {path}")
             return
+        self.paths.add(path)  # served methods only: a finite set
         if metadata.get("grpc-encoding", "identity") not in ("identity", ""):
             call.finish(UNIMPLEMENTED, "compressed messages are not supported")
             return
@@ -658,6 +734,7 @@ class _Connection(asyncio.Protocol):
         if stream_id:
             raise ConnectionError_(PROTOCOL_ERROR, "SETTINGS on a stream")
         if flags & ACK:
+            self.settings_acked = True
             return
         if len(payload) % 6:
             raise ConnectionError_(FRAME_SIZE_ERROR, "bad SETTINGS")

@@ -106,6 +106,7 @@ class Runtime:
 
     def __init__(self) -> None:
         self.streams: Callable[[], int] = lambda: 0  # ext_proc streams open now
+        self.transport: Callable[[], Any] = lambda: None  # the ext_proc port's h2grpc.Server, once serving
         self.draining: Callable[[], bool] = lambda: False
         self.tasks: Callable[[], int] = lambda: 0  # asyncio tasks alive on EPP's event loop
         self.config: Callable[[], Any] = lambda: None  # the PickerConfig in force
@@ -226,6 +227,18 @@ class _PoolCollector(Collector):
         yield restarts
         yield GaugeMetricFamily("epp_extproc_streams", "ext_proc streams open (requests in flight through EPP).",
                                 value=rt.streams())
+        server = rt.transport()
+        if server is not None:  # how Envoy spreads its streams over connections (and, under --workers, workers)
+            yield GaugeMetricFamily("epp_extproc_connections", "HTTP/2 connections open on the ext_proc port.",
+                                    value=len(server.connections))
+            yield CounterMetricFamily("epp_extproc_connections_accepted", "HTTP/2 connections accepted on the "
+                                      "ext_proc port (with --workers: handed to this worker).",
+                                      value=server.connections_total)
+            yield CounterMetricFamily("epp_extproc_connections_aged", "ext_proc connections told to go away for "
+                                      "their age (--grpc-max-connection-age).", value=server.connections_aged)
+            yield CounterMetricFamily("epp_extproc_streams_refused", "ext_proc streams refused over "
+                                      "--grpc-max-concurrent-streams (the client had the limit).",
+                                      value=server.streams_refused)
         yield GaugeMetricFamily("epp_asyncio_tasks", "asyncio tasks alive on EPP's event loop (a leak shows here).",
                                 value=rt.tasks())
         yield GaugeMetricFamily("epp_python_allocated_blocks",

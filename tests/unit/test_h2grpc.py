@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterator
 
 import grpc
+import hpack
 import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
@@ -285,3 +286,140 @@ def test_ping_is_answered_and_a_bad_preface_closes_the_connection(running):
         frames = _read_frames(s, 3)
         assert any(f[0] == h2grpc.GOAWAY and struct.unpack(">L", f[3][4:8])[0] == h2grpc.PROTOCOL_ERROR
                    for f in frames)
+
+
+# -- connections spread over more connections and renewed (--workers, epp.workers) ------------------------------
+
+PROCESS = f"/{EXT_PROC}/Process"
+
+
+def _open_stream(s: socket.socket, encoder: hpack.Encoder, stream_id: int) -> None:
+    """A Process stream left open (no message yet): the server holds it as a call."""
+    block = encoder.encode([(":method", "POST"), (":scheme", "http"), (":path", PROCESS), (":authority", "epp"),
+                            ("content-type", "application/grpc"), ("te", "trailers")])
+    s.sendall(h2grpc._frame(h2grpc.HEADERS, h2grpc.END_HEADERS, stream_id, block))
+
+
+def _until_ping_ack(s: socket.socket, payload: bytes = b"syncsync") -> list[tuple[int, int, int, bytes]]:
+    """Every frame the server sends before it answers our PING: what it made of everything we sent before it."""
+    s.sendall(h2grpc._frame(h2grpc.PING, 0, 0, payload))
+    data = b""
+    while True:
+        frames = _frames(data)
+        if (h2grpc.PING, h2grpc.ACK, 0, payload) in frames:
+            return frames
+        chunk = s.recv(65536)
+        assert chunk, f"connection closed; frames: {frames}"
+        data += chunk
+
+
+def _refused(frames: list[tuple[int, int, int, bytes]]) -> list[int]:
+    return [sid for ftype, _, sid, payload in frames
+            if ftype == h2grpc.RST_STREAM and struct.unpack(">L", payload)[0] == h2grpc.REFUSED_STREAM]
+
+
+def _settings(frames: list[tuple[int, int, int, bytes]]) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for ftype, flags, _, payload in frames:
+        if ftype == h2grpc.SETTINGS and not flags & h2grpc.ACK:
+            out.update(struct.unpack_from(">HL", payload, i) for i in range(0, len(payload), 6))
+    return out
+
+
+def _limited(**kw) -> tuple[ExtProcServicer, Running]:  # type: ignore[no-untyped-def]
+    servicer = ExtProcServicer(make_director([("a", 0, 0.0)]), StreamOptions())
+    return servicer, Running(h2grpc.Server(servicer.methods(HealthServicer(lambda: True)), **kw))
+
+
+def test_max_concurrent_streams_is_advertised_and_enforced_once_the_client_has_it():
+    """Envoy's pool opens another connection past SETTINGS_MAX_CONCURRENT_STREAMS (that is how --workers gets
+    connections to spread). Streams a client opens before it has our SETTINGS are served: Envoy does not retry a
+    refused ext_proc stream, and its first flight on a new connection carries every stream waiting for one."""
+    _, r = _limited(max_concurrent_streams=2)
+    try:
+        with socket.create_connection((HOST, r.port), timeout=5) as s:
+            s.sendall(h2grpc.PREFACE + h2grpc._frame(h2grpc.SETTINGS, 0, 0))
+            enc = hpack.Encoder()
+            for sid in (1, 3, 5):  # before our SETTINGS are acknowledged: over the limit, still served
+                _open_stream(s, enc, sid)
+            frames = _until_ping_ack(s)
+            assert _settings(frames)[0x3] == 2 and _refused(frames) == []
+            s.sendall(h2grpc._frame(h2grpc.SETTINGS, h2grpc.ACK, 0))
+            _open_stream(s, enc, 7)
+            assert _refused(_until_ping_ack(s)) == [7]
+            for sid in (1, 3, 5):  # the client ends its streams: room again, for two
+                s.sendall(h2grpc._frame(h2grpc.RST_STREAM, 0, sid, struct.pack(">L", h2grpc.CANCEL)))
+            for sid in (9, 11, 13):
+                _open_stream(s, enc, sid)
+            assert _refused(_until_ping_ack(s)) == [13]
+        assert r.server.streams_refused == 2
+    finally:
+        r.stop()
+
+
+def test_no_stream_limit_is_advertised_by_default(running):
+    _, r = running
+    with socket.create_connection((HOST, r.port), timeout=5) as s:
+        s.sendall(h2grpc.PREFACE + h2grpc._frame(h2grpc.SETTINGS, 0, 0))
+        assert 0x3 not in _settings(_until_ping_ack(s))
+
+
+def test_an_aged_connection_goes_away_in_two_steps_and_serves_what_crossed_the_first():
+    """--grpc-max-connection-age: GOAWAY(max id) + PING first; a stream the client opened before it read that is
+    served (one GOAWAY naming the last stream refused such streams: Envoy answered their requests with 500); on the
+    PING's ACK, GOAWAY(last stream) and later streams are refused; the connection closes when its streams end."""
+    _, r = _limited(max_connection_age=0.2)
+    try:
+        with socket.create_connection((HOST, r.port), timeout=5) as s:
+            s.sendall(h2grpc.PREFACE + h2grpc._frame(h2grpc.SETTINGS, 0, 0))
+            data = b""
+            while not any(f[0] == h2grpc.PING for f in _frames(data)):
+                chunk = s.recv(65536)
+                assert chunk
+                data += chunk
+            goaways = [f[3] for f in _frames(data) if f[0] == h2grpc.GOAWAY]
+            assert goaways == [struct.pack(">LL", h2grpc.MAX_STREAM_ID, h2grpc.NO_ERROR)]
+            assert r.server.connections_aged == 1
+            enc = hpack.Encoder()
+            _open_stream(s, enc, 1)  # crossed the first GOAWAY
+            frames = _until_ping_ack(s)
+            assert _refused(frames) == []
+            s.sendall(h2grpc._frame(h2grpc.PING, h2grpc.ACK, 0, h2grpc.GOAWAY_PING))
+            _open_stream(s, enc, 3)
+            frames = _until_ping_ack(s)
+            assert [f[3][:8] for f in frames if f[0] == h2grpc.GOAWAY] == [struct.pack(">LL", 1, h2grpc.NO_ERROR)]
+            assert _refused(frames) == [3]
+            s.sendall(h2grpc._frame(h2grpc.RST_STREAM, 0, 1, struct.pack(">L", h2grpc.CANCEL)))
+            while s.recv(65536):  # its last stream over: closed by the server
+                pass
+    finally:
+        r.stop()
+
+
+def test_an_aged_connection_lets_its_stream_finish_and_the_client_moves_on():
+    """grpcio's client through an age of 0.3 s: the stream open across it completes, the next call goes over a new
+    connection, nothing fails."""
+    servicer, r = _limited(max_connection_age=0.3)
+    gate = threading.Event()
+    body = json.dumps({"model": "m", "prompt": "hi", "max_tokens": 1}).encode()
+
+    def requests() -> Iterator[pb.ProcessingRequest]:
+        yield headers_msg("/v1/completions")
+        yield body_msg(body)
+        gate.wait(10)
+        yield response_headers_msg()
+        yield response_body_msg(b"{}", eos=True)
+
+    try:
+        ch, stub = _stub(r.port)
+        with ch:
+            call = stub.Process(requests(), timeout=20)
+            assert next(call).HasField("request_headers")
+            threading.Event().wait(0.6)  # past the age: told to go away, the stream still open
+            assert r.server.connections_aged >= 1
+            gate.set()
+            assert [m.WhichOneof("response") for m in call][-1] == "response_body"
+            assert len(list(stub.Process(iter(_exchange(body, b"{}")), timeout=20))) == 4
+        assert r.server.connections_total >= 2 and servicer.active_streams == 0
+    finally:
+        r.stop()
