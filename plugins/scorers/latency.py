@@ -7,6 +7,7 @@ full; a cold prefill elsewhere is sooner than waiting there". This scorer predic
 seconds until the request's first token there and prefers the soonest::
 
     ttft(e) = base + per_token * slowness(e) * (queued_prefill(e) + uncached(e)) + admission_wait(e)
+              + batch_delay(e)
 
 * ``uncached(e)``: the request's prompt tokens endpoint ``e`` does not hold, from the prefix-cache producer's
   match (in the server's tokens: see ``epp.datalayer.tokens``).
@@ -19,6 +20,11 @@ seconds until the request's first token there and prefers the soonest::
   running count while requests kept waiting for longer than the prefill queued there explains (a real cap,
   ``max_num_seqs`` or KV space, not the steps a request waits while prefills spend the token budget; see
   ``learn_slots``). Unknown until then: no wait predicted.
+* ``batch_delay(e)``: every sequence decoding at ``e`` lengthens each engine step by ``step(e)`` (the slope of
+  its time per output token against the batch, learned from streamed answers); a new request waits out the
+  step underway (half of one, on average) and then its own prefill step, so ``STEP_SHARE * step(e) * batch(e)``
+  with ``batch(e)`` the requests decoding there (in flight, at most ``S``). Two endpoints that hold the same
+  prefix are not equal when one decodes three times the other's batch.
 * ``base``, ``per_token``: one line for the pool (what its endpoints share: model and accelerator), fitted by
   decayed least squares on every first byte EPP sees of a request that waited for no batch slot, the slope
   held to its prior until the data spread. ``slowness(e)``: how much slower per token than the pool endpoint
@@ -41,7 +47,16 @@ prompt therefore goes where few requests follow it, not onto the endpoint a hot 
 short prefill (a warm hit) costs its endpoint's traffic next to nothing. Likewise a request that must wait for
 a batch slot at ``e`` holds one there after its wait, which puts every request arriving during that wait one
 slot later (``rate(e) * admission_wait(e) * occupancy(e) / S``): a saturated endpoint spills before its queue
-is long.
+is long. And while it decodes it lengthens the steps of the requests arriving there
+(``rate(e) * occupancy(e) * STEP_SHARE * step(e)``): load spreads by batch size where prefixes tie.
+
+Those costs look one request ahead, and one request never pays a cold prefill to relieve a popular prefix's
+holder: its own wait there is a few milliseconds, the prefill elsewhere hundreds. But the prefix's later
+requests would split between two holders, each meeting fewer prefills and a smaller batch; over the prefix's
+expected life that saving can exceed the one cold prefill (``_credit_replicas``). Endpoints that lack the
+prefix are credited with it, so a hot prefix gets a second holder (and a third) while one holder's traffic
+stands out, and no more once it does not: the tail that piling a hot prefix on one endpoint makes (half the
+slowest tenth of first tokens in a Zipf-skewed trace came from it) without spreading every prefix everywhere.
 
 SLO headers (llm-d's ``x-llm-d-slo-ttft-ms`` / ``x-llm-d-slo-tpot-ms``): endpoints predicted to meet them
 rank first (soonest first among them); when none does, the smallest relative violation wins.
@@ -57,6 +72,7 @@ admission; compared with llm-d's ``latency-scorer`` it needs no trained model or
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -94,6 +110,10 @@ _MAX_SECONDS = 600.0  # observations past this are not latencies but stuck strea
 _LOG4 = math.log(4.0)
 WAIT_RUN_SCRAPES = 3  # scrapes in a row with requests waiting, before saturation is believed
 RATE_WINDOW = 10.0  # s: the time constant of each endpoint's pick rate
+# of one engine step a new request waits for: the rest of the step underway (half, on average) and its own
+STEP_SHARE = 1.5
+REPLICA_HORIZON = 60.0  # s: the longest a prefix's past popularity is projected forward
+MAX_PREFIXES = 4096  # prefixes whose request rate is kept (least recently requested dropped first)
 _PENDING_EXPIRY = 4.0  # x the predicted TTFT (+1 s): a pending prefill EPP never saw start stops counting
 
 
@@ -220,6 +240,23 @@ class EndpointRates:
 
 
 @dataclass(slots=True)
+class PrefixRate:
+    """How often requests sharing one cached prefix come (decayed with time constant ``RATE_WINDOW``)."""
+
+    first: float  # when the prefix was first seen cached
+    n: float = 0.0
+    at: float = 0.0
+
+    def count(self, now: float) -> None:
+        self.n = self.n * math.exp((self.at - now) / RATE_WINDOW) + 1.0
+        self.at = now
+
+    def rate(self, now: float) -> float:
+        window = RATE_WINDOW * -math.expm1(-max(now - self.first, 1.0) / RATE_WINDOW)
+        return self.n * math.exp((self.at - now) / RATE_WINDOW) / window
+
+
+@dataclass(slots=True)
 class _Pick:
     endpoint: str
     at: float
@@ -231,6 +268,7 @@ class _Pick:
     batch: int  # requests in flight there, this one included
     queueing: bool  # it may wait for admission there: its first byte does not tell the prefill speed
     queued: int  # prefill tokens ahead of it there (EPP's pending requests), when picked
+    batch_delay: float  # predicted seconds the batch decoding there added to its first byte
     first_byte: float | None = None
 
 
@@ -248,6 +286,9 @@ class Prediction:
     rate: float = 0.0  # requests a second reaching that endpoint (EPP's recent picks)
     queueing: bool = False  # requests were waiting there (the last scrape) or a wait is predicted
     slot_time: float = 0.0  # s between batch slots freeing there while requests wait (occupancy / slots)
+    batch_delay: float = 0.0  # s the batch decoding there adds to this request's first byte
+    step_share: float = 0.0  # s each request arriving there while this one decodes waits longer for it
+    occupancy: float = 0.0  # s a request holds a batch slot there
 
 
 @register_plugin("predicted-latency-scorer")
@@ -265,6 +306,8 @@ class PredictedLatencyScorer(FollowsStalenessFlag, Scorer, RequestObserver):
         self.prefill = DecayedFit(PRIOR_BASE, PRIOR_PER_TOKEN, 4096, 1e-7, 0.1)  # the pool's, in standard tokens
         self.audit = PredictionAudit("seconds", SECONDS_ERROR_BUCKETS)
         self._key = ("predicted-latency", id(self))
+        self._prefix_key = ("predicted-latency-prefix", id(self))
+        self.prefixes: OrderedDict[int, PrefixRate] = OrderedDict()  # longest cached prefix -> its request rate
         self._since = 0.0  # the first pick: pick rates are averaged over no longer than EPP has been picking
 
     def start(self) -> None:
@@ -304,7 +347,8 @@ class PredictedLatencyScorer(FollowsStalenessFlag, Scorer, RequestObserver):
     def predict(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[Prediction]:
         now = monotonic()
         base, per_token = self.prefill.line()
-        prompt, matched = self._prompt_and_matches(request, endpoints)
+        prompt, matched, prefix = self._prompt_and_matches(request, endpoints)
+        request.attributes[self._prefix_key] = prefix
         fresh = fresh_mask(endpoints, self.staleness)
         out = []
         for e, ok, hit in zip(endpoints, fresh, matched, strict=True):
@@ -321,20 +365,28 @@ class PredictedLatencyScorer(FollowsStalenessFlag, Scorer, RequestObserver):
                 ahead = inflight + 1 - r.slots
                 if ahead > 0:
                     wait = ahead * r.occupancy.value / r.slots
-            ttft = base + per_token * r.slowness * (queued + uncached) + wait
+            step_share = STEP_SHARE * r.tpot.line()[1]
+            batch_delay = step_share * (min(inflight, r.slots) if r.slots else inflight)
+            ttft = base + per_token * r.slowness * (queued + uncached) + wait + batch_delay
             out.append(Prediction(ttft, wait, uncached, queued, r.tpot.predict(inflight + 1), inflight,
                                   per_token * r.slowness * uncached, r.pick_rate(now, self._since),
                                   wait > 0.0 or (ok and m.waiting_requests > 0),
-                                  r.occupancy.value / r.slots if r.slots else 0.0))
+                                  r.occupancy.value / r.slots if r.slots else 0.0, batch_delay, step_share,
+                                  r.occupancy.value))
         return out
 
-    def _prompt_and_matches(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> tuple[int, list[int]]:
+    def _prompt_and_matches(self, request: InferenceRequest,
+                            endpoints: Sequence[Endpoint]) -> tuple[int, list[int], int | None]:
+        """The prompt's tokens, each endpoint's cached tokens of it, and the key of the longest cached prefix
+        (its last matched block: what requests sharing that prefix have in common), None when none is cached."""
         if self._source is None:
             ids = request.body.prompt_token_ids
-            return (len(ids) if ids is not None else 0), [0] * len(endpoints)
+            return (len(ids) if ids is not None else 0), [0] * len(endpoints), None
         prod = self._source.prefix_producer()
         st = prod.state(request, endpoints)
-        return st.prompt_tokens, [st.matched_tokens(m) for m in prod.match_all(st, endpoints)]
+        blocks = prod.match_all(st, endpoints)
+        deepest = max(blocks, default=0)
+        return st.prompt_tokens, [st.matched_tokens(m) for m in blocks], st.hashes[deepest - 1] if deepest else None
 
     def _output_tokens(self, request: InferenceRequest) -> float:
         limit = request.body.max_output_tokens
@@ -346,7 +398,9 @@ class PredictedLatencyScorer(FollowsStalenessFlag, Scorer, RequestObserver):
         # A request's own prefill is paid again by others (module docstring): the capacity it takes, and the
         # wait of the requests that arrive there while it runs. Ranking by TTFT alone would buy a few
         # milliseconds for this request with a whole cold prefill on the endpoint a hot prefix needs.
-        costs = [p.ttft + p.work * (1.0 + 0.5 * p.rate * p.work) + p.rate * p.wait * p.slot_time for p in preds]
+        costs = [p.ttft + p.work * (1.0 + 0.5 * p.rate * p.work) + p.rate * (p.wait * p.slot_time
+                 + p.occupancy * p.step_share) for p in preds]
+        self._credit_replicas(request, preds, costs)
         if self.objective == "e2e":
             out = self._output_tokens(request)
             costs = [c + p.tpot * out for c, p in zip(costs, preds, strict=True)]
@@ -354,6 +408,35 @@ class PredictedLatencyScorer(FollowsStalenessFlag, Scorer, RequestObserver):
         if slo is not None:
             return _slo_scores(preds, costs, *slo)
         return _relative(costs)
+
+    def _credit_replicas(self, request: InferenceRequest, preds: Sequence[Prediction], costs: list[float]) -> None:
+        """A cold prefill of a popular prefix on an endpoint that lacks it is also an investment: the prefix's
+        later requests can then split between its holders and the new one. Each endpoint ``e`` that does not
+        hold the longest cached prefix is credited with what that split saves over the prefix's expected life
+        (as long again as it has been requested, up to ``REPLICA_HORIZON``). ``d = lam / (holders + 1)`` of the
+        prefix's ``lam`` requests a second move from the holder ``h`` this request would take to ``e``; every
+        request arriving at ``h`` then meets ``d`` fewer prefills a second and ``d * occupancy`` fewer decoding
+        sequences, every one arriving at ``e`` as many more: a saving of about ``d * (rate(h) - rate(e)) *
+        (work(h)^2 + occupancy(h) * step_share(h))`` seconds a second, in the units of the costs above (the
+        wait prefills impose on each other, ``rate * work^2 / 2`` per endpoint, and the batch's share of each
+        step). It ends itself: once the prefix is spread, the holders' rates no longer stand out.
+        """
+        key = request.attributes.get(self._prefix_key)
+        stat = self.prefixes.get(key) if key is not None else None
+        if stat is None:
+            return
+        now = monotonic()
+        lam = stat.rate(now)
+        horizon = min(REPLICA_HORIZON, now - stat.first)
+        least = min(p.uncached for p in preds)
+        holders = [k for k, p in enumerate(preds) if p.uncached == least]
+        h = min(holders, key=costs.__getitem__)
+        ph = preds[h]
+        d = lam / (len(holders) + 1)
+        per_move = ph.work * ph.work + ph.occupancy * ph.step_share
+        for k, p in enumerate(preds):
+            if p.uncached > least:
+                costs[k] = max(0.0, costs[k] - horizon * d * max(0.0, ph.rate - p.rate) * per_move)
 
     # -- learning --------------------------------------------------------------------------------
 
@@ -371,8 +454,19 @@ class PredictedLatencyScorer(FollowsStalenessFlag, Scorer, RequestObserver):
         if not self._since:
             self._since = now
         r.count_pick(now)
+        key = request.attributes.get(self._prefix_key)
+        if key is not None:
+            stat = self.prefixes.get(key)
+            if stat is None:
+                stat = self.prefixes[key] = PrefixRate(first=now)
+                if len(self.prefixes) > MAX_PREFIXES:
+                    self.prefixes.popitem(last=False)
+            else:
+                self.prefixes.move_to_end(key)
+            stat.count(now)
+        batch = e.inflight_requests  # the director counted this request
         request.attributes[self._key] = _Pick(e.name, now, p.queued + p.uncached, p.work, p.inflight, p.wait, p.ttft,
-                                              e.inflight_requests, p.queueing, p.queued)  # the director counted it
+                                              batch, p.queueing, p.queued, p.batch_delay)
 
     def on_response_body(self, request: InferenceRequest, endpoint: Endpoint, chunk: bytes,
                          end_of_stream: bool) -> None:
@@ -389,7 +483,7 @@ class PredictedLatencyScorer(FollowsStalenessFlag, Scorer, RequestObserver):
         if ttft < _MAX_SECONDS and not pick.queueing:
             # fitted on first bytes that waited for no batch slot (admission has its own model, and a wait it
             # missed must not pass for slow prefill): the pool's line first, then how this endpoint compares
-            y = ttft
+            y = ttft - pick.batch_delay  # the prefill line is fitted without the batch's share, predicted apart
             base, per_token = self.prefill.line()
             # speed only from a prefill that ran alone: a queued prefill EPP still counts may have ended (its first
             # byte not seen yet), and crediting it would make a busy endpoint look fast and draw more work

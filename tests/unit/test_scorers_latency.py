@@ -14,6 +14,7 @@ from epp.scheduling.plugins import ProfileResult, ResponseInfo, SchedulingResult
 from epp_plugins.scorers.latency import (
     PRIOR_BASE,
     PRIOR_PER_TOKEN,
+    STEP_SHARE,
     DecayedFit,
     EndpointRates,
     PredictedLatencyScorer,
@@ -234,3 +235,61 @@ def test_decayed_fit_prior_and_learning():
         narrow.observe(1000 + i % 3, 0.3 + (i % 2) * 0.01)
     assert narrow.line()[1] == pytest.approx(1e-4, rel=0.2) and narrow.predict(1000) == pytest.approx(0.305, abs=0.01)
     assert isinstance(PredictedLatencyScorer, type)
+
+
+def test_the_batch_decoding_there_delays_a_first_token():
+    """Two endpoints hold the prefix; one decodes ten times the other's batch. Each sequence lengthens every
+    step (the TPOT fit's slope), and a new request waits out one and a half steps: it goes to the smaller batch."""
+    scorer, prefix = setup()
+    a, b = ep("a"), ep("b", index=1)
+    system = words(8000, 2)
+    for i, target in enumerate((a, b)):
+        r = req(system + words(400, 10 + i), rid=f"warm{i}")
+        pick(scorer, prefix, r, [target], target)
+        answer(scorer, prefix, r, target, ttft=0.05, cached=1900)
+    a.inflight_requests, b.inflight_requests = 20, 2
+    pa, pb = scorer.predict(req(system + words(400, 99)), [a, b])
+    for p, e in ((pa, a), (pb, b)):
+        assert p.batch_delay == pytest.approx(STEP_SHARE * scorer._rates(e).tpot.line()[1] * e.inflight_requests)
+    assert pa.batch_delay > 5 * pb.batch_delay and pa.ttft > pb.ttft
+    scores = scorer.score(req(system + words(400, 98)), [a, b])
+    assert scores[1] == 1.0 and scores[0] < 1.0
+
+
+def hot_prefix(scorer, prefix, endpoints, holder, prompt, n, age):
+    """``n`` answered requests of one prefix on ``holder``, the prefix first seen ``age`` seconds ago."""
+    for i in range(n):
+        r = req(prompt + words(400, 100 + i), rid=f"hot{holder.name}{i}")
+        pick(scorer, prefix, r, endpoints, holder)
+        answer(scorer, prefix, r, holder, ttft=0.32 if i == 0 else 0.03, decode=1.0, cached=0 if i == 0 else 2900)
+    for stat in scorer.prefixes.values():
+        stat.first -= age
+
+
+def test_a_hot_prefix_gets_a_second_holder_and_a_lukewarm_one_does_not():
+    """One endpoint takes every request of a prefix, many a second for a minute: its next request is credited
+    on the others with what splitting the prefix's traffic saves, more than one cold prefill; the same prefix at
+    a few requests a second stays where it is. Once it is spread and the other endpoints are as busy, no further
+    copy is made."""
+    scorer, prefix = setup()
+    endpoints = [ep(f"e{i}", index=i) for i in range(4)]
+    hot = endpoints[1]
+    prompt = words(12000, 1)  # 3,000 tokens
+    hot_prefix(scorer, prefix, endpoints, hot, prompt, 200, age=60.0)
+    scores = scorer.score(req(prompt + words(400, 999), rid="next"), endpoints)
+    assert scores[1] < 1.0  # a cold prefill elsewhere is worth it now
+
+    scorer, prefix = setup()
+    endpoints = [ep(f"e{i}", index=i) for i in range(4)]
+    hot_prefix(scorer, prefix, endpoints, endpoints[1], prompt, 4, age=60.0)
+    scores = scorer.score(req(prompt + words(400, 999), rid="next"), endpoints)
+    assert scores[1] == 1.0 and max(scores[0], scores[2], scores[3]) < 0.5
+
+    scorer, prefix = setup()
+    endpoints = [ep(f"e{i}", index=i) for i in range(4)]
+    hot_prefix(scorer, prefix, endpoints, endpoints[1], prompt, 100, age=0.0)
+    hot_prefix(scorer, prefix, endpoints, endpoints[2], prompt, 100, age=60.0)
+    for k in (0, 3):  # as busy with other prompts
+        hot_prefix(scorer, prefix, endpoints, endpoints[k], words(12000, 50 + k), 100, age=0.0)
+    scores = scorer.score(req(prompt + words(400, 999), rid="next"), endpoints)
+    assert max(scores[1], scores[2]) == 1.0 and max(scores[0], scores[3]) < 0.5
