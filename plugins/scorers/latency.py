@@ -314,14 +314,24 @@ class PredictedLatencyScorer(FollowsStalenessFlag, Scorer, RequestObserver):
         self._source = resolve_prefix_source(self, self.prefix_name, required=bool(self.prefix_name))
         if self.handle is not None and self.handle.pool is not None:
             self.handle.pool.add_listener(self._forget_removed)
+            self.handle.pool.add_restart_listener(self._forget_restarted)
 
     def stop(self) -> None:
         if self.handle is not None and self.handle.pool is not None:
             self.handle.pool.remove_listener(self._forget_removed)
+            self.handle.pool.remove_restart_listener(self._forget_restarted)
 
     def _forget_removed(self, added: list[Endpoint], removed: list[Endpoint]) -> None:
         for e in removed:  # a replaced endpoint (new address) starts from the priors: it may be another machine
             self.rates.pop(e.name, None)
+
+    def _forget_restarted(self, endpoint: Endpoint, last_seen: float) -> None:
+        """A restarted server may come back with another ``max_num_seqs`` or KV size: its batch slots are learned
+        again (its speed, step cost and occupancy are the hardware's and stay)."""
+        r = self.rates.get(endpoint.name)
+        if r is not None:
+            r.slots = r.max_running = r.run_scrapes = 0
+            r.explained_until = 0.0
 
     def prediction_audits(self) -> dict[str, PredictionAudit]:
         return {"ttft": self.audit}

@@ -293,3 +293,16 @@ def test_a_hot_prefix_gets_a_second_holder_and_a_lukewarm_one_does_not():
         hot_prefix(scorer, prefix, endpoints, endpoints[k], words(12000, 50 + k), 100, age=0.0)
     scores = scorer.score(req(prompt + words(400, 999), rid="next"), endpoints)
     assert max(scores[1], scores[2]) == 1.0 and max(scores[0], scores[3]) < 0.5
+
+
+def test_a_restarted_server_learns_its_batch_slots_again():
+    pool = EndpointPool()
+    scorer, _ = setup(pool)
+    scorer.start()
+    a = ep("a")
+    r = scorer._rates(a)
+    r.slots, r.max_running, r.run_scrapes = 16, 16, 3
+    r.occupancy.value = 2.5
+    pool.restarted(a, time.monotonic())
+    assert (r.slots, r.max_running, r.run_scrapes) == (0, 0, 0) and r.occupancy.value == 2.5
+    scorer.stop()
