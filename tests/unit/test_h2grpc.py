@@ -10,7 +10,7 @@ import json
 import socket
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 import hpack
@@ -181,11 +181,9 @@ def test_compressed_messages_are_refused(running):
 def test_a_client_that_cancels_mid_stream_leaves_nothing_open(running):
     servicer, r = running
     gate = threading.Event()
-    body = json.dumps({"model": "m", "prompt": "hi", "max_tokens": 1}).encode()
-
     def requests() -> Iterator[pb.ProcessingRequest]:
         yield headers_msg("/v1/completions")
-        yield body_msg(body)
+        yield body_msg(HI_BODY)
         gate.wait(10)  # hold the stream open
 
     ch, stub = _stub(r.port)
@@ -203,18 +201,26 @@ def test_a_client_that_cancels_mid_stream_leaves_nothing_open(running):
     assert servicer.active_streams == 0
 
 
+HI_BODY = json.dumps({"model": "m", "prompt": "hi", "max_tokens": 1}).encode()
+
+
+def _held_exchange(gate: threading.Event) -> Callable[[], Iterator[pb.ProcessingRequest]]:
+    """A completions exchange whose response half waits for ``gate``: a stream kept open across a close."""
+    def requests() -> Iterator[pb.ProcessingRequest]:
+        yield headers_msg("/v1/completions")
+        yield body_msg(HI_BODY)
+        gate.wait(10)
+        yield response_headers_msg()
+        yield response_body_msg(b"{}", eos=True)
+
+    return requests
+
+
 def test_stop_lets_streams_in_flight_finish(running):
     """GOAWAY on stop: a stream already open completes; the grace period bounds the wait."""
     _, r = running
     gate = threading.Event()
-    body = json.dumps({"model": "m", "prompt": "hi", "max_tokens": 1}).encode()
-
-    def requests() -> Iterator[pb.ProcessingRequest]:
-        yield headers_msg("/v1/completions")
-        yield body_msg(body)
-        gate.wait(10)
-        yield response_headers_msg()
-        yield response_body_msg(b"{}", eos=True)
+    requests = _held_exchange(gate)
 
     ch, stub = _stub(r.port)
     with ch:
@@ -401,14 +407,7 @@ def test_an_aged_connection_lets_its_stream_finish_and_the_client_moves_on():
     connection, nothing fails."""
     servicer, r = _limited(max_connection_age=0.3)
     gate = threading.Event()
-    body = json.dumps({"model": "m", "prompt": "hi", "max_tokens": 1}).encode()
-
-    def requests() -> Iterator[pb.ProcessingRequest]:
-        yield headers_msg("/v1/completions")
-        yield body_msg(body)
-        gate.wait(10)
-        yield response_headers_msg()
-        yield response_body_msg(b"{}", eos=True)
+    requests = _held_exchange(gate)
 
     try:
         ch, stub = _stub(r.port)
@@ -419,7 +418,7 @@ def test_an_aged_connection_lets_its_stream_finish_and_the_client_moves_on():
             assert r.server.connections_aged >= 1
             gate.set()
             assert [m.WhichOneof("response") for m in call][-1] == "response_body"
-            assert len(list(stub.Process(iter(_exchange(body, b"{}")), timeout=20))) == 4
+            assert len(list(stub.Process(iter(_exchange(HI_BODY, b"{}")), timeout=20))) == 4
         assert r.server.connections_total >= 2 and servicer.active_streams == 0
     finally:
         r.stop()
