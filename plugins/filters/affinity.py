@@ -55,7 +55,7 @@ class PrefixCacheAffinityFilter(Filter):
         if not st.hashes:
             return endpoints
         matches = prod.match_all(st, endpoints)
-        n = len(st.hashes)
+        n = st.blocks
         threshold, min_tokens = self.threshold, self.min_tokens
         sticky = [m > 0 and m / n >= threshold and st.matched_tokens(m) >= min_tokens for m in matches]
         if not any(sticky) or all(sticky):

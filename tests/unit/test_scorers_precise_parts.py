@@ -223,3 +223,152 @@ async def test_much_new_prompt_text_is_tokenized_on_a_worker_thread(tmp_path: Pa
         assert bool(hops) is offloaded and (not hops or hops[0] >= module.OFFLOAD_CHARS)
         hops.clear()
         assert p._tokens(r) == sim.encode_segments(chat_segments(messages, None))
+
+
+def test_a_head_cut_before_a_word_tokenizes_as_the_whole(tmp_path: Path) -> None:
+    """``head`` cuts before a space between two letters: its ids are exactly the whole text's first ids."""
+    local = LocalTokenizer(str(write_model_dir(tmp_path / "model")))
+    rng = random.Random(5)
+    words = ["ledger", "audit", "Quarter", "transfer's", "naïve", "12", "3.5%", "(see", "below)", "—", "数据", "ok,"]
+    for _ in range(200):
+        text = " ".join(rng.choice(words) for _ in range(rng.randint(20, 120)))
+        got = local.head(text, rng.randint(1, len(text) // 3))
+        if got is None:
+            continue
+        ids, cut = got
+        assert text[cut] == " " and text[cut - 1].isalpha() and text[cut + 1].isalpha()
+        assert local.encode(text, add_special_tokens=False)[: len(ids)] == ids, text[:cut]
+    assert local.head("word " * 10, 40) is None  # no cut within the first half
+
+
+async def test_untokenized_text_no_endpoint_can_match_is_estimated(tmp_path: Path, monkeypatch) -> None:
+    """A new question after a cached system prompt is encoded only as far as the block it starts in when no
+    endpoint holds that block: the match is the one full tokenization gives, the prompt's length is estimated.
+    When an endpoint does hold it (the same prompt again, or its events arrive before the pick), the whole
+    prompt is tokenized and the match goes on into the question."""
+    from types import SimpleNamespace
+
+    from epp.datalayer.endpoint import Endpoint
+    from epp.scheduling.plugins import ProfileResult, SchedulingResult
+    from epp_plugins.scorers.precise.producer import PrecisePrefixCacheProducer, _Partial
+    from epp_plugins.scorers.precise.subscriber import IngestStats
+
+    p = PrecisePrefixCacheProducer(tokenizer=str(write_model_dir(tmp_path / "model")))
+    local = p.local
+    assert local is not None
+    eps = [Endpoint("a", "10.0.0.1", 8000), Endpoint("b", "10.0.0.2", 8000)]
+    stats = IngestStats()
+    p.ingestor = SimpleNamespace(stats=stats)
+    for e in eps:
+        p.index.slot(e.name)
+        stats.last_frame[e.name] = time.monotonic()  # both endpoints' events are live
+    rng = random.Random(3)
+    words = ["ledger", "audit", "quarter", "transfer", "balance", "entry", "account", "review", "total", "due"]
+
+    def text(n: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(n)).capitalize() + "."
+
+    system = text(1500)
+    sim = load_tokenizer("deepseek", 128256)
+    encoded: list[int] = []
+    real = local.encode_texts
+
+    def counting(texts: list[str]) -> list[list[int]]:
+        encoded.append(sum(map(len, texts)))
+        return real(texts)
+
+    def request(question: str, prompt: str | None = None) -> tuple[InferenceRequest, list[int]]:
+        messages = [{"role": "system", "content": prompt or system}, {"role": "user", "content": question}]
+        return (_request(ApiKind.CHAT_COMPLETIONS, {"messages": messages}),
+                sim.encode_segments(chat_segments(messages, None)))
+
+    def store(name: str, ids: list[int]) -> None:
+        n = len(ids) // 16
+        p.index.apply(p.index.slot(name), [BlockStored(list(range(1, n + 1)), None, ids[: n * 16], 16, None, "gpu",
+                                                       None)])
+
+    def full_match(ids: list[int]) -> dict[str, int]:
+        keys = p.keys.chain(ids, p.keys.root(None, None), p.max_blocks)
+        return p.index.match(keys, {p.index.slot(e.name): e.name for e in eps})
+
+    warm, warm_ids = request(text(200))
+    await p.prepare_request(warm, eps)  # nothing learned yet: tokenized in full (and chars per token learned)
+    assert p._tokens(warm) == warm_ids and local.chars_per_token()
+    store("a", warm_ids[:-200])  # endpoint a holds the system prompt (and what precedes the question)
+
+    monkeypatch.setattr(local, "encode_texts", counting)
+    question = text(200)
+    r, ids = request(question)
+    await p.prepare_request(r, eps)
+    part = r.attributes[(p._key, "tokens")]
+    assert isinstance(part, _Partial) and ids[: len(part.ids)] == part.ids
+    assert sum(encoded) < len(question) / 4  # the question was encoded only as far as its first block
+    st = p.state(r, eps)
+    assert st.hashes == p.keys.chain(ids, p.keys.root(None, None), p.max_blocks)[: len(st.hashes)]
+    assert p.match_all(st, eps) == [full_match(ids)["a"], 0] and full_match(ids)["a"] > 0
+    assert abs(st.prompt_tokens - len(ids)) <= 0.05 * len(ids) and abs(st.blocks - len(ids) // 16) <= 2
+    # picked with speculative indexing: what was tokenized is speculated at once; the rest is encoded (and
+    # speculated) only when a later request's run stops where that speculation does, as the same prompt sent
+    # again does before the endpoint's events arrive
+    p.speculative, p.index.ttl = True, 2.0
+    encoded.clear()
+    p.pre_request(r, SchedulingResult({"default": ProfileResult([eps[1]])}, "default"))
+    assert full_match(ids)["b"] == len(st.hashes) and not encoded
+    retry, _ = request(question)
+    await p.prepare_request(retry, eps)
+    assert p._tokens(retry) == ids
+    assert p.match_all(p.state(retry, eps), eps)[1] == len(ids) // 16
+    # a new system prompt: its first request is encoded as far as its first block; the next one, arriving when
+    # the endpoint has published only the first of its blocks, still matches the whole system prompt there
+    new_system = text(1500)
+    first, first_ids = request(text(200), new_system)
+    await p.prepare_request(first, eps)
+    assert isinstance(first.attributes[(p._key, "tokens")], _Partial) and len(p.state(first, eps).hashes) == 1
+    p.pre_request(first, SchedulingResult({"default": ProfileResult([eps[1]])}, "default"))
+    store("b", first_ids[:64])
+    second, second_ids = request(text(200), new_system)
+    await p.prepare_request(second, eps)
+    shared = next(i for i, (x, y) in enumerate(zip(first_ids, second_ids, strict=False)) if x != y) // 16
+    assert p.match_all(p.state(second, eps), eps)[1] == shared > 4
+    p.speculative, p.index.ttl = False, 0.0
+    p.index.speculative.clear()
+
+    # a holds the whole prompt (it served it): the same prompt is tokenized in full and matched to its end
+    store("a", ids)
+    local.cache = type(local.cache)()  # as if the question's encoding after the pick were gone
+    encoded.clear()
+    again, _ = request(question)
+    await p.prepare_request(again, eps)
+    assert p._tokens(again) == ids and sum(encoded) >= len(question)
+    st = p.state(again, eps)
+    assert p.match_all(st, eps) == [len(ids) // 16, 0] and st.prompt_tokens == len(ids)
+
+    # events arriving between prepare_request and the pick: the rest is encoded then
+    later, later_ids = request(text(200))
+    await p.prepare_request(later, eps)
+    assert isinstance(later.attributes[(p._key, "tokens")], _Partial)
+    store("b", later_ids)
+    st = p.state(later, eps)
+    assert st.prompt_tokens == len(later_ids) and p.match_all(st, eps)[1] == len(later_ids) // 16
+
+    # an endpoint matched by the approximate fallback (its events stopped): every token is computed
+    del stats.last_frame["b"]
+    fallback, fallback_ids = request(text(200))
+    await p.prepare_request(fallback, eps)
+    assert p._tokens(fallback) == fallback_ids
+
+
+@pytest.mark.parametrize("tokens", [[1, True], [1, -1], [1, 1 << 32], [1, 2.0], [1, None], "ab"])
+def test_token_ids_are_checked_without_a_call_per_token(tokens) -> None:
+    """Token ids and vLLM's int hashes are checked in C on the ingestion thread; what was refused still is, and a
+    list of plain hashes is taken as it is (no per-hash call, no copy)."""
+    from epp_plugins.scorers.precise.events import _hash_list
+
+    bad = msgpack_encode([0.0, [["BlockStored", [1], None, tokens, 2]], 0])
+    events, rejects = decode_batch(bad)
+    assert not events and [r.reason for r in rejects] == ["wrong-type"]
+    hashes = [0, 7, (1 << 64) - 1]
+    assert _hash_list(hashes) is hashes
+    assert _hash_list([-1, 2]) == [(1 << 64) - 1, 2]
+    with pytest.raises(BadEvent):
+        _hash_list([True])

@@ -17,13 +17,15 @@ and a batch carries its data-parallel rank.
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 
 MASK64 = (1 << 64) - 1
-MAX_TOKEN_ID = (1 << 32) - 1
+MAX_TOKEN_ID = (1 << 32) - 1  # what array("I") holds: _token_ids checks with it
+_INTS = frozenset({int})  # type(True) is bool: never a token id or hash
 MAX_PAYLOAD = 64 << 20  # bytes: a batch bigger than this is not one engine step's events
 
 _STORED_FIELDS = ("block_hashes", "parent_block_hash", "token_ids", "block_size", "lora_id", "medium",
@@ -84,7 +86,21 @@ def engine_hash(value: Any) -> int:
 def _hash_list(value: Any) -> list[int]:
     if not isinstance(value, list):
         raise BadEvent("wrong-type", "block_hashes is not a list")
+    if value and _INTS.issuperset(map(type, value)) and min(value) >= 0 and max(value) <= MASK64:
+        return value  # vLLM's default form, already our integers: no call per hash
     return [engine_hash(h) for h in value]
+
+
+def _token_ids(value: Any) -> list[int]:
+    """Token ids, checked in C (this runs on the ingestion thread for every token of every stored block, with
+    the GIL the request path needs): exact ints (not bools) that fit 32 bits unsigned."""
+    if isinstance(value, list) and _INTS.issuperset(map(type, value)):
+        try:
+            array("I", value)
+            return value
+        except OverflowError:
+            pass
+    raise BadEvent("wrong-type", "token_ids is not a list of token ids")
 
 
 def _opt_str(value: Any, name: str) -> str | None:
@@ -120,9 +136,7 @@ def decode_event(event: Any, engine: str = "vllm") -> Event | None:
         kind = f.get("kv_cache_spec_kind")
         if kind is not None and kind not in _PREFIX_KINDS:
             return None
-        tokens = f.get("token_ids")
-        if not isinstance(tokens, list) or not all(type(t) is int and 0 <= t <= MAX_TOKEN_ID for t in tokens):
-            raise BadEvent("wrong-type", "token_ids is not a list of token ids")
+        tokens = _token_ids(f.get("token_ids"))
         size = f.get("block_size")
         if type(size) is not int or size <= 0:
             raise BadEvent("wrong-type", "block_size is not a positive integer")

@@ -271,6 +271,21 @@ class BlockIndex:
                 out[name] = n
         return out
 
+    def held_run(self, keys: Sequence[int]) -> int:
+        """How many of ``keys``, from the first on, some endpoint holds (any medium, confirmed or speculative):
+        no endpoint's match can go further."""
+        self.expire()
+        dicts = [d for d in list(self.media.values()) if d]
+        if self.speculative:
+            dicts.append(self.speculative)
+        for i, k in enumerate(keys):
+            for d in dicts:
+                if k in d:
+                    break
+            else:
+                return i
+        return len(keys)
+
     def _match_weighted(self, keys: Sequence[int], slots: dict[int, str], active: int) -> dict[str, int]:
         """``match`` with tier weights: per endpoint, the sum over its leading run of blocks of the highest
         weight among the media holding each (speculative entries weigh as "gpu")."""

@@ -8,7 +8,9 @@ post-processor adds BOS), as vLLM does.
 Caching in tokens: the rendered prompt is cut at special tokens (which never merge with their neighbours) and,
 inside long stretches of text, after newlines that start a line (only when the tokenizer provably does not merge
 across them: a probe at load time). Each long piece's ids are kept in an LRU bounded by characters, so a shared
-8k-token system prompt or a conversation's earlier turns are tokenized once.
+8k-token system prompt or a conversation's earlier turns are tokenized once. ``head`` encodes only the start of
+a piece (cut before a word, where tokens provably never merge: a probe at load time), for text no endpoint can
+match past its first block (``PrecisePrefixCacheProducer._partial``).
 
 ``PodRenderer``: for models without a local tokenizer, asks a pod -- vLLM's ``/v1/chat/completions/render``
 and ``/v1/completions/render``, else ``/tokenize`` -- with a timeout and an LRU of answers.
@@ -32,6 +34,8 @@ log = logging.getLogger(__name__)
 
 MIN_CACHED_CHARS = 256  # shorter pieces are cheaper to tokenize than to look up
 CHUNK_CHARS = 8192  # long text is cut into about this much (at line starts) for the cache
+LEARNED_TOKENS = 1000  # tokens encoded before the learned characters per token estimates untokenized text
+HEAD_SEARCH_CHARS = 256  # how far past the wanted length ``head`` looks for a cut
 _SPECIAL_VARS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
 
 
@@ -154,12 +158,23 @@ class LocalTokenizer:
         self._prefix = self._tok.encode("", add_special_tokens=True).ids  # what the post-processor adds (BOS)
         self.cache = TokenCache(cache_chars)
         self._line_cuts = self._probe_line_cuts()
+        self._word_cuts = self._probe_word_cuts()
+        self.encoded_chars = self.encoded_tokens = 0  # what the cache was filled with: chars per token, learned
         self.path = file
 
     def _probe_line_cuts(self) -> bool:
         """Whether cutting text after a newline that starts a line tokenizes exactly as the whole."""
         for a, b in (("Hello world.\n", "Next line"), ("x = 1\n", "y = 2\n"), ("  indented\n", "- item"),
                      ("end\n", "\u4e2d\u6587 text"), ("a b c\n", "123 456")):
+            if self._encode(a + b) != self._encode(a) + self._encode(b):
+                return False
+        return True
+
+    def _probe_word_cuts(self) -> bool:
+        """Whether cutting text before a space between two letters tokenizes exactly as the whole (a
+        pre-tokenizer that splits words off, as every BPE one does): what ``head`` relies on."""
+        for a, b in (("Hello world", " again"), ("The cat", " sat down."), ("na\u00efve caf\u00e9", " cr\u00e8me"),
+                     ("one two", " three four"), ("\u6570\u636e", " analysis"), ("don't", " stop")):
             if self._encode(a + b) != self._encode(a) + self._encode(b):
                 return False
         return True
@@ -174,7 +189,37 @@ class LocalTokenizer:
         if ids is None:
             ids = self._encode(text)
             self.cache.put(text, ids)
+            self._learn(len(text), len(ids))
         return ids
+
+    def _learn(self, chars: int, tokens: int) -> None:
+        self.encoded_chars += chars
+        self.encoded_tokens += tokens
+
+    def chars_per_token(self) -> float | None:
+        """Characters per token over the text encoded into the cache; None before ``LEARNED_TOKENS``."""
+        return self.encoded_chars / self.encoded_tokens if self.encoded_tokens >= LEARNED_TOKENS else None
+
+    def first_unknown(self, pieces: list[str | int]) -> int | None:
+        """Index of the first piece the cache would keep but does not hold, None when there is none."""
+        for i, p in enumerate(pieces):
+            if isinstance(p, str) and len(p) >= MIN_CACHED_CHARS and p not in self.cache:
+                return i
+        return None
+
+    def head(self, text: str, chars: int) -> tuple[list[int], int] | None:
+        """(ids, cut): the exact leading token ids of ``text`` -- those of ``text[:cut]`` for the first cut
+        before a space between two letters at or after ``chars`` (a pre-token boundary: tokens never span it) --
+        or None when the tokenizer merges across such cuts or none lies within the first half of the text."""
+        if not self._word_cuts:
+            return None
+        limit = min(len(text) // 2, chars + HEAD_SEARCH_CHARS)
+        p = text.find(" ", max(1, chars))
+        while 0 < p < limit:
+            if text[p - 1].isalpha() and text[p + 1].isalpha():
+                return self._encode(text[:p]), p
+            p = text.find(" ", p + 1)
+        return None
 
     def _chunks(self, text: str, out: list[str | int]) -> None:
         """Long text cut into about ``CHUNK_CHARS`` (just after a newline that starts a line), for the cache."""
@@ -226,6 +271,7 @@ class LocalTokenizer:
     def remember(self, texts: list[str], ids: list[list[int]]) -> None:
         for text, token_ids in zip(texts, ids, strict=True):
             self.cache.put(text, token_ids)
+            self._learn(len(text), len(token_ids))
 
     def assemble(self, pieces: list[str | int], add_special_tokens: bool) -> list[int]:
         out: list[int] = list(self._prefix) if add_special_tokens else []

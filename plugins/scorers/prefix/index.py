@@ -39,9 +39,15 @@ class PrefixState:
     matches: dict[str, int] = field(default_factory=dict)  # endpoint name -> matched blocks
     credit: _Credit | None = None
     stamps: list[tuple[str, int]] = field(default_factory=list)  # (endpoint, stamp) inserted, to release
+    total_blocks: int = 0  # the prompt's blocks when ``hashes`` stop short of them (precise: untokenized text)
 
     def __bool__(self) -> bool:
         return bool(self.hashes)
+
+    @property
+    def blocks(self) -> int:
+        """The prompt's blocks (what a match is a fraction of)."""
+        return max(self.total_blocks, len(self.hashes))
 
     def matched_tokens(self, blocks: int) -> int:
         return min(int(blocks * (self.unit or self.block_tokens)), self.covered_tokens)
@@ -51,7 +57,7 @@ class PrefixState:
         """Best match over the endpoints matched so far, as a fraction of the request's blocks."""
         if not self.hashes or not self.matches:
             return 0.0
-        return max(self.matches.values()) / len(self.hashes)
+        return max(self.matches.values()) / self.blocks
 
 
 class _Server:

@@ -120,7 +120,7 @@ class PrefixCacheScorer(Scorer, RequestObserver):
         matches = prod.match_all(st, endpoints)
         PREFIX_MATCH.put(request, PrefixMatch(st.prompt_tokens, {e.name: st.matched_tokens(m)
                                                                  for e, m in zip(endpoints, matches, strict=True)}))
-        n = len(st.hashes)
+        n = st.blocks
         if self.weight is not None:
             w, scale = self.weight, self.scale
             return [w * min(1.0, st.matched_tokens(m) / scale) ** 2 + (1 - w) * m / n for m in matches]
