@@ -65,7 +65,10 @@ def _alive(pid: int, start: int) -> bool:
 def _run_rig(argv: list[str], sig: signal.Signals, tmp_path: Path) -> None:
     log = tmp_path / "rig.log"
     with open(log, "wb") as out:
-        rig = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        # SIGHUP as a terminal leaves it: a run under nohup would pass its SIG_IGN on, and the rig rightly
+        # leaves an ignored signal alone
+        rig = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                               preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     children: dict[int, int] = {}
     try:
         deadline = time.monotonic() + READY_TIMEOUT
