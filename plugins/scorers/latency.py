@@ -170,6 +170,24 @@ class EwmaValue:
 
 
 @dataclass(slots=True)
+class DecayedRate:
+    """Events a second, counted with time constant ``RATE_WINDOW``."""
+
+    n: float = 0.0
+    at: float = 0.0  # when ``n`` was last brought up to date
+
+    def count(self, now: float) -> None:
+        self.n = self.n * math.exp((self.at - now) / RATE_WINDOW) + 1.0
+        self.at = now
+
+    def rate(self, now: float, since: float) -> float:
+        """About the last ``RATE_WINDOW`` seconds; over the time since ``since`` while that is shorter (no rate
+        from under 1 s)."""
+        window = RATE_WINDOW * -math.expm1(-max(now - since, 1.0) / RATE_WINDOW)
+        return self.n * math.exp((self.at - now) / RATE_WINDOW) / window
+
+
+@dataclass(slots=True)
 class _Pending:
     tokens: int
     expires: float
@@ -189,18 +207,14 @@ class EndpointRates:
     run_scrapes: int = 0
     explained_until: float = 0.0
     pending: dict[int, _Pending] = field(default_factory=dict)  # request key -> prefill not started yet
-    picks: float = 0.0  # EPP's picks of this endpoint, decayed with time constant RATE_WINDOW ...
-    picks_at: float = 0.0  # ... as of this time
+    picks: DecayedRate = field(default_factory=lambda: DecayedRate())  # EPP's picks of this endpoint
 
     def pick_rate(self, now: float, since: float) -> float:
-        """Requests a second EPP has been sending here (about the last ``RATE_WINDOW`` seconds; over the time
-        since ``since``, when EPP started picking, while that is shorter)."""
-        window = RATE_WINDOW * -math.expm1(-max(now - since, 1.0) / RATE_WINDOW)  # no rate from under 1 s
-        return self.picks * math.exp((self.picks_at - now) / RATE_WINDOW) / window
+        """Requests a second EPP has been sending here (see ``DecayedRate``; since EPP started picking)."""
+        return self.picks.rate(now, since)
 
     def count_pick(self, now: float) -> None:
-        self.picks = self.picks * math.exp((self.picks_at - now) / RATE_WINDOW) + 1.0
-        self.picks_at = now
+        self.picks.count(now)
 
     @property
     def slowness(self) -> float:
@@ -243,20 +257,10 @@ class EndpointRates:
 
 
 @dataclass(slots=True)
-class PrefixRate:
-    """How often requests sharing one cached prefix come (decayed with time constant ``RATE_WINDOW``)."""
+class PrefixRate(DecayedRate):
+    """How often requests sharing one cached prefix come."""
 
-    first: float  # when the prefix was first seen cached (its rate is averaged over no longer than that)
-    n: float = 0.0
-    at: float = 0.0
-
-    def count(self, now: float) -> None:
-        self.n = self.n * math.exp((self.at - now) / RATE_WINDOW) + 1.0
-        self.at = now
-
-    def rate(self, now: float) -> float:
-        window = RATE_WINDOW * -math.expm1(-max(now - self.first, 1.0) / RATE_WINDOW)
-        return self.n * math.exp((self.at - now) / RATE_WINDOW) / window
+    first: float = 0.0  # when the prefix was first seen cached (its rate is averaged over no longer than that)
 
 
 @dataclass(slots=True)
@@ -439,7 +443,7 @@ class PredictedLatencyScorer(FollowsStalenessFlag, Scorer, RequestObserver):
         if stat is None:
             return
         now = monotonic()
-        lam = stat.rate(now)
+        lam = stat.rate(now, stat.first)
         least = min(p.uncached for p in preds)
         holders = [k for k, p in enumerate(preds) if p.uncached == least]
         h = min(holders, key=costs.__getitem__)
