@@ -267,9 +267,11 @@ async def test_scraper_keeps_metrics_current(servers):
         assert ep.metrics.kv_cache_usage == 0.9
         hits = srv.hits
         await asyncio.sleep(0.2)
-        assert 3 <= srv.hits - hits <= 13  # ~every 20 ms
+        assert srv.hits - hits <= 13  # ~every 20 ms, never faster; a busy machine may scrape less often
+        await _until(lambda: srv.hits - hits >= 3, 5.0)
+        await _until(lambda: scraper.stats(ep).scrapes >= 10, 5.0)
         stats = scraper.stats(ep)
-        assert stats is not None and stats.scrapes >= 10 and stats.errors == 0 and 0 < stats.last_duration < 0.5
+        assert stats is not None and stats.errors == 0 and 0 < stats.last_duration < 0.5
         assert scraper.url_for(ep) == f"http://127.0.0.1:{srv.port}/metrics"
     finally:
         await scraper.stop()
