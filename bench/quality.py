@@ -36,7 +36,17 @@ from typing import Any
 
 from bench import workloads as wl
 from bench.client import RunOutput, new_session, run_open_loop
-from bench.harness import KV_EVENT_TARGETS, PEERS, PRESSURE_TARGETS, TARGETS, CpuMeter, SimPods, Target, make_targets
+from bench.harness import (
+    KV_EVENT_TARGETS,
+    PEERS,
+    PRESSURE_TARGETS,
+    TARGETS,
+    CpuMeter,
+    EnvoyEpp,
+    SimPods,
+    Target,
+    make_targets,
+)
 from bench.report import fmt, markdown_table, pct, plot_quality, table
 
 RESULTS = Path(__file__).parent / "results"
@@ -62,6 +72,7 @@ class QualityConfig:
     suite: str | None = None  # a key of workloads.SUITES: its workloads, each with its own rate and pod settings
     seeds: list[int] = field(default_factory=list)  # empty: [seed]
     rate_scale: float = 1.0  # suite mode: every workload's rate times this
+    record_traces: Path | None = None  # EPP targets record their requests here (epp --record-trace), for replay
     tokenizer: str | None = None  # the pods' --tokenizer (suite mode: deepseek)
 
 
@@ -318,6 +329,11 @@ async def run_quality(cfg: QualityConfig) -> dict[str, Any]:
                             target = make_targets([name], pods.endpoints, pods.kv_event_endpoints, wl.MODEL,
                                                   cfg.tokenizer)[0]
                             descriptions[target.name] = target.description
+                            if cfg.record_traces and isinstance(target, EnvoyEpp):
+                                cfg.record_traces.mkdir(parents=True, exist_ok=True)
+                                trace = cfg.record_traces / f"{job.workload}-s{seed}-{target.name}.jsonl"
+                                trace.unlink(missing_ok=True)
+                                target.stack.epp_args += ["--record-trace", str(trace)]
                             try:
                                 await asyncio.to_thread(target.start)
                             except Exception as exc:  # one router that cannot start must not end the suite
@@ -496,6 +512,8 @@ def parse_args(argv: list[str] | None) -> QualityConfig:
                     help="workload size override, e.g. shared-prefix.groups=32 or multi-turn.output_tokens=50,80")
     ap.add_argument("--out", type=Path, help="output directory (default bench/results/<timestamp>)")
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--record-traces", type=Path, metavar="DIR",
+                    help="EPP targets record every request to DIR/<workload>-s<seed>-<target>.jsonl (epp replay)")
     a = ap.parse_args(argv)
     kw: dict[str, dict[str, Any]] = {}
     for s in a.set:
@@ -511,7 +529,7 @@ def parse_args(argv: list[str] | None) -> QualityConfig:
         if v is not None}
     common = dict(sim_extra=a.sim_arg, rate=a.rate, drain=a.drain, seed=a.seed, workload_kw=kw, out=a.out,
                   plots=not a.no_plots, seeds=[int(x) for x in a.seeds.split(",")] if a.seeds else [],
-                  rate_scale=a.rate_scale)
+                  rate_scale=a.rate_scale, record_traces=a.record_traces)
     if a.suite:
         return suite_config(a.suite, **common, **given)
     return QualityConfig(**common, **given)

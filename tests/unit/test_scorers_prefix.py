@@ -32,9 +32,9 @@ def route(p, request, endpoints, target):
     return scores
 
 
-def complete(p, request, target, cached, status=200, completed=True, served=None):
+def complete(p, request, target, cached, status=200, completed=True, served=None, answer=1):
     p.on_response_complete(request, target, ResponseInfo(status=status, completed=completed, served_endpoint=served,
-                                                         usage=Usage(prompt_tokens=0, completion_tokens=1,
+                                                         usage=Usage(prompt_tokens=0, completion_tokens=answer,
                                                                      cached_tokens=cached)))
 
 
@@ -355,7 +355,8 @@ def test_reported_miss_lowers_the_horizon_and_old_entries_stop_matching():
     again2 = req(old2, rid="again2")
     route(s, again2, [a], a)
     complete(s, again2, a, cached=0)  # a second, consistent miss: entries 210 blocks old are gone
-    assert prod.horizon("a") == 210
+    # (ages count blocks inserted since, and a completion inserts its prompt again: the server frees it then)
+    assert prod.horizon("a") == 420
     assert prod.stats["misses"] == 1
     # the prompt itself was just recomputed, so it matches again; things older than 210 blocks do not
     assert score(s, [a], req(old)) == [1.0]
@@ -412,6 +413,33 @@ def test_feedback_ignores_failures_fallbacks_and_missing_usage():
     assert not prod._servers["a"].inflight  # every insertion was released
 
 
+def test_answers_take_room_in_the_index_as_in_the_servers_cache():
+    """The server caches an answer's blocks too: with room for 30 blocks, two 10-block prompts and a 10-block
+    answer fill it, and the next prompt pushes out the oldest."""
+    s = plugin("prefix-cache-scorer", "{scoreMode: ratio, lruCapacityPerServer: 30, autoTune: false}")
+    a = ep("a")
+    first, second, third = (words(640, 40 + i) for i in range(3))  # 10 blocks of 64 characters each
+    for rid, text, answer in (("1", first, 0), ("2", second, 160), ("3", third, 0)):  # 160 tokens: 10 blocks
+        r = req(text, rid=rid)
+        route(s, r, [a], a)
+        complete(s, r, a, cached=0, answer=answer)
+    assert [score(s, [a], req(t)) for t in (first, second, third)] == [[0.0], [1.0], [1.0]]
+
+
+def test_a_completed_prompt_is_the_most_recently_used():
+    """A server frees a request's blocks when it ends: a long request's prompt outlives the prompts picked
+    after it but finished before it."""
+    s = plugin("prefix-cache-scorer", "{scoreMode: ratio, lruCapacityPerServer: 30, autoTune: false}")
+    a = ep("a")
+    texts = [words(640, 50 + i) for i in range(4)]
+    reqs = [req(t, rid=str(i)) for i, t in enumerate(texts)]
+    for r in reqs[:3]:
+        route(s, r, [a], a)
+    complete(s, reqs[0], a, cached=0, answer=0)  # the first ends last of the three: its blocks are freed now
+    route(s, reqs[3], [a], a)
+    assert [score(s, [a], req(t)) for t in texts] == [[1.0], [0.0], [1.0], [1.0]]
+
+
 def test_a_surprise_hit_raises_the_horizon_back():
     s = plugin("prefix-cache-scorer", "{scoreMode: ratio}")
     prod = s.prefix_producer()
@@ -425,8 +453,8 @@ def test_a_surprise_hit_raises_the_horizon_back():
     assert score(s, [a], req(text)) == [0.0]  # beyond the horizon
     r = req(text, rid="1")
     route(s, r, [a], a)
-    complete(s, r, a, cached=160)  # the server had it all
-    assert prod.horizon("a") == 31 and prod.stats["surprise_hits"] == 1
+    complete(s, r, a, cached=160)  # the server had it all (ages count completions, which insert a prompt again)
+    assert prod.horizon("a") == 61 and prod.stats["surprise_hits"] == 1
 
 
 def test_feedback_can_be_turned_off():

@@ -21,6 +21,10 @@ the oldest block it proved present. Credit only counts entries whose inserting r
 (two identical prompts sent together both miss, and that says nothing about eviction). The request's
 own blocks stay indexed: the model server has just computed and cached them.
 
+Answers. The server caches an answer's blocks too and frees a request's blocks when it ends (tail first): at
+completion filler entries stand for the answer's ``completion_tokens`` and the prompt is inserted again behind
+them, so the index fills, and forgets, at the server's pace.
+
 Restarts. Misses find an endpoint that restarted with an empty cache only after ``MISSES_TO_FORGET`` of them,
 each a cold prefill. The scraper sees the restart itself (a counter going backwards, a new process start time:
 ``epp.datalayer.restarts``) and the endpoint's entries are dropped at that scrape; a response to a request
@@ -282,12 +286,16 @@ class ApproxPrefixCacheProducer(RequestObserver):
         st: PrefixState | None = request.attributes.get(self._key)
         if st is None:
             return
+        picked = False  # this endpoint got the prompt's blocks at the pick, since its server (last) started
         for name, stamp in st.stamps:
             srv = self._servers.get(name)
             if srv is not None:
                 srv.inflight.discard(stamp)
+                picked = picked or (name == endpoint.name and stamp > srv.born)
         st.stamps = []
         self._audit(st, endpoint, response)
+        if picked:
+            self._store_answer(st, endpoint, response)
         credit, st.credit = st.credit, None
         if credit is None or credit.endpoint != endpoint.name or not response.completed:
             return
@@ -301,6 +309,23 @@ class ApproxPrefixCacheProducer(RequestObserver):
         srv = self._servers.get(credit.endpoint)
         if srv is not None and credit.stamp > srv.born:  # credited against a cache that a restart has since emptied
             self.apply_feedback(srv, credit, usage.cached_tokens, st.unit or st.block_tokens, self._slack(st, request))
+
+    def _store_answer(self, st: PrefixState, endpoint: Endpoint, response: ResponseInfo) -> None:
+        """The server caches the answer's blocks too, and frees a request's blocks when it ends, tail first: the
+        answer's go first, the prompt's head last. So the answer takes room (filler entries, never matched), then
+        the prompt becomes the most recently used again, and the index fills and forgets at the server's pace:
+        without this it believed long conversations were still held after the server had evicted them."""
+        srv = self._servers.get(endpoint.name)
+        if srv is None or not 200 <= response.status < 300 or (
+                response.served_endpoint and response.served_endpoint != endpoint.hostport):
+            return
+        unit = st.unit or st.block_tokens
+        usage = response.usage
+        answer = int(usage.completion_tokens / unit) if usage is not None and usage.completion_tokens else 0
+        if answer:
+            srv.filler -= answer
+            self._index(srv, endpoint, range(srv.filler, srv.filler + answer), unit)
+        self._index(srv, endpoint, st.hashes, unit)
 
     def _audit(self, st: PrefixState, endpoint: Endpoint, response: ResponseInfo) -> None:
         """The match predicted at the pick against the cached tokens the server reported, in its terms: a server
