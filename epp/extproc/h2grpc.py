@@ -67,9 +67,12 @@ _U32 = struct.Struct(">L")
 _GRPC_PREFIX = struct.Struct(">BL")
 
 
+def _frame_head(ftype: int, flags: int, stream_id: int, n: int) -> bytes:
+    return _FRAME_HEAD.pack(n >> 16, n & 0xFFFF, ftype, flags, stream_id)
+
+
 def _frame(ftype: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
-    n = len(payload)
-    return _FRAME_HEAD.pack(n >> 16, n & 0xFFFF, ftype, flags, stream_id) + payload
+    return _frame_head(ftype, flags, stream_id, len(payload)) + payload
 
 
 def _hpack_int(value: int, prefix_bits: int, first: int = 0) -> bytes:
@@ -145,7 +148,9 @@ class Call:
         self.headers_sent = False
         self.finished = False  # trailers queued or sent: nothing more is sent
         self.remote_closed = False
-        self.pending: bytearray | None = None  # DATA payload waiting for flow-control window
+        # DATA payload waiting for flow-control window: a view of what send() was given (a large body waits for
+        # several WINDOW_UPDATEs, and is not copied at each), made a bytearray only if more is sent meanwhile.
+        self.pending: bytearray | memoryview | None = None
         self.pending_trailers: bytes | None = None
         self.metadata = metadata  # the request's headers (lower-case names)
 
@@ -159,6 +164,8 @@ class Call:
             out.append(_frame(HEADERS, END_HEADERS, self.stream_id, _RESPONSE_HEADERS))
         data = _GRPC_PREFIX.pack(0, len(message)) + message
         if self.pending is not None:
+            if isinstance(self.pending, memoryview):
+                self.pending = bytearray(self.pending)
             self.pending += data
             return
         self.conn.send_data(self, data)
@@ -366,7 +373,7 @@ class _Connection(asyncio.Protocol):
         self.decoder = hpack.Decoder()
         self.decoder.max_allowed_table_size = 1 << 16
         self.calls: dict[int, Call] = {}
-        self.out: list[bytes] = []  # frames produced while handling input; written once per read
+        self.out: list[bytes | memoryview] = []  # frames produced while handling input; written once per read
         self.send_window = DEFAULT_WINDOW  # connection-level, what the peer lets us send
         self.peer_initial_window = DEFAULT_WINDOW
         self.peer_max_frame = 16_384
@@ -451,7 +458,7 @@ class _Connection(asyncio.Protocol):
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.write(b"".join(out))
 
-    def send_data(self, call: Call, data: bytes | bytearray) -> None:
+    def send_data(self, call: Call, data: bytes | bytearray | memoryview) -> None:
         """Send DATA frames as far as both flow-control windows allow; keep the rest pending."""
         view = memoryview(data)
         sent = 0
@@ -460,11 +467,12 @@ class _Connection(asyncio.Protocol):
         while sent < total:
             room = min(call.send_window, self.send_window, limit)
             if room <= 0:
-                call.pending = bytearray(view[sent:])
+                call.pending = view[sent:]
                 self.blocked[call.stream_id] = call
                 return
             n = min(room, total - sent)
-            self.out.append(_frame(DATA, 0, call.stream_id, bytes(view[sent:sent + n])))
+            # The header and a view of the payload: flush's join is the one copy (a large body is ~4 frames).
+            self.out += (_frame_head(DATA, 0, call.stream_id, n), view[sent:sent + n])
             call.send_window -= n
             self.send_window -= n
             sent += n
@@ -543,20 +551,24 @@ class _Connection(asyncio.Protocol):
             pos = len(PREFACE)
         end = len(buf)
         unpack = _FRAME_HEAD.unpack_from
-        while end - pos >= 9:
-            hi, lo, ftype, flags, stream_id = unpack(buf, pos)
-            length = (hi << 16) | lo
-            if length > MAX_FRAME_SIZE:
-                raise ConnectionError_(FRAME_SIZE_ERROR, f"frame of {length} bytes")
-            if end - pos - 9 < length:
-                break
-            payload = bytes(buf[pos + 9: pos + 9 + length])
-            pos += 9 + length
-            self._frame(ftype, flags, stream_id & 0x7FFFFFFF, payload)
+        with memoryview(buf) as view:
+            while end - pos >= 9:
+                hi, lo, ftype, flags, stream_id = unpack(buf, pos)
+                length = (hi << 16) | lo
+                if length > MAX_FRAME_SIZE:
+                    raise ConnectionError_(FRAME_SIZE_ERROR, f"frame of {length} bytes")
+                if end - pos - 9 < length:
+                    break
+                start, pos = pos + 9, pos + 9 + length
+                # DATA as a view, not two copies: _messages copies each message out once.
+                self._frame(ftype, flags, stream_id & 0x7FFFFFFF,
+                            view[start:pos] if ftype == DATA else bytes(view[start:pos]))
         if pos:
-            del buf[:pos]
+            # A new buffer for the rest, not this one resized: a view may outlive the read (an error an RPC keeps
+            # holds its traceback's frames), and a bytearray with a view cannot change size.
+            self.buf = buf[pos:]
 
-    def _frame(self, ftype: int, flags: int, stream_id: int, payload: bytes) -> None:
+    def _frame(self, ftype: int, flags: int, stream_id: int, payload: bytes | memoryview) -> None:
         if self.continuation is not None and ftype != CONTINUATION:
             raise ConnectionError_(PROTOCOL_ERROR, "header block interrupted")
         if ftype == DATA:
@@ -594,14 +606,14 @@ class _Connection(asyncio.Protocol):
         # PRIORITY and unknown frame types are ignored (RFC 9113 §5.5)
 
     @staticmethod
-    def _unpad(flags: int, payload: bytes) -> bytes:
+    def _unpad(flags: int, payload: bytes | memoryview) -> bytes | memoryview:
         if flags & PADDED:
             if not payload or payload[0] >= len(payload):
                 raise ConnectionError_(PROTOCOL_ERROR, "bad padding")
             return payload[1: len(payload) - payload[0]]
         return payload
 
-    def _on_data(self, flags: int, stream_id: int, payload: bytes) -> None:
+    def _on_data(self, flags: int, stream_id: int, payload: memoryview) -> None:
         if stream_id == 0:
             raise ConnectionError_(PROTOCOL_ERROR, "DATA on stream 0")
         self.recv_unacked += len(payload)  # padding counts against flow control too
@@ -619,14 +631,14 @@ class _Connection(asyncio.Protocol):
             elif call.finished:
                 self.calls.pop(stream_id, None)
 
-    def _messages(self, call: Call, data: bytes) -> None:
+    def _messages(self, call: Call, data: bytes | memoryview) -> None:
         """Cut gRPC length-prefixed messages out of the stream's bytes and hand them to the RPC."""
         buf = call.buf
         if not buf and len(data) >= 5:  # the common case: a frame holds whole messages
             flag, n = _GRPC_PREFIX.unpack_from(data, 0)
             if len(data) == 5 + n and not flag and n <= self.server.max_message_bytes:
                 if call.rpc is not None and not call.finished:
-                    self._guard(call, call.rpc.message, data[5:])
+                    self._guard(call, call.rpc.message, bytes(data[5:]))
                 return
         buf += data
         while len(buf) >= 5 and not call.finished:

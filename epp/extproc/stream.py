@@ -221,8 +221,9 @@ class ExtProcStream:
         if o.max_body_chunks and len(self._chunks) >= o.max_body_chunks:
             raise EppError(413, "body-too-fragmented", f"request body arrived in more than {o.max_body_chunks} "
                            "pieces")
-        if msg.body:
-            n = len(msg.body)
+        body = msg.body  # each read of a bytes field copies it (upb)
+        if body:
+            n = len(body)
             self._size += n
             if self._size > o.max_body_bytes:
                 raise self._too_large()
@@ -231,7 +232,7 @@ class ExtProcStream:
                     raise EppError(503, "body-buffer-full", "the endpoint picker is holding too many request "
                                    "bodies at once; retry shortly")
                 self._reserved += n
-            self._chunks.append(msg.body)
+            self._chunks.append(body)
         if msg.end_of_stream:
             self._finish_body()
         return []

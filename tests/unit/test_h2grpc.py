@@ -116,6 +116,18 @@ def test_a_whole_ext_proc_exchange_and_large_bodies_cross_flow_control(running):
     assert servicer.active_streams == 0
 
 
+def test_a_refused_body_leaves_the_connection_serving(running):
+    """A body EPP refuses keeps its error, and the error its traceback: the connection's read buffer must still
+    move on (it is handed out as views) and serve the next request."""
+    _, r = running
+    ch, stub = _stub(r.port)
+    with ch:
+        refused = list(stub.Process(iter([headers_msg("/v1/completions"), body_msg(b"{not json")]), timeout=20))
+        assert refused[-1].immediate_response.status.code == 400
+        body = json.dumps({"model": "m", "prompt": "hi", "max_tokens": 1}).encode()
+        assert len(list(stub.Process(iter(_exchange(body, b"{}")), timeout=20))) == 4
+
+
 def test_many_concurrent_streams_on_one_connection(running):
     servicer, r = running
     body = json.dumps({"model": "m", "prompt": "hi", "max_tokens": 1}).encode()

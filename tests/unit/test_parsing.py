@@ -161,6 +161,16 @@ def test_nesting_exceeds() -> None:
     assert not nesting_exceeds({"a": [1, {"b": []}]}, 4)
     assert nesting_exceeds({"a": [1, {"b": []}]}, 3)
     assert not nesting_exceeds({}, 1)
+    assert nesting_exceeds({"a": list(range(10)), "b": []}, 4, budget=5) is None  # undecided within the budget
+    assert nesting_exceeds({"a": [[[]]]}, 2, budget=5) is True
+
+
+def test_depth_limit_is_exact_behind_many_elements() -> None:
+    # More elements than the walk's first budget: the openers are counted first, the answer is the same.
+    ids = ",".join(["1"] * 1000).encode()
+    body = b'{"model":"m","prompt":[' + ids + b'],"x":%s%s}'
+    assert refused(COMPLETIONS, body % (b"[" * 64, b"]" * 64)).reason == "json-too-deep"  # 65 levels
+    assert parse(COMPLETIONS, body % (b"[" * 63, b"]" * 63)).payload is not None
 
 
 def test_decode_json_object_returns_the_dict() -> None:
