@@ -35,7 +35,7 @@ lint: $(STAMP)
 bench: $(STAMP)  ## routing quality: the same workloads through Envoy RR, Envoy + EPP, vllm-router (~8 min)
 	$(BIN)/python -m bench.quality
 
-bench-overhead: $(STAMP)  ## EPP's own cost: added latency per request, highest request rate (~4 min)
+bench-overhead: $(STAMP)  ## EPP's own cost: added latency per request, highest request rate, 220 KB prompts x150 (~7 min)
 	$(BIN)/python -m bench.overhead
 
 clean:

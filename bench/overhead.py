@@ -1,7 +1,7 @@
 """EPP's own cost: latency it adds per request against Envoy routing statically, and the highest request rate
 one EPP process sustains.
 
-    python -m bench.overhead                 # or: make bench-overhead  (~4 min on 2 cores)
+    python -m bench.overhead                 # or: make bench-overhead  (~7 min on 2 cores)
 
 The pods use the ``instant`` simulator profile (no GPU time), so what remains is proxying and routing. One
 LocalStack per ``response_body_mode`` (FULL_DUPLEX_STREAMED: every response chunk goes through EPP; NONE:
@@ -14,8 +14,12 @@ EPP sees the request only) with its baseline listener (round robin, no ext_proc)
    (<5% for two steps, and at least up to 32) or errors appear; req/s, p50/p99 latency and EPP's CPU %
    (from /proc/<pid>/stat; 100% = one core) per step. The same ramp on the baseline listener shows what
    the box itself allows.
-3. Large prompts (``--large-bytes`` 220 KB, ``--large-concurrency`` 150): bursts of streamed requests,
-   TTFT through EPP against Envoy alone.
+3. Large prompts (``--large-bytes`` 220 KB, ``--large-concurrency`` 150), streamed, TTFT through EPP against
+   Envoy alone, three ways: a closed loop as a load tool runs one (each of 150 clients sends its next request
+   when its last ends; phases alternate between the listeners) with the instant pods, where the loop runs as
+   fast as the box's CPU allows; the same loop with pods that hold each request ``--large-pod-delay-ms`` (2 s,
+   about a 58k-token prefill on one GPU) before their engine sees it, so that the pods, not this box's CPU,
+   limit the loop as GPUs do; and synchronized bursts of 150 requests sent at once.
 4. Targets: the figures above as ratios to Envoy's static route in the same run.
 5. Scheduling time per decision at 8/64/256 endpoints (bench/scheduling_bench.py), when it is present.
 """
@@ -129,6 +133,84 @@ async def closed_loop(http: aiohttp.ClientSession, url: str, body: bytes, concur
             "p50": pct(lat, 50), "p99": pct(lat, 99)}
 
 
+def _ttft_summary(ttft: dict[str, list[float]], out: dict[str, Any]) -> dict[str, Any]:
+    if ttft["gateway"] and ttft["baseline"]:
+        for q in (50, 99):
+            out[f"ttft_p{q}_baseline"] = pct(ttft["baseline"], q)
+            out[f"ttft_p{q}_gateway"] = pct(ttft["gateway"], q)
+            out[f"ttft_p{q}_added"] = pct(ttft["gateway"], q) - pct(ttft["baseline"], q)  # type: ignore[operator]
+    return out
+
+
+async def _closed_loop_phase(http: aiohttp.ClientSession, url: str, body: bytes, concurrency: int, seconds: float,
+                             pids: dict[str, int]) -> dict[str, Any]:
+    """One phase of ``large_closed_loop`` on one listener: TTFTs, errors, and CPU over the counted part."""
+    t0 = time.perf_counter()
+    warmup = seconds / 4
+    counted_from, deadline = t0 + warmup, t0 + seconds
+    out: dict[str, Any] = {"ttft": [], "errors": 0, "first_error": None}
+
+    async def client(k: int) -> None:
+        await asyncio.sleep(warmup * k / concurrency)
+        while time.perf_counter() < deadline:
+            sent = time.perf_counter()
+            r = await send(http, url, Planned(k, 0.0, "chat", body, stream=True), t0, timeout=120)
+            if sent < counted_from:
+                continue
+            if not r.ok or r.ttft is None:
+                out["errors"] += 1
+                out["first_error"] = out["first_error"] or r.error
+            else:
+                out["ttft"].append(r.ttft)
+
+    async def meter() -> CpuMeter:
+        await asyncio.sleep(warmup)
+        return CpuMeter(pids).start()
+
+    *_, cpu = await asyncio.gather(*(client(k) for k in range(concurrency)), meter())
+    # CPU until the last counted request ended; the rate over the window in which counted requests started
+    out["cpu_s"] = {proc: v * (time.perf_counter() - counted_from) / 100 for proc, v in cpu.stop().items()}
+    out["elapsed"] = deadline - counted_from
+    return out
+
+
+async def large_closed_loop(http: aiohttp.ClientSession, gateway: str, baseline: str, body: bytes, concurrency: int,
+                            seconds: float, phases: int, pids: dict[str, int]) -> dict[str, Any]:
+    """GIE's large-prompt case as its load tool runs it: ``concurrency`` clients in a closed loop (each sends its
+    next streamed request when its last one ends), ``phases`` phases of ``seconds`` per listener, alternating
+    (gateway, baseline, baseline, gateway, ...). Clients start spread over a phase's first quarter, whose requests
+    are not counted (a load tool's steady state, not its start); CPU per request is over the counted part."""
+    ttft: dict[str, list[float]] = {"gateway": [], "baseline": []}
+    wall = {"gateway": 0.0, "baseline": 0.0}
+    cpu_s: dict[str, dict[str, float]] = {"gateway": {}, "baseline": {}}
+    out: dict[str, Any] = {"concurrency": concurrency, "seconds": seconds, "phases": phases, "bytes": len(body),
+                           "errors": 0, "first_error": None}
+    for i in range(2 * phases):
+        name, url = (("gateway", gateway), ("baseline", baseline))[(i + i // 2) % 2]
+        phase = await _closed_loop_phase(http, url, body, concurrency, seconds, pids)
+        ttft[name] += phase["ttft"]
+        wall[name] += phase["elapsed"]
+        out["errors"] += phase["errors"]
+        out["first_error"] = out["first_error"] or phase["first_error"]
+        for proc, v in phase["cpu_s"].items():
+            cpu_s[name][proc] = cpu_s[name].get(proc, 0.0) + v
+    for name in ("gateway", "baseline"):
+        n = len(ttft[name])
+        out[f"requests_{name}"] = n
+        out[f"rps_{name}"] = n / wall[name] if wall[name] else None
+        # ms of CPU per request of each process (and of the whole box), over the counted windows
+        out[f"cpu_ms_per_req_{name}"] = {p: round(1000 * v / n, 2) for p, v in cpu_s[name].items()} if n else {}
+    return _ttft_summary(ttft, out)
+
+
+async def _pod_delay(http: aiohttp.ClientSession, endpoints: list[str], ms: float) -> None:
+    """Every pod holds each inference request ``ms`` before its engine sees it (the simulator's ``delay_ms``)."""
+    async def one(ep: str) -> None:
+        async with http.post(f"http://{ep}/sim/control", json={"delay_ms": ms}) as r:
+            r.raise_for_status()
+    await asyncio.gather(*(one(ep) for ep in endpoints))
+
+
 async def large_prompts(http: aiohttp.ClientSession, gateway: str, baseline: str, body: bytes, concurrency: int,
                         rounds: int) -> dict[str, Any]:
     """``rounds`` bursts of ``concurrency`` streamed requests carrying a large prompt, to each listener in turn
@@ -152,12 +234,7 @@ async def large_prompts(http: aiohttp.ClientSession, gateway: str, baseline: str
                     ttft[name].append(r.ttft)
     out: dict[str, Any] = {"concurrency": concurrency, "rounds": rounds, "bytes": len(body), "errors": errors,
                            "first_error": first_error}
-    if ttft["gateway"] and ttft["baseline"]:
-        for q in (50, 99):
-            out[f"ttft_p{q}_baseline"] = pct(ttft["baseline"], q)
-            out[f"ttft_p{q}_gateway"] = pct(ttft["gateway"], q)
-            out[f"ttft_p{q}_added"] = pct(ttft["gateway"], q) - pct(ttft["baseline"], q)  # type: ignore[operator]
-    return out
+    return _ttft_summary(ttft, out)
 
 
 async def ramp(http: aiohttp.ClientSession, url: str, body: bytes, pids: dict[str, int], seconds: float,
@@ -193,10 +270,11 @@ def _peak(steps: list[dict[str, Any]]) -> dict[str, Any]:
 async def run_overhead(pods: int = 4, modes: tuple[str, ...] = ("FULL_DUPLEX_STREAMED", "NONE"), n_plain: int = 1000,
                        n_stream: int = 150, prompt_tokens: int = 1000, step_seconds: float = 4.0,
                        max_concurrency: int = 256, baseline_ramp: bool = True, log: Any = print,
-                       large_bytes: int = 220_000, large_concurrency: int = 150,
-                       large_rounds: int = 4) -> dict[str, Any]:
+                       large_bytes: int = 220_000, large_concurrency: int = 150, large_seconds: float = 12.0,
+                       large_phases: int = 2, large_rounds: int = 2,
+                       large_pod_delay_ms: float = 2000.0) -> dict[str, Any]:
     plain, stream = _bodies(prompt_tokens)
-    large = _large_body(large_bytes) if large_rounds else b""
+    large = _large_body(large_bytes) if large_rounds or large_phases else b""
     out: dict[str, Any] = {"modes": {}, "params": dict(pods=pods, n_plain=n_plain, n_stream=n_stream,
                                                        prompt_tokens=prompt_tokens, step_seconds=step_seconds)}
     for mode in modes:
@@ -217,10 +295,22 @@ async def run_overhead(pods: int = 4, modes: tuple[str, ...] = ("FULL_DUPLEX_STR
                 res["plain"] = await added_latency(http, stack.url, baseline, plain, False, n_plain)
                 log(f"{mode}: added latency, streamed 1k tokens ({n_stream} pairs)")
                 res["stream"] = await added_latency(http, stack.url, baseline, stream, True, n_stream)
+                if large_phases:
+                    log(f"{mode}: {large_bytes // 1000} KB prompts, closed loop at concurrency {large_concurrency}")
+                    res["large"] = await large_closed_loop(http, stack.url, baseline, large, large_concurrency,
+                                                           large_seconds, large_phases, pids)
+                    if large_pod_delay_ms:
+                        log(f"{mode}: the same, pods {large_pod_delay_ms:g} ms to their engine")
+                        await _pod_delay(http, stack.endpoints, large_pod_delay_ms)
+                        res["large_delayed"] = await large_closed_loop(
+                            http, stack.url, baseline, large, large_concurrency,
+                            large_seconds + large_pod_delay_ms / 1000, large_phases, pids)
+                        res["large_delayed"]["pod_delay_ms"] = large_pod_delay_ms
+                        await _pod_delay(http, stack.endpoints, 0.0)
                 if large_rounds:
-                    log(f"{mode}: {large_bytes // 1000} KB prompts at concurrency {large_concurrency}")
-                    res["large"] = await large_prompts(http, stack.url, baseline, large, large_concurrency,
-                                                       large_rounds)
+                    log(f"{mode}: {large_bytes // 1000} KB prompts, bursts of {large_concurrency}")
+                    res["large_burst"] = await large_prompts(http, stack.url, baseline, large, large_concurrency,
+                                                             large_rounds)
                 log(f"{mode}: throughput ramp through EPP")
                 res["ramp"] = await ramp(http, stack.url, plain, pids, step_seconds, max_concurrency, log)
                 if baseline_ramp and mode == modes[0]:
@@ -301,13 +391,17 @@ def target_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             per_req = peak.get("epp_cpu_ms_per_req")
             row("EPP CPU per request / Envoy's", mode, per_req, envoy_cpu_per_req, _ratio(per_req, envoy_cpu_per_req),
                 5.0, " ms", 1)
-        large = res.get("large")
-        if large and "ttft_p50_added" in large:
-            added = large["ttft_p50_added"]
-            rows.append([f"{large['bytes'] // 1000} KB prompts x{large['concurrency']}: added TTFT p50 (p99)", mode,
-                         f"{fmt(added, 1, 1000)} ({fmt(large['ttft_p99_added'], 1, 1000)}) ms",
-                         f"{fmt(large['ttft_p50_baseline'], 1, 1000)} ms", "-", "20 ms",
-                         "yes" if added <= 0.020 else "no"])
+        delayed = res.get("large_delayed") or {}
+        for key, how in (("large", "closed loop, instant pods"),
+                         ("large_delayed", f"closed loop, pods {delayed.get('pod_delay_ms', 0) / 1000:g} s"),
+                         ("large_burst", "bursts")):
+            large = res.get(key)
+            if large and "ttft_p50_added" in large:
+                added = large["ttft_p50_added"]
+                rows.append([f"{large['bytes'] // 1000} KB prompts x{large['concurrency']}, {how}: added TTFT p50 "
+                             "(p99)", mode, f"{fmt(added, 1, 1000)} ({fmt(large['ttft_p99_added'], 1, 1000)}) ms",
+                             f"{fmt(large['ttft_p50_baseline'], 1, 1000)} ms", "-", "20 ms",
+                             "yes" if added <= 0.020 else "no"])
     return header, rows
 
 
@@ -356,7 +450,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-baseline-ramp", action="store_true")
     ap.add_argument("--large-bytes", type=int, default=220_000, help="prompt size of the large-prompt case")
     ap.add_argument("--large-concurrency", type=int, default=150)
-    ap.add_argument("--large-rounds", type=int, default=4, help="bursts per listener (0: skip the case)")
+    ap.add_argument("--large-seconds", type=float, default=12.0, help="length of a closed-loop phase")
+    ap.add_argument("--large-phases", type=int, default=2, help="closed-loop phases per listener (0: skip)")
+    ap.add_argument("--large-rounds", type=int, default=2, help="bursts per listener (0: skip)")
+    ap.add_argument("--large-pod-delay-ms", type=float, default=2000.0,
+                    help="the closed loop again with pods this slow to start a request (0: skip)")
     ap.add_argument("--no-scheduling", action="store_true", help="skip bench/scheduling_bench.py's table")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args(argv)
@@ -367,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
             pods=a.pods, modes=tuple(a.modes.split(",")), n_plain=a.requests, n_stream=a.stream_requests,
             prompt_tokens=a.prompt_tokens, step_seconds=a.step_seconds, max_concurrency=a.max_concurrency,
             baseline_ramp=not a.no_baseline_ramp, large_bytes=a.large_bytes,
-            large_concurrency=a.large_concurrency, large_rounds=a.large_rounds)))
+            large_concurrency=a.large_concurrency, large_seconds=a.large_seconds, large_phases=a.large_phases,
+            large_rounds=a.large_rounds, large_pod_delay_ms=a.large_pod_delay_ms)))
     except asyncio.CancelledError:
         print("interrupted", file=sys.stderr)
         return 130
@@ -386,7 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(text)
     print(f"\nraw data: {out_dir}")
-    errors = sum(r[k]["errors"] for r in result["modes"].values() for k in ("plain", "stream", "large") if k in r)
+    cases = ("plain", "stream", "large", "large_delayed", "large_burst")
+    errors = sum(r[k]["errors"] for r in result["modes"].values() for k in cases if k in r)
     return 1 if errors else 0
 
 
