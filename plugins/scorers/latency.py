@@ -437,6 +437,13 @@ class PredictedLatencyScorer(FollowsStalenessFlag, Scorer, RequestObserver):
         (work(h)^2 + occupancy(h) * step_share(h))`` seconds a second, in the units of the costs above (the
         wait prefills impose on each other, ``rate * work^2 / 2`` per endpoint, and the batch's share of each
         step). It ends itself: once the prefix is spread, the holders' rates no longer stand out.
+
+        The prefix's requests pile on its holders only as far as it binds them: one whose own part dwarfs the
+        prefix (a long conversation under a short system prompt) spreads by load anyway, and its later turns
+        follow its own history. So the credit is weighted by the share of ``e``'s prefill the prefix would save,
+        ``(work(e) - work(h)) / work(e)``: about 1 for a hot system prompt under short questions. Costs credited
+        below zero are shifted, not clamped: clamping tied every credited endpoint at zero, and the picker then
+        chose among them at random, a busy one as soon as an idle one (long conversations, ``epp replay``).
         """
         key = request.attributes.get(self._prefix_key)
         stat = self.prefixes.get(key) if key is not None else None
@@ -452,7 +459,11 @@ class PredictedLatencyScorer(FollowsStalenessFlag, Scorer, RequestObserver):
         per_move = ph.work * ph.work + ph.occupancy * ph.step_share
         for k, p in enumerate(preds):
             if p.uncached > least:
-                costs[k] = max(0.0, costs[k] - REPLICA_HORIZON * d * max(0.0, ph.rate - p.rate) * per_move)
+                bind = (p.work - ph.work) / p.work if p.work > 0.0 else 0.0
+                costs[k] -= REPLICA_HORIZON * d * max(0.0, ph.rate - p.rate) * per_move * bind
+        low = min(costs)
+        if low < 0.0:  # credited below zero: shifted, not clamped, so the credited endpoints keep their order
+            costs[:] = [c - low for c in costs]
 
     # -- learning --------------------------------------------------------------------------------
 

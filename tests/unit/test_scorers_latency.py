@@ -18,6 +18,8 @@ from epp_plugins.scorers.latency import (
     DecayedFit,
     EndpointRates,
     PredictedLatencyScorer,
+    Prediction,
+    PrefixRate,
     _Pending,
 )
 from tests.scorers_helpers import ep, req
@@ -296,6 +298,45 @@ def test_a_hot_prefix_gets_a_second_holder_and_a_lukewarm_one_does_not():
         hot_prefix(scorer, prefix, endpoints, endpoints[k], words(12000, 50 + k), 100, age=0.0)
     scores = scorer.score(req(prompt + words(400, 999), rid="next"), endpoints)
     assert max(scores[1], scores[2]) == 1.0 and max(scores[0], scores[3]) < 0.5
+
+
+def test_credited_endpoints_keep_their_order():
+    """A prefix hot enough that its credit exceeds a cold prefill's whole cost on every other endpoint: they are
+    not tied at the top (the picker would choose among them at random), the idle ones rank above a busy one."""
+    scorer, prefix = setup()
+    endpoints = [ep(f"e{i}", index=i) for i in range(4)]
+    prompt = words(12000, 1)  # 3,000 tokens
+    hot_prefix(scorer, prefix, endpoints, endpoints[1], prompt, 600, age=60.0)
+    busy = scorer._rates(endpoints[0])
+    busy.pending[1] = _Pending(4000, time.monotonic() + 60.0)  # a long prefill queued there
+    scores = scorer.score(req(prompt + words(400, 999), rid="next"), endpoints)
+    assert scores[1] < 1.0  # the copy is worth making...
+    assert scores[2] == scores[3] == 1.0 and scores[0] < 1.0  # ...where nothing waits
+
+
+def test_the_credit_counts_as_far_as_the_prefix_binds_its_requests():
+    """The same hot prefix, the same holder: an endpoint where the prefix is nearly all of the request's prefill is
+    credited with nearly the whole saving of a split; one where it is a third (a long conversation that only
+    starts with the prefix goes where its own history is, or where load says) with a third as much."""
+    scorer, _ = setup()
+    key = 7
+    scorer.prefixes[key] = stat = PrefixRate(first=time.monotonic() - 60.0)
+    for _ in range(60):
+        stat.count(time.monotonic())
+
+    def credit(cold_work: float) -> float:
+        request = req("x", rid=f"r{cold_work}")
+        request.attributes[scorer._prefix_key] = key
+        held = Prediction(0.1, 0.0, 100, 0, 0.02, 1, 0.2, rate=2.0, occupancy=1.0, step_share=3e-4)
+        cold = Prediction(0.1, 0.0, 3100, 0, 0.02, 0, cold_work, rate=0.0, occupancy=1.0, step_share=3e-4)
+        costs = [100.0, 100.0]
+        scorer._credit_replicas(request, [held, cold], costs)
+        assert costs[0] == 100.0  # the holder is not credited
+        return 100.0 - costs[1]
+
+    nearly_all, a_third = credit(6.2), credit(0.3)
+    assert nearly_all > 0.0
+    assert a_third / nearly_all == pytest.approx((0.1 / 0.3) / (6.0 / 6.2), rel=1e-4)  # (the rate decays meanwhile)
 
 
 def test_a_restarted_server_learns_its_batch_slots_again():
