@@ -413,19 +413,6 @@ def test_feedback_ignores_failures_fallbacks_and_missing_usage():
     assert not prod._servers["a"].inflight  # every insertion was released
 
 
-def test_answers_take_room_in_the_index_as_in_the_servers_cache():
-    """The server caches an answer's blocks too: with room for 30 blocks, two 10-block prompts and a 10-block
-    answer fill it, and the next prompt pushes out the oldest."""
-    s = plugin("prefix-cache-scorer", "{scoreMode: ratio, lruCapacityPerServer: 30, autoTune: false}")
-    a = ep("a")
-    first, second, third = (words(640, 40 + i) for i in range(3))  # 10 blocks of 64 characters each
-    for rid, text, answer in (("1", first, 0), ("2", second, 160), ("3", third, 0)):  # 160 tokens: 10 blocks
-        r = req(text, rid=rid)
-        route(s, r, [a], a)
-        complete(s, r, a, cached=0, answer=answer)
-    assert [score(s, [a], req(t)) for t in (first, second, third)] == [[0.0], [1.0], [1.0]]
-
-
 def test_a_completed_prompt_is_the_most_recently_used():
     """A server frees a request's blocks when it ends: a long request's prompt outlives the prompts picked
     after it but finished before it."""

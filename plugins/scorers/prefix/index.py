@@ -63,7 +63,7 @@ class PrefixState:
 class _Server:
     """One endpoint's index: block hash -> stamp, least recently inserted first."""
 
-    __slots__ = ("born", "filler", "horizon", "inflight", "lru", "seq", "suspect")
+    __slots__ = ("born", "horizon", "inflight", "lru", "seq", "suspect")
 
     def __init__(self) -> None:
         self.lru: OrderedDict[int, int] = OrderedDict()
@@ -71,7 +71,6 @@ class _Server:
         self.inflight: set[int] = set()  # stamps of insertions whose request has not completed
         self.horizon = _NO_HORIZON  # entries this old (in blocks inserted since) or older no longer match
         self.suspect: list[int] = []  # ages of recent misses not yet confirmed by another (MISSES_TO_FORGET)
-        self.filler = 0  # the last filler key handed out (negative: never a block hash)
         self.born = 0  # seq when the endpoint's server (last) started: stamps up to it belong to a dead process
 
     def forget(self) -> None:

@@ -21,9 +21,10 @@ the oldest block it proved present. Credit only counts entries whose inserting r
 (two identical prompts sent together both miss, and that says nothing about eviction). The request's
 own blocks stay indexed: the model server has just computed and cached them.
 
-Answers. The server caches an answer's blocks too and frees a request's blocks when it ends (tail first): at
-completion filler entries stand for the answer's ``completion_tokens`` and the prompt is inserted again behind
-them, so the index fills, and forgets, at the server's pace.
+Completion. The server frees a request's blocks when it ends, tail first: the prompt is inserted again then,
+as its most recently used entry. (Filler entries for the answer's blocks, which the server caches too, helped
+long conversations but hurt mixed APIs, where the index already counts one prefix once per API's rendering and
+so fills faster than the server: bench/README.md §1b.)
 
 Restarts. Misses find an endpoint that restarted with an empty cache only after ``MISSES_TO_FORGET`` of them,
 each a cold prefill. The scraper sees the restart itself (a counter going backwards, a new process start time:
@@ -295,7 +296,7 @@ class ApproxPrefixCacheProducer(RequestObserver):
         st.stamps = []
         self._audit(st, endpoint, response)
         if picked:
-            self._store_answer(st, endpoint, response)
+            self._freed(st, endpoint, response)
         credit, st.credit = st.credit, None
         if credit is None or credit.endpoint != endpoint.name or not response.completed:
             return
@@ -310,22 +311,14 @@ class ApproxPrefixCacheProducer(RequestObserver):
         if srv is not None and credit.stamp > srv.born:  # credited against a cache that a restart has since emptied
             self.apply_feedback(srv, credit, usage.cached_tokens, st.unit or st.block_tokens, self._slack(st, request))
 
-    def _store_answer(self, st: PrefixState, endpoint: Endpoint, response: ResponseInfo) -> None:
-        """The server caches the answer's blocks too, and frees a request's blocks when it ends, tail first: the
-        answer's go first, the prompt's head last. So the answer takes room (filler entries, never matched), then
-        the prompt becomes the most recently used again, and the index fills and forgets at the server's pace:
-        without this it believed long conversations were still held after the server had evicted them."""
+    def _freed(self, st: PrefixState, endpoint: Endpoint, response: ResponseInfo) -> None:
+        """The server frees a request's blocks when it ends, head last: the prompt becomes its most recently
+        used entry then, not at the pick (a long answer's prompt outlives prompts picked after it)."""
         srv = self._servers.get(endpoint.name)
         if srv is None or not 200 <= response.status < 300 or (
                 response.served_endpoint and response.served_endpoint != endpoint.hostport):
             return
-        unit = st.unit or st.block_tokens
-        usage = response.usage
-        answer = int(usage.completion_tokens / unit) if usage is not None and usage.completion_tokens else 0
-        if answer:
-            srv.filler -= answer
-            self._index(srv, endpoint, range(srv.filler, srv.filler + answer), unit)
-        self._index(srv, endpoint, st.hashes, unit)
+        self._index(srv, endpoint, st.hashes, st.unit or st.block_tokens)
 
     def _audit(self, st: PrefixState, endpoint: Endpoint, response: ResponseInfo) -> None:
         """The match predicted at the pick against the cached tokens the server reported, in its terms: a server
