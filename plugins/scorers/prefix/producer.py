@@ -287,23 +287,24 @@ class ApproxPrefixCacheProducer(RequestObserver):
         st: PrefixState | None = request.attributes.get(self._key)
         if st is None:
             return
-        picked = False  # this endpoint got the prompt's blocks at the pick, since its server (last) started
+        freed = None  # this endpoint's index, when it got the prompt's blocks at the pick since its server started
         for name, stamp in st.stamps:
             srv = self._servers.get(name)
             if srv is not None:
                 srv.inflight.discard(stamp)
-                picked = picked or (name == endpoint.name and stamp > srv.born)
+                if name == endpoint.name and stamp > srv.born:
+                    freed = srv
         st.stamps = []
-        self._audit(st, endpoint, response)
-        if picked:
-            self._freed(st, endpoint, response)
+        here = _answered_by(endpoint, response)
+        if here:
+            self._audit(st, endpoint, response)
+            if freed is not None:
+                # The server frees a request's blocks when it ends, head last: the prompt is its most recently
+                # used entry then, not at the pick (a long answer's prompt outlives prompts picked after it).
+                self._index(freed, endpoint, st.hashes, st.unit or st.block_tokens)
         credit, st.credit = st.credit, None
-        if credit is None or credit.endpoint != endpoint.name or not response.completed:
-            return
-        if not 200 <= response.status < 300:
-            return
-        if response.served_endpoint and response.served_endpoint != endpoint.hostport:
-            return  # a fallback served it: the usage says nothing about the endpoint we credited
+        if credit is None or credit.endpoint != endpoint.name or not response.completed or not here:
+            return  # (not here: a fallback served it, the usage says nothing about the endpoint we credited)
         usage = response.usage
         if usage is None or usage.cached_tokens is None:
             return
@@ -311,22 +312,11 @@ class ApproxPrefixCacheProducer(RequestObserver):
         if srv is not None and credit.stamp > srv.born:  # credited against a cache that a restart has since emptied
             self.apply_feedback(srv, credit, usage.cached_tokens, st.unit or st.block_tokens, self._slack(st, request))
 
-    def _freed(self, st: PrefixState, endpoint: Endpoint, response: ResponseInfo) -> None:
-        """The server frees a request's blocks when it ends, head last: the prompt becomes its most recently
-        used entry then, not at the pick (a long answer's prompt outlives prompts picked after it)."""
-        srv = self._servers.get(endpoint.name)
-        if srv is None or not 200 <= response.status < 300 or (
-                response.served_endpoint and response.served_endpoint != endpoint.hostport):
-            return
-        self._index(srv, endpoint, st.hashes, st.unit or st.block_tokens)
-
     def _audit(self, st: PrefixState, endpoint: Endpoint, response: ResponseInfo) -> None:
-        """The match predicted at the pick against the cached tokens the server reported, in its terms: a server
-        never reuses a prompt's last token and caches whole blocks of its own size."""
+        """The match predicted at the pick against the cached tokens ``endpoint`` reported (it answered), in its
+        terms: a server never reuses a prompt's last token and caches whole blocks of its own size."""
         usage = response.usage
-        if usage is None or usage.cached_tokens is None or not 200 <= response.status < 300:
-            return
-        if response.served_endpoint and response.served_endpoint != endpoint.hostport:
+        if usage is None or usage.cached_tokens is None:
             return
         engine_block = endpoint.metrics.block_size or 16
         predicted = st.matched_tokens(st.matches.get(endpoint.name, 0)) if st.hashes else 0
@@ -373,3 +363,9 @@ class ApproxPrefixCacheProducer(RequestObserver):
         """The endpoint's learned horizon (blocks), None when no miss lowered it."""
         srv = self._servers.get(endpoint_name)
         return None if srv is None or srv.horizon >= _NO_HORIZON else srv.horizon
+
+
+def _answered_by(endpoint: Endpoint, response: ResponseInfo) -> bool:
+    """A success from ``endpoint`` itself (not a fallback Envoy chose): what it reports is about its cache."""
+    return 200 <= response.status < 300 and (not response.served_endpoint
+                                             or response.served_endpoint == endpoint.hostport)
