@@ -55,7 +55,8 @@ class _ProcessRpc:
     def __init__(self, servicer: ExtProcServicer, call: h2grpc.Call) -> None:
         self.servicer = servicer
         self.call = call
-        self.stream = ExtProcStream(servicer.director, servicer.options, servicer.selector)
+        self.stream = ExtProcStream(servicer.director, servicer.options, servicer.selector,
+                                    after_answer=asyncio.get_running_loop().call_soon)
         self.backlog: deque[bytes] | None = None  # set while routing
         self.task: asyncio.Task[None] | None = None
         self.ended = False  # the client sent its last message

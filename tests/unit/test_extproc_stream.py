@@ -381,6 +381,22 @@ async def test_stream_reports_to_its_director_on_its_clock_with_its_ids():
     assert len(director.calls) == 4 and stream.phase is Phase.DONE  # completed once
 
 
+async def test_the_last_chunk_is_answered_before_the_completion_bookkeeping_runs():
+    """The servicer passes the loop's call_soon as ``after_answer``: the answer to the response's end goes out
+    with its read, and the plugins, metrics and hooks run after it."""
+    director, later = FakeDirector(), []
+    stream = ExtProcStream(director, StreamOptions(), clock=FakeTime(1.0), after_answer=later.append)
+    await drive(stream, [headers_msg(), body_msg(json.dumps(REQ).encode()), response_headers_msg()])
+    out = await drive(stream, [response_body_msg(b'{"id":"1"}', eos=True)])
+    assert out[0].response_body.response.body_mutation.streamed_response.end_of_stream
+    assert stream.phase is Phase.DONE and [c[0] for c in director.calls][-1] == "response_body"
+    assert len(later) == 1
+    later[0]()
+    assert director.calls[-1] == ("complete", stream.request, stream.decision, stream.response)
+    stream.close()
+    assert len(later) == 1  # completed once
+
+
 async def test_stream_refused_by_its_director_answers_with_its_id():
     err = EppError(503, "rejected-no-endpoints", "no endpoint")
     director = FakeDirector(refuse=err)
