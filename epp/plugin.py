@@ -29,6 +29,7 @@ request, endpoints)`` loads, adapted, with one warning naming it.
 import warnings
 from typing import Any
 
+from epp.api.answer import AnswerCollector, answer_collector, continuation_text
 from epp.api.types import ApiKind, InferenceRequest, ParsedBody, Usage
 from epp.clock import monotonic
 from epp.datalayer.endpoint import Endpoint, EndpointMetrics
@@ -62,6 +63,7 @@ from epp.scheduling.registry import PluginConfigError, PluginHandle, register_pl
 __all__ = [
     "DEFAULT_SCORER_STALENESS",
     "PREFIX_MATCH",
+    "AnswerCollector",
     "ApiKind",
     "DataKey",
     "Endpoint",
@@ -83,12 +85,14 @@ __all__ = [
     "ScoredEndpoint",
     "Scorer",
     "Usage",
+    "answer_collector",
     "check_bool",
     "check_duration",
     "check_float",
     "check_int",
     "check_mapping",
     "check_str",
+    "continuation_text",
     "fresh_mask",
     "min_max_inverse",
     "monotonic",

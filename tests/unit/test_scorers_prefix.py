@@ -570,3 +570,46 @@ def test_the_audit_counts_predictions_against_reported_cached_tokens():
     c = prod.audit.summary()["confusion"]
     assert c == {"hit": 1, "miss": 1, "false_hit": 1, "false_miss": 0}
     assert prod.audit.abs_error == 160 + 16
+
+
+def chat(messages, rid="c"):
+    import json
+
+    from epp.api.parsing import parse_request
+    from epp.api.types import InferenceRequest
+    raw = json.dumps({"model": "m", "messages": messages, "stream": True}).encode()
+    return InferenceRequest(rid, "/v1/chat/completions", "POST", {}, parse_request("/v1/chat/completions", raw,
+                                                                                    "application/json"), raw,
+                            target_model="m")
+
+
+def test_a_conversation_turn_leaves_its_answer_indexed_for_the_next_turn():
+    """The server holds the answer it generated, and the next turn resends it: the blocks inserted at completion
+    are the prompt continued by the answer, so the next turn matches through it; a response without the answer
+    in its body (or a one-off question) leaves the prompt's blocks only."""
+    import json
+    s = plugin("prefix-cache-scorer", "{scoreMode: ratio, autoTune: false}")
+    prod = s.prefix_producer()
+    a = ep("a")
+    history = [{"role": "system", "content": words(640, 60)}, {"role": "user", "content": words(100, 61)},
+               {"role": "assistant", "content": words(300, 62)}, {"role": "user", "content": words(100, 63)}]
+    answer = words(640, 64)
+    nxt = [*history, {"role": "assistant", "content": answer}, {"role": "user", "content": words(80, 65)}]
+
+    def turn(with_body: bool) -> int:
+        s2 = plugin("prefix-cache-scorer", "{scoreMode: ratio, autoTune: false}")
+        r = chat(history)
+        route(s2, r, [a], a)
+        if with_body:
+            for piece in (answer[:200], answer[200:]):
+                event = {"choices": [{"index": 0, "delta": {"content": piece}}]}
+                s2.on_response_body(r, a, f"data: {json.dumps(event)}\n\n".encode(), False)
+            s2.on_response_body(r, a, b"data: [DONE]\n\n", True)
+        complete(s2, r, a, cached=0)
+        st = s2.prefix_producer().state(chat(nxt, rid="n"), [a])
+        return s2.prefix_producer().match(st, a)
+
+    prompt_blocks = len(prod.state(chat(history), [a]).hashes)
+    assert turn(with_body=False) == prompt_blocks - 1  # the prompt's full blocks (its partial last one differs)
+    assert turn(with_body=True) >= prompt_blocks - 1 + 640 // 64  # and the answer's
+    assert s.needs_response_body

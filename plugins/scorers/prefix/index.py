@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from epp.plugin import AnswerCollector
+
 _NO_HORIZON = 1 << 62
 
 
@@ -40,6 +42,7 @@ class PrefixState:
     credit: _Credit | None = None
     stamps: list[tuple[str, int]] = field(default_factory=list)  # (endpoint, stamp) inserted, to release
     total_blocks: int = 0  # the prompt's blocks when ``hashes`` stop short of them (precise: untokenized text)
+    answer: AnswerCollector | None = None  # a conversation's answer, collected for the next turn's blocks
 
     def __bool__(self) -> bool:
         return bool(self.hashes)

@@ -22,9 +22,12 @@ the oldest block it proved present. Credit only counts entries whose inserting r
 own blocks stay indexed: the model server has just computed and cached them.
 
 Completion. The server frees a request's blocks when it ends, tail first: the prompt is inserted again then,
-as its most recently used entry. (Filler entries for the answer's blocks, which the server caches too, helped
-long conversations but hurt mixed APIs, where the index already counts one prefix once per API's rendering and
-so fills faster than the server: bench/README.md §1b.)
+as its most recently used entry. In a conversation (a chat or Anthropic request that resends an earlier
+answer) the server holds the answer too, and the next turn resends it: what is inserted then is the prompt
+continued by the answer (``continuation_text``), so the next turn's match counts the answer's blocks. A one-off
+question's answer is never resent, so it is not inserted. (Filler entries standing for every answer's blocks
+helped long conversations but hurt mixed APIs, where the index already counts one prefix once per API's
+rendering and so fills faster than the server: bench/README.md §1b.)
 
 Restarts. Misses find an endpoint that restarted with an empty cache only after ``MISSES_TO_FORGET`` of them,
 each a cold prefill. The scraper sees the restart itself (a counter going backwards, a new process start time:
@@ -47,9 +50,11 @@ from epp.plugin import (
     RequestObserver,
     ResponseInfo,
     SchedulingResult,
+    answer_collector,
     check_bool,
     check_int,
     check_str,
+    continuation_text,
     register_plugin,
 )
 from epp_plugins.scorers.prefix.index import _NO_HORIZON, PrefixState, _Credit, _Server
@@ -70,6 +75,8 @@ MISSES_TO_FORGET = 2  # consistent misses before an endpoint's horizon drops (on
 @register_plugin("approx-prefix-cache-producer")
 class ApproxPrefixCacheProducer(RequestObserver):
     """Hashes prompts, keeps the per-endpoint block index, matches requests against it."""
+
+    needs_response_body = True  # a conversation's answer: the next turn's blocks (without bodies: not counted)
 
     def __init__(self, block_size_tokens: int = DEFAULT_BLOCK_SIZE_TOKENS,
                  max_prefix_blocks_to_match: int = DEFAULT_MAX_PREFIX_BLOCKS, max_prefix_tokens_to_match: int = 0,
@@ -152,12 +159,13 @@ class ApproxPrefixCacheProducer(RequestObserver):
         learned = pool is not None and pool.tokens.samples(request.target_model or request.model) >= LEARNED_AFTER
         return _SLACK["chars" if learned else "chars-prior"]
 
-    def _hash(self, request: InferenceRequest, block: int) -> PrefixState:
+    def _hash(self, request: InferenceRequest, block: int, text: str | None = None) -> PrefixState:
+        """The prompt's blocks, or those of ``text`` (a continuation of the prompt) hashed the same way."""
         unit = float(block)
         max_blocks = max(1, self.max_tokens // block) if self.max_tokens else self.max_blocks
         max_tokens = block * max_blocks
         body = request.body
-        ids = body.prompt_token_ids
+        ids = body.prompt_token_ids if text is None else None
         if ids is not None:
             head = ids[:max_tokens]
             try:
@@ -169,7 +177,8 @@ class ApproxPrefixCacheProducer(RequestObserver):
             kind, covered, prompt = "ids", len(head), len(ids)
             step = block * width
         else:
-            text = body.prompt_text or ""
+            if text is None:
+                text = body.prompt_text or ""
             if self.tokenizer is not None and text:
                 data, prompt = self.tokenizer.encode(text, max_tokens)
                 kind, covered, step = "tokenizer", len(data) // 4, block * 4
@@ -228,6 +237,8 @@ class ApproxPrefixCacheProducer(RequestObserver):
         if not st or not result.endpoints:
             return
         self._insert(st, result.endpoints[0], credit=True)
+        if st.kind != "ids":
+            st.answer = answer_collector(request)
         prefill = result.profile_results.get(PREFILL_PROFILE)
         if prefill and prefill.endpoints and result.primary_profile != PREFILL_PROFILE:
             target = prefill.endpoints[0]
@@ -283,6 +294,12 @@ class ApproxPrefixCacheProducer(RequestObserver):
             srv = self._servers[endpoint.name] = _Server()
         self._index(srv, endpoint, hashes, block_tokens)
 
+    def on_response_body(self, request: InferenceRequest, endpoint: Endpoint, chunk: bytes,
+                         end_of_stream: bool) -> None:
+        st: PrefixState | None = request.attributes.get(self._key)
+        if st is not None and st.answer is not None:
+            st.answer.feed(chunk)
+
     def on_response_complete(self, request: InferenceRequest, endpoint: Endpoint, response: ResponseInfo) -> None:
         st: PrefixState | None = request.attributes.get(self._key)
         if st is None:
@@ -301,7 +318,7 @@ class ApproxPrefixCacheProducer(RequestObserver):
             if freed is not None:
                 # The server frees a request's blocks when it ends, head last: the prompt is its most recently
                 # used entry then, not at the pick (a long answer's prompt outlives prompts picked after it).
-                self._index(freed, endpoint, st.hashes, st.unit or st.block_tokens)
+                self._index(freed, endpoint, self._held(request, st, response), st.unit or st.block_tokens)
         credit, st.credit = st.credit, None
         if credit is None or credit.endpoint != endpoint.name or not response.completed or not here:
             return  # (not here: a fallback served it, the usage says nothing about the endpoint we credited)
@@ -311,6 +328,18 @@ class ApproxPrefixCacheProducer(RequestObserver):
         srv = self._servers.get(credit.endpoint)
         if srv is not None and credit.stamp > srv.born:  # credited against a cache that a restart has since emptied
             self.apply_feedback(srv, credit, usage.cached_tokens, st.unit or st.block_tokens, self._slack(st, request))
+
+    def _held(self, request: InferenceRequest, st: PrefixState, response: ResponseInfo) -> list[int]:
+        """The blocks the server holds once the request ended: its prompt's, continued by a conversation's
+        answer (as the next turn will resend it) when the response completed with one."""
+        answer, st.answer = st.answer, None
+        if answer is None or not response.completed:
+            return st.hashes
+        text = continuation_text(request, answer.text())
+        if text is None:
+            return st.hashes
+        held = self._hash(request, st.block_tokens, text)
+        return held.hashes if held.kind == st.kind and len(held.hashes) >= len(st.hashes) else st.hashes
 
     def _audit(self, st: PrefixState, endpoint: Endpoint, response: ResponseInfo) -> None:
         """The match predicted at the pick against the cached tokens ``endpoint`` reported (it answered), in its

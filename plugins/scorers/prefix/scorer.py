@@ -41,6 +41,8 @@ class PrefixCacheScorer(Scorer, RequestObserver):
     selects llm-d's blend ``w * min(1, matchedTokens / scale)^2 + (1 - w) * ratio`` instead (scale 8192).
     """
 
+    needs_response_body = True  # its own producer's: a conversation's answer (approx-prefix-cache-producer)
+
     produces = (PREFIX_MATCH,)
 
     category = "affinity"
@@ -135,6 +137,11 @@ class PrefixCacheScorer(Scorer, RequestObserver):
     def pre_request(self, request: InferenceRequest, result: SchedulingResult) -> None:
         if self.producer is self._own:
             self._own.pre_request(request, result)
+
+    def on_response_body(self, request: InferenceRequest, endpoint: Endpoint, chunk: bytes,
+                         end_of_stream: bool) -> None:
+        if self.producer is self._own:
+            self._own.on_response_body(request, endpoint, chunk, end_of_stream)
 
     def on_response_complete(self, request: InferenceRequest, endpoint: Endpoint, response: ResponseInfo) -> None:
         if self.producer is self._own:
