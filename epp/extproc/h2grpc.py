@@ -381,6 +381,7 @@ class _Connection(asyncio.Protocol):
         self.last_stream = 0
         self.continuation: tuple[int, int, list[bytes], int] | None = None  # stream, flags, fragments, size
         self.blocked: dict[int, Call] = {}  # calls with data waiting for window
+        self.replenish: list[Call] = []  # calls past half their receive window this read (rare: 8 MiB unacked)
         self.going_away = False  # the last GOAWAY is out (or the peer's came): new streams are refused
         self.goaway_announced = False  # the first of a graceful pair is out: new streams still served
         self.goaway_timer: asyncio.TimerHandle | None = None
@@ -621,6 +622,8 @@ class _Connection(asyncio.Protocol):
         if call is None or call.remote_closed:
             return  # a stream we ended (or reset): its late data only counts against the connection window
         call.recv_unacked += len(payload)
+        if call.recv_unacked >= RECV_WINDOW // 2:
+            self.replenish.append(call)
         data = self._unpad(flags, payload)
         if data:
             self._messages(call, data)
@@ -772,7 +775,10 @@ class _Connection(asyncio.Protocol):
         if self.recv_unacked >= RECV_WINDOW // 2:
             self.out.append(_frame(WINDOW_UPDATE, 0, 0, _U32.pack(self.recv_unacked)))
             self.recv_unacked = 0
-        for call in self.calls.values():
+        if not self.replenish:  # every read: a list checked, not every open stream
+            return
+        calls, self.replenish = self.replenish, []
+        for call in calls:
             if call.recv_unacked >= RECV_WINDOW // 2 and not call.remote_closed:
                 self.out.append(_frame(WINDOW_UPDATE, 0, call.stream_id, _U32.pack(call.recv_unacked)))
                 call.recv_unacked = 0
