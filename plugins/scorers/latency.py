@@ -373,8 +373,9 @@ class PredictedLatencyScorer(FollowsStalenessFlag, Scorer, RequestObserver):
             m = e.metrics
             queued = r.queued_prefill(now)
             inflight = e.inflight_requests
+            token_s = per_token * r.slowness  # this endpoint's seconds per prefilled token
             if ok:
-                r.learn_slots(e, base + per_token * r.slowness * queued)
+                r.learn_slots(e, base + token_s * queued)
                 inflight = max(inflight, m.running_requests + m.waiting_requests)
             uncached = max(0, prompt - hit)
             wait = 0.0
@@ -382,11 +383,12 @@ class PredictedLatencyScorer(FollowsStalenessFlag, Scorer, RequestObserver):
                 ahead = inflight + 1 - r.slots
                 if ahead > 0:
                     wait = ahead * r.occupancy.value / r.slots
-            step_share = STEP_SHARE * r.tpot.line()[1]
+            tpot_a, tpot_b = r.tpot.line()  # one fit per endpoint and request
+            step_share = STEP_SHARE * tpot_b
             batch_delay = step_share * (min(inflight, r.slots) if r.slots else inflight)
-            ttft = base + per_token * r.slowness * (queued + uncached) + wait + batch_delay
-            out.append(Prediction(ttft, wait, uncached, queued, r.tpot.predict(inflight + 1), inflight,
-                                  per_token * r.slowness * uncached, r.pick_rate(now, self._since),
+            ttft = base + token_s * (queued + uncached) + wait + batch_delay
+            out.append(Prediction(ttft, wait, uncached, queued, tpot_a + tpot_b * (inflight + 1), inflight,
+                                  token_s * uncached, r.pick_rate(now, self._since),
                                   wait > 0.0 or (ok and m.waiting_requests > 0),
                                   r.occupancy.value / r.slots if r.slots else 0.0, batch_delay, step_share,
                                   r.occupancy.value))
