@@ -4,17 +4,20 @@ that starts late catches up, dead replicas stop counting, and a slow or dead sto
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import pytest
 
+from epp.api.types import Usage
 from epp.datalayer.pool import EndpointPool, EndpointSpec
+from epp.scheduling.plugins import ResponseInfo
 from epp.stack.redis import RedisProcess
 from epp.state.store import SharedState, StoreOptions, read_password
 from epp_plugins.scorers.prefix import ApproxPrefixCacheProducer
 from tests.scorers_helpers import req
 from tests.state_helpers import redis_server_fixture, start_redis  # noqa: F401 - the fixture
-from tests.unit.test_scorers_prefix import result
+from tests.unit.test_scorers_prefix import chat, result
 
 TEXT = "the quick brown fox jumps over the lazy dog " * 20
 
@@ -164,3 +167,30 @@ async def _until(cond, timeout: float = 10.0) -> None:
         if loop.time() > deadline:
             raise TimeoutError("condition not met")
         await asyncio.sleep(0.02)
+
+
+async def test_a_completed_conversation_turn_crosses_replicas_with_its_answer(redis_server: RedisProcess):
+    """The completion's insertion (the prompt as most recently used, continued by a conversation's answer) is
+    shared like a pick: the next turn, sent to the other replica, matches through the answer there too."""
+    a, b = Replica(redis_server.url), Replica(redis_server.url)
+    a.state._hook(), b.state._hook()
+    history = [{"role": "system", "content": TEXT}, {"role": "user", "content": "How quick?"},
+               {"role": "assistant", "content": "Quick."}, {"role": "user", "content": "And the dog?"}]
+    answer = "The dog is lazy and stays where it lies, all afternoon, by the warm stove. " * 3
+    nxt = chat([*history, {"role": "assistant", "content": answer}, {"role": "user", "content": "Why?"}], rid="n")
+    r, e = chat(history), a.pool.get("b")
+    a.producer.state(r, a.pool.endpoints)
+    a.producer.pre_request(r, result(e))
+    event = {"choices": [{"index": 0, "delta": {"content": answer}}]}
+    a.producer.on_response_body(r, e, f"data: {json.dumps(event)}\n\ndata: [DONE]\n\n".encode(), True)
+    a.producer.on_response_complete(r, e, ResponseInfo(status=200, completed=True, usage=Usage(prompt_tokens=1)))
+    await a.state.sync()
+    await b.state.sync()
+    here = a.producer.match(a.producer.state(nxt, a.pool.endpoints), e)
+    there = b.producer.match(b.producer.state(chat(nxt.body.payload["messages"], rid="n2"), b.pool.endpoints),
+                             b.pool.get("b"))
+    prompt_blocks = len(a.producer.state(chat(history, rid="h"), a.pool.endpoints).hashes)
+    assert there == here > prompt_blocks  # the answer's blocks too, on both replicas
+    assert a.state.stats.sent == 2  # the pick and the completion
+    await a.state.stop()
+    await b.state.stop()

@@ -318,7 +318,10 @@ class ApproxPrefixCacheProducer(RequestObserver):
             if freed is not None:
                 # The server frees a request's blocks when it ends, head last: the prompt is its most recently
                 # used entry then, not at the pick (a long answer's prompt outlives prompts picked after it).
-                self._index(freed, endpoint, self._held(request, st, response), st.unit or st.block_tokens)
+                held, block_tokens = self._held(request, st, response), st.unit or st.block_tokens
+                self._index(freed, endpoint, held, block_tokens)
+                if self.share is not None:  # other replicas learn the server's order, and the answer, too
+                    self.share(self.name, endpoint.name, held, block_tokens)
         credit, st.credit = st.credit, None
         if credit is None or credit.endpoint != endpoint.name or not response.completed or not here:
             return  # (not here: a fallback served it, the usage says nothing about the endpoint we credited)
