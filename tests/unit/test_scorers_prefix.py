@@ -613,3 +613,45 @@ def test_a_conversation_turn_leaves_its_answer_indexed_for_the_next_turn():
     assert turn(with_body=False) == prompt_blocks - 1  # the prompt's full blocks (its partial last one differs)
     assert turn(with_body=True) >= prompt_blocks - 1 + 640 // 64  # and the answer's
     assert s.needs_response_body
+
+
+def _conversation(s, a, i: int, cached_through_answer: bool) -> None:
+    """A turn that ends with a long answer (body streamed past the producer), then the next turn resending it,
+    which the server reports cached through the answer or only up to it."""
+    import json
+    history = [{"role": "system", "content": words(300, 100 + i)}, {"role": "user", "content": "q"},
+               {"role": "assistant", "content": "a"}, {"role": "user", "content": words(100, 200 + i)}]
+    answer = words(1920, 300 + i)  # 30 blocks: long against the prompt, so the feedback can tell where it stops
+    r = chat(history, rid=f"t{i}")
+    route(s, r, [a], a)
+    event = {"choices": [{"index": 0, "delta": {"content": answer}}]}
+    s.on_response_body(r, a, f"data: {json.dumps(event)}\n\ndata: [DONE]\n\n".encode(), True)
+    complete(s, r, a, cached=0)
+    nxt = chat([*history, {"role": "assistant", "content": answer}, {"role": "user", "content": "more"}],
+               rid=f"n{i}")
+    route(s, nxt, [a], a)
+    prompt_blocks = len(s.prefix_producer().state(chat(history, rid=f"h{i}"), [a]).hashes) - 1  # full ones
+    blocks = s.prefix_producer().match(s.prefix_producer().state(nxt, [a]), a) if cached_through_answer \
+        else prompt_blocks
+    complete(s, nxt, a, cached=16 * blocks)
+
+
+def test_a_next_turn_cached_short_of_the_answer_is_not_eviction():
+    """A server that does not hold the answer as the client resent it (its tokens re-encode differently) reports
+    the next turn cached up to the answer: that is no eviction, and the horizon stays. Once that is what next
+    turns mostly show, answers are no longer indexed."""
+    from epp_plugins.scorers.prefix.producer import ANSWER_MISSES_TO_STOP
+    s = plugin("prefix-cache-scorer", "{scoreMode: ratio, autoTune: false}")
+    prod = s.prefix_producer()
+    a = ep("a")
+    _conversation(s, a, 0, cached_through_answer=True)
+    assert prod.stats["answer_hits"] == 1
+    for i in range(1, ANSWER_MISSES_TO_STOP + 1):
+        assert prod.index_answers
+        _conversation(s, a, i, cached_through_answer=False)
+        assert prod.horizon("a") is None  # (taken for eviction, the second would have lowered it)
+    assert prod.stats["answer_misses"] == ANSWER_MISSES_TO_STOP and not prod.index_answers
+    r = chat([{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"},
+              {"role": "user", "content": "u"}], rid="later")
+    route(s, r, [a], a)
+    assert prod.state(r, [a]).answer is None  # no longer collected
