@@ -177,26 +177,19 @@ async def test_a_completed_conversation_turn_crosses_replicas_with_its_answer(re
     history = [{"role": "system", "content": TEXT}, {"role": "user", "content": "How quick?"},
                {"role": "assistant", "content": "Quick."}, {"role": "user", "content": "And the dog?"}]
     answer = "The dog is lazy and stays where it lies, all afternoon, by the warm stove. " * 3
-    following = [*history, {"role": "assistant", "content": answer}, {"role": "user", "content": "Why?"}]
-    e = a.pool.get("b")
-
-    async def turn(rid: str) -> tuple[int, int]:
-        r = chat(history, rid=rid)
-        a.producer.state(r, a.pool.endpoints)
-        a.producer.pre_request(r, result(e))
-        event = {"choices": [{"index": 0, "delta": {"content": answer}}]}
-        a.producer.on_response_body(r, e, f"data: {json.dumps(event)}\n\ndata: [DONE]\n\n".encode(), True)
-        a.producer.on_response_complete(r, e, ResponseInfo(status=200, completed=True,
-                                                           usage=Usage(prompt_tokens=1)))
-        await a.state.sync()
-        await b.state.sync()
-        here = a.producer.match(a.producer.state(chat(following, rid=f"{rid}a"), a.pool.endpoints), e)
-        there = b.producer.match(b.producer.state(chat(following, rid=f"{rid}b"), b.pool.endpoints),
-                                 b.pool.get("b"))
-        return here, there
-
+    nxt = chat([*history, {"role": "assistant", "content": answer}, {"role": "user", "content": "Why?"}], rid="n")
+    r, e = chat(history), a.pool.get("b")
+    a.producer.state(r, a.pool.endpoints)
+    a.producer.pre_request(r, result(e))
+    event = {"choices": [{"index": 0, "delta": {"content": answer}}]}
+    a.producer.on_response_body(r, e, f"data: {json.dumps(event)}\n\ndata: [DONE]\n\n".encode(), True)
+    a.producer.on_response_complete(r, e, ResponseInfo(status=200, completed=True, usage=Usage(prompt_tokens=1)))
+    await a.state.sync()
+    await b.state.sync()
+    here = a.producer.match(a.producer.state(nxt, a.pool.endpoints), e)
+    there = b.producer.match(b.producer.state(chat(nxt.body.payload["messages"], rid="n2"), b.pool.endpoints),
+                             b.pool.get("b"))
     prompt_blocks = len(a.producer.state(chat(history, rid="h"), a.pool.endpoints).hashes)
-    here, there = await turn("1")
     assert there == here > prompt_blocks  # the answer's blocks too, on both replicas
     assert a.state.stats.sent == 2  # the pick and the completion
     await a.state.stop()

@@ -66,7 +66,7 @@ class PrefixState:
 class _Server:
     """One endpoint's index: block hash -> stamp, least recently inserted first."""
 
-    __slots__ = ("answers", "born", "horizon", "inflight", "lru", "seq", "suspect")
+    __slots__ = ("born", "horizon", "inflight", "lru", "seq", "suspect")
 
     def __init__(self) -> None:
         self.lru: OrderedDict[int, int] = OrderedDict()
@@ -75,13 +75,11 @@ class _Server:
         self.horizon = _NO_HORIZON  # entries this old (in blocks inserted since) or older no longer match
         self.suspect: list[int] = []  # ages of recent misses not yet confirmed by another (MISSES_TO_FORGET)
         self.born = 0  # seq when the endpoint's server (last) started: stamps up to it belong to a dead process
-        self.answers: set[int] = set()  # blocks a conversation's answer inserted (until they leave the LRU)
 
     def forget(self) -> None:
         """The server restarted: it holds nothing. ``seq`` goes on, so that a stamp taken before stays told apart
         (``born``): the feedback of a request credited against the old cache says nothing about the new one."""
         self.lru.clear()
-        self.answers.clear()
         self.inflight.clear()
         self.horizon = _NO_HORIZON
         self.suspect.clear()
@@ -109,18 +107,3 @@ class _Server:
             else:
                 hi = mid
         return lo
-
-    def last_answer(self, hashes: list[int], end: int) -> int | None:
-        """Where the last answer among ``hashes[:end]`` begins (the first block of the last run of answer blocks),
-        None when there is none."""
-        answers = self.answers
-        if not answers:
-            return None
-        i = end - 1
-        while i >= 0 and hashes[i] not in answers:
-            i -= 1
-        if i < 0:
-            return None
-        while i > 0 and hashes[i - 1] in answers:
-            i -= 1
-        return i

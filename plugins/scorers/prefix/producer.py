@@ -25,10 +25,7 @@ Completion. The server frees a request's blocks when it ends, tail first: the pr
 as its most recently used entry. In a conversation (a chat or Anthropic request that resends an earlier
 answer) the server holds the answer too, and the next turn resends it: what is inserted then is the prompt
 continued by the answer (``continuation_text``), so the next turn's match counts the answer's blocks. A one-off
-question's answer is never resent, so it is not inserted. A next turn reported cached up to the last answer but
-not through it is no eviction (the server holds the answer in other tokens than the resent text encodes to, or
-freed the answer's tail first): it leaves the horizon alone, and once next turns mostly show that
-(``ANSWER_MISSES_TO_STOP``), answers are no longer inserted. (Filler entries standing for every answer's blocks
+question's answer is never resent, so it is not inserted. (Filler entries standing for every answer's blocks
 helped long conversations but hurt mixed APIs, where the index already counts one prefix once per API's
 rendering and so fills faster than the server: bench/README.md §1b.)
 
@@ -40,7 +37,6 @@ credited before then teaches nothing.
 
 from __future__ import annotations
 
-import logging
 import math
 from array import array
 from collections.abc import Callable, Sequence
@@ -64,8 +60,6 @@ from epp.plugin import (
 from epp_plugins.scorers.prefix.index import _NO_HORIZON, PrefixState, _Credit, _Server
 from epp_plugins.scorers.prefix.tokenizer import CHARS_PER_TOKEN, ChunkedTokenizer
 
-log = logging.getLogger(__name__)
-
 PREFILL_PROFILE = "prefill"
 # Parameter defaults, also precise-prefix-cache-producer's (plugins/scorers/README.md quotes them).
 DEFAULT_BLOCK_SIZE_TOKENS = 16  # blockSizeTokens (GIE's)
@@ -76,7 +70,6 @@ DEFAULT_LRU_CAPACITY_PER_SERVER = 31250  # lruCapacityPerServer (GIE's)
 _SLACK = {"ids": 1.0, "tokenizer": 1.25, "chars": 1.25, "chars-prior": 1.5}
 LEARNED_AFTER = 3  # responses before a model's learned characters per token replaces the prior in feedback
 MISSES_TO_FORGET = 2  # consistent misses before an endpoint's horizon drops (one can be a race, not eviction)
-ANSWER_MISSES_TO_STOP = 4  # next turns cached short of the answer, mostly, before answers stop being indexed
 
 
 @register_plugin("approx-prefix-cache-producer")
@@ -98,8 +91,7 @@ class ApproxPrefixCacheProducer(RequestObserver):
         self.tokenizer = ChunkedTokenizer(check_str(tokenizer, "tokenizer")) if tokenizer is not None else None
         self._servers: dict[str, _Server] = {}
         self._key = ("approx-prefix-cache", id(self))
-        self.stats = {"misses": 0, "surprise_hits": 0, "answer_hits": 0, "answer_misses": 0}
-        self.index_answers = True  # False once next turns showed the servers do not hold the answers as resent
+        self.stats = {"misses": 0, "surprise_hits": 0}
         self.audit = PredictionAudit("tokens", TOKEN_ERROR_BUCKETS, threshold=16)
         # (producer name, endpoint name, block hashes, tokens per block) of every pick, for a shared store
         self.share: Callable[[str, str, Sequence[int], float], None] | None = None
@@ -245,7 +237,7 @@ class ApproxPrefixCacheProducer(RequestObserver):
         if not st or not result.endpoints:
             return
         self._insert(st, result.endpoints[0], credit=True)
-        if st.kind != "ids" and self.index_answers:
+        if st.kind != "ids":
             st.answer = answer_collector(request)
         prefill = result.profile_results.get(PREFILL_PROFILE)
         if prefill and prefill.endpoints and result.primary_profile != PREFILL_PROFILE:
@@ -291,11 +283,8 @@ class ApproxPrefixCacheProducer(RequestObserver):
             lru[h] = stamp
             move(h)
         cap = self._capacity(endpoint, block_tokens)
-        answers = srv.answers
         while len(lru) > cap:
-            gone = lru.popitem(last=False)[0]
-            if answers:
-                answers.discard(gone)
+            lru.popitem(last=False)
         return stamp
 
     def insert_remote(self, endpoint: Endpoint, hashes: Sequence[int], block_tokens: float) -> None:
@@ -331,8 +320,6 @@ class ApproxPrefixCacheProducer(RequestObserver):
                 # used entry then, not at the pick (a long answer's prompt outlives prompts picked after it).
                 held, block_tokens = self._held(request, st, response), st.unit or st.block_tokens
                 self._index(freed, endpoint, held, block_tokens)
-                answer = _diverge(st.hashes, held)  # the first block the answer changed
-                freed.answers.update(held[answer:])
                 if self.share is not None:  # other replicas learn the server's order, and the answer, too
                     self.share(self.name, endpoint.name, held, block_tokens)
         credit, st.credit = st.credit, None
@@ -343,8 +330,7 @@ class ApproxPrefixCacheProducer(RequestObserver):
             return
         srv = self._servers.get(credit.endpoint)
         if srv is not None and credit.stamp > srv.born:  # credited against a cache that a restart has since emptied
-            self.apply_feedback(srv, credit, usage.cached_tokens, st.unit or st.block_tokens, self._slack(st, request),
-                                st.hashes)
+            self.apply_feedback(srv, credit, usage.cached_tokens, st.unit or st.block_tokens, self._slack(st, request))
 
     def _held(self, request: InferenceRequest, st: PrefixState, response: ResponseInfo) -> list[int]:
         """The blocks the server holds once the request ended: its prompt's, continued by a conversation's
@@ -376,19 +362,8 @@ class ApproxPrefixCacheProducer(RequestObserver):
         return {"cached_tokens": self.audit}
 
     def apply_feedback(self, srv: _Server, credit: _Credit, cached_tokens: int, block_tokens: float,
-                       slack: float, hashes: Sequence[int] = ()) -> None:
+                       slack: float) -> None:
         generous = int(cached_tokens * slack / block_tokens)  # at most this many of our blocks were cached
-        sure = int(cached_tokens / slack / block_tokens)  # at least this many of our blocks were cached
-        answer = srv.last_answer(hashes, credit.credited) if hashes else None
-        if answer is not None:
-            # The credit ran through the last turn's answer. Cached up to it but not through it: the server does
-            # not hold the answer as the client resent it (its tokens re-encode differently, or the answer's
-            # tail, freed first, went first). That says nothing about the age of what it evicts.
-            if credit.credited >= generous + 2 and answer <= generous + 1:
-                self._answer_outcome(held=False)
-                return
-            if sure > answer:
-                self._answer_outcome(held=True)
         if credit.credited >= generous + 2:
             # Missed: block generous+1 was credited but not cached. Entries that old are gone -- once a second
             # miss agrees: a single one can be a race (the server evicted and recomputed under us, or another
@@ -403,6 +378,7 @@ class ApproxPrefixCacheProducer(RequestObserver):
             return
         if credit.credited:
             srv.suspect.clear()  # a credited hit confirmed: the earlier miss was not eviction
+        sure = int(cached_tokens / slack / block_tokens)  # at least this many of our blocks were cached
         if sure > credit.credited + 1 and len(credit.ages) > credit.credited:
             # More was cached than credited: blocks that old are still there.
             proven = credit.ages[credit.credited: min(sure, len(credit.ages))]
@@ -412,18 +388,6 @@ class ApproxPrefixCacheProducer(RequestObserver):
                     srv.horizon = oldest
                     self.stats["surprise_hits"] += 1
 
-    def _answer_outcome(self, held: bool) -> None:
-        """Answers are indexed while the servers show they hold them: once ``ANSWER_MISSES_TO_STOP`` next turns
-        were cached short of the answer, against fewer than half as many through it, they no longer are."""
-        st = self.stats
-        st["answer_hits" if held else "answer_misses"] += 1
-        if self.index_answers and st["answer_misses"] >= ANSWER_MISSES_TO_STOP \
-                and 2 * st["answer_hits"] < st["answer_misses"]:
-            self.index_answers = False
-            log.warning("%s: the servers do not hold conversations' answers as clients resend them (%d next turns "
-                        "cached short of the answer, %d through it): answers are no longer indexed", self.name,
-                        st["answer_misses"], st["answer_hits"])
-
     def prefix_producer(self) -> ApproxPrefixCacheProducer:
         return self
 
@@ -431,15 +395,6 @@ class ApproxPrefixCacheProducer(RequestObserver):
         """The endpoint's learned horizon (blocks), None when no miss lowered it."""
         srv = self._servers.get(endpoint_name)
         return None if srv is None or srv.horizon >= _NO_HORIZON else srv.horizon
-
-
-def _diverge(a: Sequence[int], b: Sequence[int]) -> int:
-    """The first index at which ``a`` and ``b`` differ (the shorter's length when one begins the other)."""
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 def _answered_by(endpoint: Endpoint, response: ResponseInfo) -> bool:
