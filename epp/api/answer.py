@@ -12,9 +12,16 @@ Usage (a plugin's ``on_response_body`` feeds, ``on_response_complete`` reads)::
     answer.feed(chunk)                           # every response body chunk: an append, nothing parsed
     text = continuation_text(request, answer.text())   # None when the answer is not plain text
 
-Only text answers continue: one choice, no tool calls, no thinking blocks (their resent form is the client's
-choice). Bodies past ``MAX_ANSWER_BODY`` bytes are dropped (a long answer's continuation is left unknown, as
-before this module); nothing here raises on bad input.
+Only text answers continue: one choice, no tool calls, no reasoning or thinking (the server generated those
+first, so its cached blocks after the prompt are not the content the client resends). Bodies past
+``MAX_ANSWER_BODY`` bytes are dropped (a long answer's continuation is left unknown, as before this module);
+nothing here raises on bad input.
+
+What the server holds is the answer's tokens as it generated them; the next turn's prompt holds them as the
+resent text encodes. They agree where the tokenizer round-trips its own output (the usual case). Where they do
+not, the index predicts the next turn a little long (by the answer), and when the answer is a large part of the
+conversation (over a quarter of its tokens) the producer's ``cached_tokens`` feedback takes the shortfall for
+eviction.
 """
 
 from __future__ import annotations
@@ -89,7 +96,7 @@ def _json_answer(api: ApiKind, doc: Any) -> str | None:
         if len(choices) != 1:
             raise _NotText
         message = choices[0]["message"]
-        if message.get("tool_calls"):
+        if message.get("tool_calls") or message.get("reasoning_content") or message.get("reasoning"):
             raise _NotText
         content = message.get("content")
         return content if isinstance(content, str) else None
@@ -115,7 +122,7 @@ def _sse_answer(api: ApiKind, body: bytes) -> str | None:
                 if choice.get("index", 0) != 0:
                     raise _NotText
                 delta = choice.get("delta") or {}
-                if delta.get("tool_calls"):
+                if delta.get("tool_calls") or delta.get("reasoning_content") or delta.get("reasoning"):
                     raise _NotText
                 content = delta.get("content")
                 if isinstance(content, str):

@@ -68,6 +68,11 @@ def test_anthropic_answers_streamed_and_whole():
 
 def test_answers_that_are_not_plain_text_do_not_continue():
     tool = {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"name": "f"}}]}}]}
+    reasoning = {"choices": [{"index": 0, "delta": {"reasoning_content": "First, ..."}}]}
+    content = {"choices": [{"index": 0, "delta": {"content": "Blue."}}]}
+    assert collect(ApiKind.CHAT_COMPLETIONS, sse([reasoning, content])) is None  # the server cached the reasoning
+    whole = {"choices": [{"index": 0, "message": {"content": "Blue.", "reasoning_content": "First, ..."}}]}
+    assert collect(ApiKind.CHAT_COMPLETIONS, [json.dumps(whole).encode()]) is None
     two = {"choices": [{"index": 1, "delta": {"content": "x"}}]}
     thinking = {"type": "content_block_start", "index": 0, "content_block": {"type": "thinking"}}
     assert collect(ApiKind.CHAT_COMPLETIONS, sse([tool])) is None
