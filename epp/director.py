@@ -109,20 +109,20 @@ class Director:
         self.config = config
         self.admission.configure(getattr(config, "admission", None))
         self.observers: list[RequestObserver] = config.plugins_of(RequestObserver)
-        self.body_observers = [o for o in self.observers if o.needs_response_body]
+        self.body_observers = [o for o in self.observers if o.needs_response_body or o.uses_response_body]
+        self._needs_bodies = [o.name for o in self.observers if o.needs_response_body]
         self.preparers = [p for p in config.plugins_of(RequestPreparer) if p.prepares]
         self._warned_no_bodies = False
-        if self.body_observers:
+        if self._needs_bodies:
             log.info("plugins %s read response bodies: configure Envoy with response_body_mode "
-                     "FULL_DUPLEX_STREAMED", [o.name for o in self.body_observers])
+                     "FULL_DUPLEX_STREAMED", self._needs_bodies)
 
     def note_response_body_mode(self, sends_bodies: bool) -> None:
         """Envoy told a stream whether it will send response bodies (its protocol_config)."""
-        if not sends_bodies and self.body_observers and not self._warned_no_bodies:
+        if not sends_bodies and self._needs_bodies and not self._warned_no_bodies:
             self._warned_no_bodies = True
             log.warning("Envoy sends no response bodies (response_body_mode NONE) but plugins %s need them; "
-                        "they will only see response headers and the end of each request",
-                        [o.name for o in self.body_observers])
+                        "they will only see response headers and the end of each request", self._needs_bodies)
 
     def model_path(self, path: str) -> ModelPath | None:
         """The model a ``/<model>/...`` path prefix names, or None."""

@@ -21,7 +21,7 @@ plugins goes through typed keys (``epp.scheduling.datakeys``). A plugin written 
 a leading ``cycle`` parameter, still loads for one release (``epp.scheduling.registry`` adapts it, warning once).
 
 Request-lifecycle roles (``RequestObserver``): ``pre_request`` once the pick is made,
-``on_response_headers``, ``on_response_body`` (only if ``needs_response_body``), and
+``on_response_headers``, ``on_response_body`` (only if ``needs_response_body`` or ``uses_response_body``), and
 ``on_response_complete`` exactly once per routed request, even when the client went away.
 
 All methods run on the event loop of the request path: keep them fast and non-blocking.
@@ -149,6 +149,7 @@ class RequestObserver(Plugin):
     """Hooks around a routed request. Override only what you need."""
 
     needs_response_body: ClassVar[bool] = False  # True: EPP warns if Envoy sends no response bodies
+    uses_response_body: ClassVar[bool] = False  # True: gets on_response_body, and does without (no warning)
 
     def pre_request(self, request: InferenceRequest, result: SchedulingResult) -> None:
         pass

@@ -421,3 +421,19 @@ async def test_model_status_comes_from_the_director():
     ir = out[0].immediate_response
     assert ir.status.code == 200 and json.loads(ir.body) == {"model": "m", "state": "serving"}
     assert director.calls[-1] == ("status", ModelPath("m", "served-m", "/status"))
+
+
+def test_plugins_that_use_bodies_get_them_and_only_those_that_need_them_warn(caplog):
+    """GIE's default configuration's prefix-cache-scorer reads a conversation's answer when Envoy sends bodies
+    (``uses_response_body``) and does without: Envoy sending none is no warning; EPP's default, whose
+    predicted-latency-scorer needs them, warns."""
+    import logging
+
+    from epp.scheduling.config import EPP_DEFAULT_CONFIG
+    gie, epp_default = make_director(), make_director(config=EPP_DEFAULT_CONFIG)
+    assert [o.name for o in gie.body_observers] == ["prefix-cache-scorer"]
+    with caplog.at_level(logging.WARNING, logger="epp.director"):
+        gie.note_response_body_mode(False)
+        assert not caplog.records
+        epp_default.note_response_body_mode(False)
+        assert ["predicted-latency-scorer" in r.getMessage() for r in caplog.records] == [True]

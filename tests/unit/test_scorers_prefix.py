@@ -612,4 +612,4 @@ def test_a_conversation_turn_leaves_its_answer_indexed_for_the_next_turn():
     prompt_blocks = len(prod.state(chat(history), [a]).hashes)
     assert turn(with_body=False) == prompt_blocks - 1  # the prompt's full blocks (its partial last one differs)
     assert turn(with_body=True) >= prompt_blocks - 1 + 640 // 64  # and the answer's
-    assert s.needs_response_body
+    assert s.uses_response_body and not s.needs_response_body

@@ -76,7 +76,7 @@ MISSES_TO_FORGET = 2  # consistent misses before an endpoint's horizon drops (on
 class ApproxPrefixCacheProducer(RequestObserver):
     """Hashes prompts, keeps the per-endpoint block index, matches requests against it."""
 
-    needs_response_body = True  # a conversation's answer: the next turn's blocks (without bodies: not counted)
+    uses_response_body = True  # a conversation's answer: the next turn's blocks (without bodies: not counted)
 
     def __init__(self, block_size_tokens: int = DEFAULT_BLOCK_SIZE_TOKENS,
                  max_prefix_blocks_to_match: int = DEFAULT_MAX_PREFIX_BLOCKS, max_prefix_tokens_to_match: int = 0,

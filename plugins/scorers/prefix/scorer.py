@@ -41,7 +41,7 @@ class PrefixCacheScorer(Scorer, RequestObserver):
     selects llm-d's blend ``w * min(1, matchedTokens / scale)^2 + (1 - w) * ratio`` instead (scale 8192).
     """
 
-    needs_response_body = True  # its own producer's: a conversation's answer (approx-prefix-cache-producer)
+    uses_response_body = True  # its own producer's: a conversation's answer (approx-prefix-cache-producer)
 
     produces = (PREFIX_MATCH,)
 
