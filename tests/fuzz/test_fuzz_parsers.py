@@ -18,6 +18,7 @@ from google.protobuf import struct_pb2
 from hypothesis import given
 from hypothesis import strategies as st
 
+from epp.api.answer import AnswerCollector
 from epp.api.errors import EppError, error_body, error_headers
 from epp.api.parsing import api_for_path, decode_json_object, nesting_exceeds, parse_request
 from epp.api.rewrite import ModelNameRestorer
@@ -131,6 +132,26 @@ def test_sse_usage_is_the_same_whatever_the_chunking(evs: list[dict], eol: bytes
         for c in chunks:
             u.feed(c, "text/event-stream")
         return u.finish()
+
+    assert run(data.draw(chunked(body, 30))) == run([body])
+
+
+@given(st.lists(events | json_values, max_size=8), st.sampled_from([ApiKind.CHAT_COMPLETIONS, ApiKind.MESSAGES]),
+       st.booleans(), st.data())
+def test_answers_read_whatever_the_body_and_its_chunking(evs: list[Any], api: ApiKind, sse: bool,
+                                                          data: st.DataObject):
+    """Any body, cut anywhere, gives text or None (never raises), the same whatever the chunking."""
+    body = (b"".join(b"data: " + json.dumps(ev).encode() + b"\n\n" for ev in evs) if sse
+            else json.dumps(evs[0] if evs else {}).encode())
+    count("parsers: conversation answers under random chunking")
+
+    def run(chunks: list[bytes]) -> str | None:
+        c = AnswerCollector(api)
+        for chunk in chunks:
+            c.feed(chunk)
+        out = c.text()
+        assert out is None or isinstance(out, str)
+        return out
 
     assert run(data.draw(chunked(body, 30))) == run([body])
 
