@@ -778,8 +778,11 @@ class _Connection(asyncio.Protocol):
         if not self.replenish:  # every read: a list checked, not every open stream
             return
         calls, self.replenish = self.replenish, []
+        calls_open = self.calls
         for call in calls:
-            if call.recv_unacked >= RECV_WINDOW // 2 and not call.remote_closed:
+            # still open: a call ended in this read (our trailers, RST_STREAM) is owed nothing more on its stream
+            if call.recv_unacked >= RECV_WINDOW // 2 and not call.remote_closed \
+                    and calls_open.get(call.stream_id) is call:
                 self.out.append(_frame(WINDOW_UPDATE, 0, call.stream_id, _U32.pack(call.recv_unacked)))
                 call.recv_unacked = 0
 
