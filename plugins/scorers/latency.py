@@ -128,14 +128,16 @@ class DecayedFit:
     (in weight * x^2), so observations spread over a narrow range of ``x`` -- which cannot tell a slope --
     keep the prior's. No observations: the prior line. ``b`` is kept within ``[b_min, b_max]``, ``a`` >= 0."""
 
-    __slots__ = ("a0", "b0", "b_max", "b_min", "k", "sw", "sx", "sxx", "sxy", "sy")
+    __slots__ = ("_line", "a0", "b0", "b_max", "b_min", "k", "sw", "sx", "sxx", "sxy", "sy")
 
     def __init__(self, a: float, b: float, span: float, b_min: float, b_max: float, strength: float = 0.1) -> None:
         self.a0, self.b0, self.b_min, self.b_max = a, b, b_min, b_max
         self.k = strength * span * span
         self.sw = self.sx = self.sy = self.sxx = self.sxy = 0.0
+        self._line: tuple[float, float] | None = None  # read per endpoint and decision, changed per response
 
     def observe(self, x: float, y: float) -> None:
+        self._line = None
         d = DECAY
         self.sw = self.sw * d + 1.0
         self.sx = self.sx * d + x
@@ -144,14 +146,18 @@ class DecayedFit:
         self.sxy = self.sxy * d + x * y
 
     def line(self) -> tuple[float, float]:
+        if self._line is not None:
+            return self._line
         w = self.sw
         if w < 1e-9:
-            return self.a0, self.b0
+            self._line = self.a0, self.b0
+            return self._line
         mx, my = self.sx / w, self.sy / w
         vxx = max(0.0, self.sxx - w * mx * mx)
         vxy = self.sxy - w * mx * my
         b = min(self.b_max, max(self.b_min, (vxy + self.k * self.b0) / (vxx + self.k)))
-        return max(0.0, my - b * mx), b
+        self._line = max(0.0, my - b * mx), b
+        return self._line
 
     def predict(self, x: float) -> float:
         a, b = self.line()
@@ -296,6 +302,7 @@ class Prediction:
     batch_delay: float = 0.0  # s the batch decoding there adds to this request's first byte
     step_share: float = 0.0  # s each request arriving there while this one decodes waits longer for it
     occupancy: float = 0.0  # s a request holds a batch slot there
+    cost: float = 0.0  # what ``score`` ranks by: ``ttft`` and what this request's prefill costs the others there
 
 
 @register_plugin("predicted-latency-scorer")
@@ -367,31 +374,48 @@ class PredictedLatencyScorer(FollowsStalenessFlag, Scorer, RequestObserver):
         prompt, matched, prefix = self._prompt_and_matches(request, endpoints)
         request.attributes[self._prefix_key] = prefix
         fresh = fresh_mask(endpoints, self.staleness)
+        # Per endpoint this runs once per decision (256 endpoints: most of a decision's time), so the loop reads
+        # fields rather than calling helpers: DecayedRate.rate's window is the same for every endpoint.
+        window = RATE_WINDOW * -math.expm1(-max(now - self._since, 1.0) / RATE_WINDOW)
+        exp = math.exp
+        rates = self.rates
         out = []
+        append = out.append
         for e, ok, hit in zip(endpoints, fresh, matched, strict=True):
-            r = self._rates(e)
+            r = rates.get(e.name) or self._rates(e)
             m = e.metrics
-            queued = r.queued_prefill(now)
+            queued = r.queued_prefill(now) if r.pending else 0
             inflight = e.inflight_requests
             token_s = per_token * r.slowness  # this endpoint's seconds per prefilled token
             if ok:
-                r.learn_slots(e, base + token_s * queued)
-                inflight = max(inflight, m.running_requests + m.waiting_requests)
-            uncached = max(0, prompt - hit)
+                if m.updated_at != r.scrape_seen:
+                    r.learn_slots(e, base + token_s * queued)
+                running_waiting = m.running_requests + m.waiting_requests
+                if running_waiting > inflight:
+                    inflight = running_waiting
+            uncached = prompt - hit if prompt > hit else 0
+            slots = r.slots
+            occupancy = r.occupancy.value
             wait = 0.0
-            if r.slots:
-                ahead = inflight + 1 - r.slots
+            if slots:
+                ahead = inflight + 1 - slots
                 if ahead > 0:
-                    wait = ahead * r.occupancy.value / r.slots
-            tpot_a, tpot_b = r.tpot.line()  # one fit per endpoint and request
+                    wait = ahead * occupancy / slots
+            tpot_a, tpot_b = r.tpot.line()
             step_share = STEP_SHARE * tpot_b
-            batch_delay = step_share * (min(inflight, r.slots) if r.slots else inflight)
+            batch_delay = step_share * (inflight if not slots or inflight < slots else slots)
+            picks = r.picks
+            rate = picks.n * exp((picks.at - now) / RATE_WINDOW) / window
             ttft = base + token_s * (queued + uncached) + wait + batch_delay
-            out.append(Prediction(ttft, wait, uncached, queued, tpot_a + tpot_b * (inflight + 1), inflight,
-                                  token_s * uncached, r.pick_rate(now, self._since),
-                                  wait > 0.0 or (ok and m.waiting_requests > 0),
-                                  r.occupancy.value / r.slots if r.slots else 0.0, batch_delay, step_share,
-                                  r.occupancy.value))
+            work = token_s * uncached
+            slot_time = occupancy / slots if slots else 0.0
+            # A request's own prefill is paid again by others (module docstring): the capacity it takes, and the
+            # wait of the requests that arrive there while it runs. Ranking by TTFT alone would buy a few
+            # milliseconds for this request with a whole cold prefill on the endpoint a hot prefix needs.
+            cost = ttft + work * (1.0 + 0.5 * rate * work) + rate * (wait * slot_time + occupancy * step_share)
+            append(Prediction(ttft, wait, uncached, queued, tpot_a + tpot_b * (inflight + 1), inflight, work, rate,
+                              wait > 0.0 or (ok and m.waiting_requests > 0), slot_time, batch_delay, step_share,
+                              occupancy, cost))
         return out
 
     def _prompt_and_matches(self, request: InferenceRequest,
@@ -414,11 +438,7 @@ class PredictedLatencyScorer(FollowsStalenessFlag, Scorer, RequestObserver):
     def score(self, request: InferenceRequest, endpoints: list[Endpoint]) -> Sequence[float]:
         preds = self.predict(request, endpoints)
         request.attributes[self._key] = dict(zip((e.name for e in endpoints), preds, strict=True))
-        # A request's own prefill is paid again by others (module docstring): the capacity it takes, and the
-        # wait of the requests that arrive there while it runs. Ranking by TTFT alone would buy a few
-        # milliseconds for this request with a whole cold prefill on the endpoint a hot prefix needs.
-        costs = [p.ttft + p.work * (1.0 + 0.5 * p.rate * p.work) + p.rate * (p.wait * p.slot_time
-                 + p.occupancy * p.step_share) for p in preds]
+        costs = [p.cost for p in preds]
         self._credit_replicas(request, preds, costs)
         if self.objective == "e2e":
             out = self._output_tokens(request)
