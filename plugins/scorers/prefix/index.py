@@ -25,7 +25,12 @@ class _Credit:
     endpoint: str
     stamp: int
     credited: int  # blocks credited at pick time whose inserting requests had completed
-    ages: list[int]  # age (blocks inserted since) of each block present at pick time, from block 0
+    seq: int  # the endpoint's insertion count at pick time
+    stamps: list[int]  # the stamp of each block present at pick time, from block 0
+
+    def age(self, block: int) -> int:
+        """Blocks inserted on the endpoint, as of the pick, since block ``block`` of the prompt was."""
+        return self.seq - self.stamps[block]
 
 
 @dataclass(slots=True)

@@ -37,6 +37,7 @@ credited before then teaches nothing.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from array import array
 from collections.abc import Callable, Sequence
@@ -254,16 +255,13 @@ class ApproxPrefixCacheProducer(RequestObserver):
         if credit and self.feedback:
             matched = self.match(st, endpoint)
             seq, inflight = srv.seq, srv.inflight
-            ages: list[int] = []
+            stamps = list(map(lru.get, hashes))  # in C: a 58k-token prompt has thousands of blocks
+            with contextlib.suppress(ValueError):
+                del stamps[stamps.index(None):]  # the blocks present, from block 0
             pending_at = None
-            for i, h in enumerate(hashes):
-                s = lru.get(h)
-                if s is None:
-                    break
-                if pending_at is None and s in inflight:
-                    pending_at = i
-                ages.append(seq - s)
-            credited = min(matched if pending_at is None else min(matched, pending_at), len(ages))
+            if not inflight.isdisjoint(stamps):
+                pending_at = next(i for i, s in enumerate(stamps) if s in inflight)
+            credited = min(matched if pending_at is None else min(matched, pending_at), len(stamps))
         block_tokens = st.unit or st.block_tokens
         stamp = self._index(srv, endpoint, hashes, block_tokens)
         if self.share is not None:  # other replicas learn the pick (epp.state)
@@ -271,7 +269,7 @@ class ApproxPrefixCacheProducer(RequestObserver):
         srv.inflight.add(stamp)
         st.stamps.append((endpoint.name, stamp))
         if credit and self.feedback:
-            st.credit = _Credit(endpoint.name, stamp, credited, ages)
+            st.credit = _Credit(endpoint.name, stamp, credited, seq, stamps)
 
     def _index(self, srv: _Server, endpoint: Endpoint, hashes: Sequence[int], block_tokens: float) -> int:
         """Insert a chain's blocks tail first (see plugins/scorers/prefix/index.py); the insertion's stamp."""
@@ -368,7 +366,7 @@ class ApproxPrefixCacheProducer(RequestObserver):
             # Missed: block generous+1 was credited but not cached. Entries that old are gone -- once a second
             # miss agrees: a single one can be a race (the server evicted and recomputed under us, or another
             # request's blocks were still being written), and forgetting costs every prefix on the endpoint.
-            srv.suspect.append(credit.ages[generous + 1])
+            srv.suspect.append(credit.age(generous + 1))
             if len(srv.suspect) >= MISSES_TO_FORGET:
                 age = max(srv.suspect)
                 srv.suspect.clear()
@@ -379,11 +377,12 @@ class ApproxPrefixCacheProducer(RequestObserver):
         if credit.credited:
             srv.suspect.clear()  # a credited hit confirmed: the earlier miss was not eviction
         sure = int(cached_tokens / slack / block_tokens)  # at least this many of our blocks were cached
-        if sure > credit.credited + 1 and len(credit.ages) > credit.credited:
+        present = len(credit.stamps)
+        if sure > credit.credited + 1 and present > credit.credited:
             # More was cached than credited: blocks that old are still there.
-            proven = credit.ages[credit.credited: min(sure, len(credit.ages))]
+            proven = range(credit.credited, min(sure, present))
             if proven:
-                oldest = max(proven) + 1
+                oldest = max(map(credit.age, proven)) + 1
                 if oldest > srv.horizon:
                     srv.horizon = oldest
                     self.stats["surprise_hits"] += 1
