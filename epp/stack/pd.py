@@ -10,6 +10,7 @@ prefill pods can die alone), and a static endpoints file labelling each pod with
 
 from __future__ import annotations
 
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -71,6 +72,7 @@ class PdPods:
     def stop(self) -> None:
         for proc in self.procs.values():
             proc.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> PdPods:
         try:

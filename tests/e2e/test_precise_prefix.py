@@ -4,8 +4,10 @@ encodings, both hash forms, a replay socket); EPP tokenizes with the model's tok
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -45,9 +47,15 @@ schedulingProfiles:
 SHIPPED = Path(__file__).parents[2] / "manifests" / "examples" / "precise-prefix.yaml"
 
 
-def _stack(encoding: str, hash_form: str, config: str | None = None) -> LocalStack:
+@contextlib.contextmanager
+def _stack(encoding: str, hash_form: str, config: str | None = None) -> Iterator[LocalStack]:
     """Simulated pods publishing KV events; EPP with ``config`` (default: the pods' tokenizer in EPP)."""
-    d = Path(tempfile.mkdtemp(prefix="epp-precise-"))
+    with tempfile.TemporaryDirectory(prefix="epp-precise-") as tmp, _build_stack(Path(tmp), encoding, hash_form,
+                                                                                  config) as stack:
+        yield stack
+
+
+def _build_stack(d: Path, encoding: str, hash_form: str, config: str | None) -> LocalStack:
     model_dir = write_model_dir(d / "model")
     base = free_port_range(PODS * 3)
     pub, replay = base + PODS, base + 2 * PODS
