@@ -300,13 +300,16 @@ class _TlsConnection(asyncio.Protocol):
             self._send_tls()
             self.inner.connection_made(self)  # type: ignore[arg-type]
         plain = []
+        tls, incoming = self.tls, self.incoming
         try:
-            while True:
-                piece = self.tls.read(1 << 18)
+            # Read while records (or decrypted bytes) are left, rather than until SSLWantReadError: raising it
+            # took ~1.6 us per socket read, and a streamed response is one read per chunk.
+            while incoming.pending or tls.pending():
+                piece = tls.read(1 << 18)
                 if not piece:
                     break
                 plain.append(piece)
-        except ssl.SSLWantReadError:
+        except ssl.SSLWantReadError:  # a record not yet whole
             pass
         except ssl.SSLZeroReturnError:  # close_notify
             self.close()
