@@ -175,6 +175,12 @@ class Call:
         write carries it."""
         self.conn.flush()
 
+    def before_flush(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` once, just before the connection next writes (at the end of the read being handled, or at
+        the next ``flush``): an RPC may hold an answer back to merge it with its answers to the read's later
+        messages."""
+        self.conn.before_flush.append(fn)
+
     def finish(self, status: int = OK, message: str = "") -> None:
         """End the RPC with trailers (trailers-only when nothing was sent); later calls are ignored."""
         if self.finished:
@@ -377,6 +383,7 @@ class _Connection(asyncio.Protocol):
         self.decoder.max_allowed_table_size = 1 << 16
         self.calls: dict[int, Call] = {}
         self.out: list[bytes | memoryview] = []  # frames produced while handling input; written once per read
+        self.before_flush: list[Callable[[], None]] = []  # Call.before_flush
         self.send_window = DEFAULT_WINDOW  # connection-level, what the peer lets us send
         self.peer_initial_window = DEFAULT_WINDOW
         self.peer_max_frame = 16_384
@@ -457,6 +464,13 @@ class _Connection(asyncio.Protocol):
     # -- output -------------------------------------------------------------------------------------------
 
     def flush(self) -> None:
+        if self.before_flush:
+            hooks, self.before_flush = self.before_flush, []
+            for fn in hooks:
+                try:
+                    fn()
+                except Exception:
+                    log.exception("ext_proc: an RPC's held answer could not be sent")
         if self.out:
             out, self.out = self.out, []
             if self.transport is not None and not self.transport.is_closing():

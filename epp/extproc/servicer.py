@@ -15,6 +15,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
 
 from epp.extproc import h2grpc
+from epp.extproc.protocol import MAX_CHUNK
 from epp.extproc.stream import ExtProcStream, Phase, StreamDirector, StreamOptions
 from epp.health import HealthServicer
 from epp.pools import PoolSelector
@@ -48,9 +49,14 @@ class ExtProcServicer:
 
 class _ProcessRpc:
     """Messages are handled as they arrive, synchronously, except routing: while ``route()`` is awaited the
-    stream's later messages wait in order, and its answers are written when it returns."""
+    stream's later messages wait in order, and its answers are written when it returns.
 
-    __slots__ = ("backlog", "call", "closed", "ended", "servicer", "stream", "task")
+    Response-body answers of one socket read are merged: when Envoy is behind (a fast stream, a busy box) one
+    read holds several chunks of a stream, and Envoy handles one ext_proc message for them instead of one each
+    (full duplex lets the processor re-chunk a body). The answer is held until the read is handled
+    (``Call.before_flush``), so nothing waits longer than it did."""
+
+    __slots__ = ("backlog", "call", "closed", "ended", "held", "servicer", "stream", "task")
 
     def __init__(self, servicer: ExtProcServicer, call: h2grpc.Call) -> None:
         self.servicer = servicer
@@ -61,6 +67,7 @@ class _ProcessRpc:
         self.task: asyncio.Task[None] | None = None
         self.ended = False  # the client sent its last message
         self.closed = False
+        self.held: pb.ProcessingResponse | None = None  # a response-body answer held for merging
         servicer.active_streams += 1
 
     def message(self, data: bytes) -> None:
@@ -110,26 +117,50 @@ class _ProcessRpc:
         self.call.flush()
 
     def _send(self, out: list[pb.ProcessingResponse]) -> None:
-        send = self.call.send
         for resp in out:
-            send(resp.SerializeToString())
+            if resp.WhichOneof("response") == "response_body":
+                piece = resp.response_body.response.body_mutation.streamed_response
+                held = self.held
+                if held is not None:
+                    into = held.response_body.response.body_mutation.streamed_response
+                    if len(into.body) + len(piece.body) <= MAX_CHUNK:
+                        into.body += piece.body
+                        if piece.end_of_stream:
+                            into.end_of_stream = True
+                        continue
+                    self._send_held()
+                self.held = resp
+                self.call.before_flush(self._send_held)
+                continue
+            if self.held is not None:
+                self._send_held()
+            self.call.send(resp.SerializeToString())
+
+    def _send_held(self) -> None:
+        held, self.held = self.held, None
+        if held is not None:
+            self.call.send(held.SerializeToString())
+
+    def _finish(self) -> None:
+        self._send_held()
+        self.call.finish()
+        self._close()
 
     def _finish_if_done(self) -> None:
         if self.stream.phase is Phase.DONE and not self.closed:
             # Answered in full (immediate response, or the response's end): end the RPC with OK rather than
             # wait for Envoy to end it.
-            self.call.finish()
-            self._close()
+            self._finish()
 
     def half_close(self) -> None:
         self.ended = True
         if self.backlog is None and not self.closed:  # not routing: the exchange is over
-            self.call.finish()
-            self._close()
+            self._finish()
 
     def cancel(self) -> None:
         if self.task is not None and not self.task.done():
             self.task.cancel()  # scheduling or a flow-control queue lets go of the request
+        self.held = None  # the stream is gone: nothing more reaches Envoy
         self._close()
 
     def _close(self) -> None:

@@ -8,7 +8,8 @@ what it returns. ``close()`` is called when the gRPC stream ends, however it end
 Order required by Envoy in FULL_DUPLEX_STREAMED (verified on Envoy 1.40 by tests/e2e): the request-headers
 response is deferred until the body is complete (the pick needs the body), then the body goes back
 as ``streamed_response`` pieces with ``end_of_stream`` on the last. Response chunks are answered one
-for one, immediately, so streams stay incremental.
+for one, immediately, so streams stay incremental (the servicer merges the answers to the chunks one socket read
+brought: ``epp.extproc.servicer``).
 """
 
 from __future__ import annotations

@@ -123,8 +123,10 @@ def test_envoys_streams_spread_over_the_workers():
         served = per_worker(stack, "inference_objective_request_total")
         assert sum(served.values()) == 128
         assert min(served.get(w, 0) for w in ("0", "1")) >= 0.2 * 128, served
+        # 16 streams at 4 a connection: Envoy opened at least 4 connections, and each worker was handed some (how
+        # many each depends on the loads published when each arrived; the share served is what must be fair)
         handed = per_worker(stack, "epp_worker_connections_handed_total")
-        assert min(handed.values()) >= 2, handed
+        assert min(handed.values()) >= 1 and sum(handed.values()) >= 4, handed
         assert sum(per_worker(stack, "epp_extproc_streams_refused_total").values()) == 0
 
 

@@ -104,6 +104,8 @@ def check_sequence(out: list[pb.ProcessingResponse], path: str) -> None:
     assert len(eos_at) <= 1 and (not eos_at or eos_at[0] == len(req_bodies) - 1), eos_at
     assert all(len(b.body) <= 62_000 for b in req_bodies)
     assert ks.count("request_trailers") <= 1, ks  # one answer to Envoy's one trailers message
+    # The streamed response body (the answers to one read's chunks merged): pieces within the limit.
+    assert all(len(streamed(r, "response_body").body) <= 62_000 for r in out if r.HasField("response_body"))
     if "request_headers" in ks:
         check_pick(out[ks.index("request_headers")])
 

@@ -58,6 +58,7 @@ class FakeCall:
     def __init__(self) -> None:
         self.sent: list[pb.ProcessingResponse] = []
         self.finished: tuple[int, str] | None = None
+        self.hooks: list = []  # type: ignore[type-arg]
 
     def send(self, message: bytes) -> None:
         if self.finished is None:
@@ -67,8 +68,14 @@ class FakeCall:
         if self.finished is None:
             self.finished = (status, message)
 
+    def before_flush(self, fn) -> None:  # type: ignore[no-untyped-def]
+        self.hooks.append(fn)
+
     def flush(self) -> None:
-        pass
+        """The end of a socket read (the connection's one write)."""
+        hooks, self.hooks = self.hooks, []
+        for fn in hooks:
+            fn()
 
 
 async def _settle(rpc) -> None:  # type: ignore[no-untyped-def]
@@ -108,10 +115,12 @@ def test_process_never_raises_and_always_cleans_up(ex: Exchange, fault: str, mut
             if fault == "cancel" and len(call.sent) > cancel_after:
                 rpc.cancel()  # what the server does when Envoy resets the stream
                 break
+        call.flush()  # the read's end
         await _settle(rpc)
         if call.finished is None and fault != "cancel":
             rpc.half_close()  # Envoy's last message
         await _settle(rpc)
+        call.flush()
         if fault == "cancel":
             rpc.cancel()
         return call.sent
@@ -145,6 +154,7 @@ def _consumed(msgs: list[pb.ProcessingRequest]) -> tuple[list[str], int]:
                 break
             seen += 1
             rpc.message(m.SerializeToString())
+            call.flush()  # one read each
             await _settle(rpc)
         if call.finished is None:
             rpc.half_close()
