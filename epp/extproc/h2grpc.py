@@ -18,7 +18,8 @@ messages (``grpc-encoding``), server push. TLS (and mutual TLS) comes from ``ssl
 
 An RPC is an object the server feeds: ``message(bytes)`` per request message, ``half_close()`` when the
 client has sent its last, ``cancel()`` when the stream is reset or the connection lost. It answers through
-its ``Call``: ``send(bytes)`` and ``finish(status, message)``.
+its ``Call``: ``send(bytes)`` and ``finish(status, message)``; ``before_flush(fn)`` lets it hold an answer until the
+read it is handling is done (the ext_proc RPC merges its answers to one read's body chunks).
 """
 
 from __future__ import annotations
