@@ -189,8 +189,16 @@ class DecayedRate:
     def rate(self, now: float, since: float) -> float:
         """About the last ``RATE_WINDOW`` seconds; over the time since ``since`` while that is shorter (no rate
         from under 1 s)."""
-        window = RATE_WINDOW * -math.expm1(-max(now - since, 1.0) / RATE_WINDOW)
+        return self.per_second(now, rate_window(now, since))
+
+    def per_second(self, now: float, window: float) -> float:
+        """The rate over ``window`` (``rate_window``: the same for every endpoint at one decision)."""
         return self.n * math.exp((self.at - now) / RATE_WINDOW) / window
+
+
+def rate_window(now: float, since: float) -> float:
+    """The seconds a ``DecayedRate`` counted since ``since`` weigh: ``RATE_WINDOW``, less while EPP is younger."""
+    return RATE_WINDOW * -math.expm1(-max(now - since, 1.0) / RATE_WINDOW)
 
 
 @dataclass(slots=True)
@@ -375,9 +383,8 @@ class PredictedLatencyScorer(FollowsStalenessFlag, Scorer, RequestObserver):
         request.attributes[self._prefix_key] = prefix
         fresh = fresh_mask(endpoints, self.staleness)
         # Per endpoint this runs once per decision (256 endpoints: most of a decision's time), so the loop reads
-        # fields rather than calling helpers: DecayedRate.rate's window is the same for every endpoint.
-        window = RATE_WINDOW * -math.expm1(-max(now - self._since, 1.0) / RATE_WINDOW)
-        exp = math.exp
+        # fields rather than calling helpers; the pick rates' window is the same for every endpoint.
+        window = rate_window(now, self._since)
         rates = self.rates
         out = []
         append = out.append
@@ -404,8 +411,7 @@ class PredictedLatencyScorer(FollowsStalenessFlag, Scorer, RequestObserver):
             tpot_a, tpot_b = r.tpot.line()
             step_share = STEP_SHARE * tpot_b
             batch_delay = step_share * (inflight if not slots or inflight < slots else slots)
-            picks = r.picks
-            rate = picks.n * exp((picks.at - now) / RATE_WINDOW) / window
+            rate = r.picks.per_second(now, window)
             ttft = base + token_s * (queued + uncached) + wait + batch_delay
             work = token_s * uncached
             slot_time = occupancy / slots if slots else 0.0
